@@ -1,0 +1,258 @@
+"""The message contract between producers and workers.
+
+Everything that crosses Redis is one of these Structs, encoded by msgspec. Queued messages
+outlive deploys, so every field added later must have a default, and decoders ignore fields
+they do not know (a newer producer's message is still processed by an older worker).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Annotated, Final, Literal, TypeVar
+
+import msgspec
+
+BUILD_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_IMAGE_PATTERN: Final = r"^[a-z0-9][a-z0-9._:/@-]*$"
+
+BuildId = Annotated[str, msgspec.Meta(pattern=BUILD_ID_PATTERN)]
+ImageName = Annotated[str, msgspec.Meta(pattern=_IMAGE_PATTERN, max_length=512)]
+GitRef = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._/+-]*$", max_length=255)]
+Priority = Literal["interactive", "batch"]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class ContractError(ValueError):
+    """A message does not follow the contract; the text names the field and what was expected."""
+
+
+def new_build_id() -> str:
+    """A time-ordered, URL-safe id: milliseconds since the epoch, then 48 random bits."""
+    return f"{time.time_ns() // 1_000_000:012x}-{os.urandom(6).hex()}"
+
+
+class GitSource(msgspec.Struct, frozen=True, tag="git", forbid_unknown_fields=False):
+    """A git repository. `commit` pins the exact revision; otherwise `ref` is resolved."""
+
+    url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+    ref: GitRef = "HEAD"
+    commit: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{7,64}$")] | None = None
+
+    @property
+    def revision(self) -> str:
+        return self.commit or self.ref
+
+
+class LocalSource(msgspec.Struct, frozen=True, tag="local"):
+    """A directory on the worker's own filesystem (local fleets and tests)."""
+
+    path: Annotated[str, msgspec.Meta(min_length=1)]
+
+
+Source = GitSource | LocalSource
+
+
+class CachePolicy(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Registry cache: import from `import_refs`, export to `export_ref`."""
+
+    import_refs: tuple[str, ...] = ()
+    export_ref: str | None = None
+    mode: Literal["min", "max"] = "max"
+    disabled: bool = False
+
+
+class TraceContext(msgspec.Struct, frozen=True, omit_defaults=True):
+    """W3C trace context of the producer, so a build's spans join the caller's trace."""
+
+    traceparent: str | None = None
+    tracestate: str | None = None
+
+
+class BuildRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One image build, as a producer asks for it."""
+
+    source: Source
+    images: tuple[ImageName, ...] = ()
+    id: BuildId = msgspec.field(default_factory=new_build_id)
+    dockerfile: str = "Dockerfile"
+    context: str = "."
+    build_args: dict[str, str] = msgspec.field(default_factory=dict)
+    target: str | None = None
+    platforms: tuple[str, ...] = ()
+    push: bool = True
+    cache: CachePolicy = CachePolicy()
+    priority: Priority = "interactive"
+    tenant: str = "default"
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    timeout_s: Seconds | None = None
+    supersede_key: str | None = None
+    trace: TraceContext = TraceContext()
+    submitted_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        for field, path in (("dockerfile", self.dockerfile), ("context", self.context)):
+            if path.startswith("/") or ".." in path.split("/"):
+                raise ValueError(
+                    f"Expected a relative path inside the source, got {path!r} - at `$.{field}`"
+                )
+        if self.push and not self.images:
+            raise ValueError("Expected at least one image name when push is true - at `$.images`")
+
+    @property
+    def cache_key(self) -> str:
+        """What decides which daemon holds this build's cache: the repository + dockerfile."""
+        match self.source:
+            case GitSource(url=url):
+                origin = url
+            case LocalSource(path=path):
+                origin = path
+        return f"{origin}::{self.context}::{self.dockerfile}"
+
+
+Status = Literal["queued", "running", "retrying", "succeeded", "failed", "cancelled", "dead_lettered"]
+TERMINAL_STATUSES: Final = frozenset({"succeeded", "failed", "cancelled", "dead_lettered"})
+
+
+class BuildResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """How a build ended."""
+
+    build_id: str
+    status: Status
+    digest: str | None = None
+    images: tuple[str, ...] = ()
+    attempts: int = 1
+    backend: str | None = None
+    daemon: str | None = None
+    queue_wait_s: float = 0.0
+    capacity_wait_s: float = 0.0
+    build_s: float = 0.0
+    error_class: str | None = None
+    error: str | None = None
+    failed_step: str | None = None
+    log_tail: tuple[str, ...] = ()
+    finished_at: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+
+class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=True):
+    build_id: str
+    attempt: int = 1
+    at: float = msgspec.field(default_factory=time.time)
+
+
+class Queued(_Event, tag="queued"):
+    priority: Priority = "interactive"
+    request: BuildRequest | None = None
+
+
+class Started(_Event, tag="started"):
+    worker: str = ""
+    backend: str = ""
+    daemon: str | None = None
+
+
+class Step(_Event, tag="step"):
+    """A BuildKit vertex (or Kaniko stage) that started, finished, was cached or failed."""
+
+    vertex: str
+    name: str
+    cached: bool = False
+    started: float | None = None
+    completed: float | None = None
+    error: str | None = None
+
+
+class Log(_Event, tag="log"):
+    text: str
+    vertex: str | None = None
+    stream: Literal[1, 2] = 1
+
+
+class Retrying(_Event, tag="retrying"):
+    reason: str
+    error_class: str = ""
+    next_attempt_at: float = 0.0
+
+
+class Succeeded(_Event, tag="succeeded"):
+    result: BuildResult
+
+
+class Failed(_Event, tag="failed"):
+    result: BuildResult
+
+
+class Cancelled(_Event, tag="cancelled"):
+    result: BuildResult
+    reason: str = "cancelled"
+
+
+class DeadLettered(_Event, tag="dead_lettered"):
+    result: BuildResult
+    reason: str = ""
+
+
+BuildEvent = Queued | Started | Step | Log | Retrying | Succeeded | Failed | Cancelled | DeadLettered
+TerminalEvent = Succeeded | Failed | Cancelled | DeadLettered
+
+
+def is_terminal(event: BuildEvent) -> bool:
+    return isinstance(event, Succeeded | Failed | Cancelled | DeadLettered)
+
+
+class BuildState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What `get` answers: where a build stands now, and its result once it has ended."""
+
+    build_id: str
+    status: Status
+    attempt: int = 1
+    request: BuildRequest | None = None
+    result: BuildResult | None = None
+
+
+# One encoder and one decoder per type, created once.
+_T = TypeVar("_T")
+_json_encoder: Final = msgspec.json.Encoder()
+_request_decoder: Final = msgspec.json.Decoder(BuildRequest)
+_event_decoder: Final = msgspec.json.Decoder(BuildEvent)
+_result_decoder: Final = msgspec.json.Decoder(BuildResult)
+_state_decoder: Final = msgspec.json.Decoder(BuildState)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _json_encoder.encode(message)
+
+
+def _decode(decoder: msgspec.json.Decoder[_T], data: bytes | str, what: str) -> _T:
+    try:
+        return decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ContractError(f"invalid {what}: {exc}") from exc
+
+
+def decode_request(data: bytes | str) -> BuildRequest:
+    return _decode(_request_decoder, data, "build request")
+
+
+def decode_event(data: bytes | str) -> BuildEvent:
+    return _decode(_event_decoder, data, "build event")
+
+
+def decode_result(data: bytes | str) -> BuildResult:
+    return _decode(_result_decoder, data, "build result")
+
+
+def decode_state(data: bytes | str) -> BuildState:
+    return _decode(_state_decoder, data, "build state")
+
+
+def request_from_builtins(obj: object) -> BuildRequest:
+    """Validate a request given as plain Python data (parsed JSON, a CLI's arguments)."""
+    try:
+        return msgspec.convert(obj, BuildRequest)
+    except msgspec.ValidationError as exc:
+        raise ContractError(f"invalid build request: {exc}") from exc

@@ -1,0 +1,46 @@
+"""The seam every backend implements: one method that builds, plus `aclose()`."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from producer.contract import BuildRequest, Log, Step
+
+ProgressSink = Callable[[Step | Log], Awaitable[None]]
+"""Where a backend sends what it sees while building; the worker stamps, caps and publishes."""
+
+
+@dataclass(frozen=True, slots=True)
+class BuildJob:
+    """One attempt at one request, placed by the scheduler."""
+
+    request: BuildRequest
+    attempt: int
+    placement: str | None = None
+    """Where to build: a BuildKit daemon address, or a Kubernetes namespace."""
+    traceparent: str | None = None
+    """The W3C trace context of this attempt's span, for the backend's own tracing."""
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    """A finished build: the digest pushed (None when nothing was pushed)."""
+
+    digest: str | None
+
+
+class Backend(Protocol):
+    """Builds one attempt.
+
+    `build` either returns `Built` or raises a `worker.errors.BuildError`. Cancelling the
+    task that awaits it (cancel, timeout, drain) stops the build and releases everything
+    it holds before `CancelledError` propagates.
+    """
+
+    name: str
+
+    async def build(self, job: BuildJob, progress: ProgressSink) -> Built: ...
+
+    async def aclose(self) -> None: ...
