@@ -1,0 +1,140 @@
+"""The Python client: submit builds, follow them, cancel them.
+
+    async with BuildfleetClient.from_url("redis://127.0.0.1:6379/0") as fleet:
+        build_id = await fleet.submit(request)
+        async for event in fleet.watch(build_id):
+            print(event)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Final, Self
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from producer.contract import (
+    BuildEvent,
+    BuildRequest,
+    BuildResult,
+    BuildState,
+    decode_event,
+    is_terminal,
+)
+from producer.settings import QueueSettings, RedisSettings
+from producer.store import EVENT_FIELD, BuildStore, CancelOutcome, Submission, events_key
+
+_BLOCK_MS: Final = 5_000
+
+
+class FleetUnavailable(ConnectionError):
+    """Redis cannot be reached: nothing was submitted, read or cancelled."""
+
+
+class BuildNotFound(LookupError):
+    def __init__(self, build_id: str) -> None:
+        super().__init__(f"no build with id {build_id!r} (unknown, or expired)")
+        self.build_id = build_id
+
+
+def connect(settings: RedisSettings) -> Redis:
+    return Redis.from_url(
+        settings.url,
+        socket_connect_timeout=settings.connect_timeout_s,
+        health_check_interval=30,
+    )
+
+
+class BuildfleetClient:
+    def __init__(self, redis: Redis, queue: QueueSettings | None = None) -> None:
+        self.redis = redis
+        self.store = BuildStore(redis, queue or QueueSettings())
+
+    @classmethod
+    def from_url(cls, url: str, queue: QueueSettings | None = None) -> Self:
+        return cls(connect(RedisSettings(url=url)), queue)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    async def submit(self, request: BuildRequest) -> str:
+        """Enqueue one build and return its id; the same id twice makes one build."""
+        [submission] = await self.submit_many([request])
+        return submission.build_id
+
+    async def submit_many(self, requests: Sequence[BuildRequest]) -> list[Submission]:
+        """Enqueue many builds in one round trip."""
+        try:
+            return await self.store.submit_many(requests)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise FleetUnavailable(f"cannot submit: Redis unreachable ({exc})") from exc
+
+    async def get(self, build_id: str) -> BuildState:
+        try:
+            state = await self.store.state(build_id)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise FleetUnavailable(f"cannot read build: Redis unreachable ({exc})") from exc
+        if state is None:
+            raise BuildNotFound(build_id)
+        return state
+
+    async def cancel(self, build_id: str, reason: str = "cancelled by request") -> CancelOutcome:
+        try:
+            outcome = await self.store.cancel(build_id, reason)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise FleetUnavailable(f"cannot cancel: Redis unreachable ({exc})") from exc
+        if outcome is CancelOutcome.UNKNOWN:
+            raise BuildNotFound(build_id)
+        return outcome
+
+    async def watch_entries(
+        self, build_id: str, after: str = "0-0"
+    ) -> AsyncIterator[tuple[str, BuildEvent]]:
+        """Every event of one build with its stream id, from `after` until the terminal one.
+
+        Replays what already happened first, so it also works for a build that has ended;
+        the stream id lets a reader resume (Server-Sent Events' Last-Event-ID).
+        """
+        key = events_key(build_id)
+        last_id = after
+        if not await self.redis.exists(key):
+            raise BuildNotFound(build_id)
+        while True:
+            try:
+                response = await self.redis.xread({key: last_id}, block=_BLOCK_MS, count=500)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                raise FleetUnavailable(f"cannot watch: Redis unreachable ({exc})") from exc
+            for _stream, entries in response:
+                for entry_id, fields in entries:
+                    last_id = entry_id.decode()
+                    event = decode_event(fields[EVENT_FIELD])
+                    yield last_id, event
+                    if is_terminal(event):
+                        return
+
+    async def watch(self, build_id: str) -> AsyncIterator[BuildEvent]:
+        """Every event of one build until (and including) its terminal event."""
+        async for _entry_id, event in self.watch_entries(build_id):
+            yield event
+
+    async def wait(self, build_id: str) -> BuildResult:
+        """The result, once the build has ended."""
+        async for event in self.watch(build_id):
+            result = getattr(event, "result", None)
+            if is_terminal(event) and isinstance(result, BuildResult):
+                return result
+        raise BuildNotFound(build_id)

@@ -1,0 +1,40 @@
+"""arq's job envelope, in msgpack instead of pickle.
+
+arq stores `{t, f, a, k, et}` (try, function, args, kwargs, enqueue time) per job. A message
+that cannot be read is not dropped: it decodes to a call of the build function with the raw
+bytes, and the worker dead-letters it with the decoding error as the reason.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final
+
+import msgspec
+
+BUILD_FUNCTION: Final = "build"
+
+_encoder: Final = msgspec.msgpack.Encoder(enc_hook=repr)
+_decoder: Final = msgspec.msgpack.Decoder(dict[str, Any])
+
+
+def serialize(envelope: dict[str, Any]) -> bytes:
+    """arq's `job_serializer`; anything msgpack cannot carry (an exception) becomes its repr."""
+    return _encoder.encode(envelope)
+
+
+def deserialize(data: bytes) -> dict[str, Any]:
+    """arq's `job_deserializer`; never raises, so garbage reaches the worker as a build."""
+    try:
+        envelope = _decoder.decode(data)
+        if isinstance(envelope.get("f"), str) and isinstance(envelope.get("a"), list):
+            return envelope
+    except msgspec.DecodeError:
+        pass
+    return {"t": None, "f": BUILD_FUNCTION, "a": [data], "k": {}, "et": int(time.time() * 1000)}
+
+
+def build_envelope(request_json: bytes, enqueue_time_ms: int) -> bytes:
+    return serialize(
+        {"t": None, "f": BUILD_FUNCTION, "a": [request_json], "k": {}, "et": enqueue_time_ms}
+    )

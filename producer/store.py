@@ -1,0 +1,256 @@
+"""Every build's record in Redis, and the only code that changes it.
+
+Per build: a hash `buildfleet:build:{id}` (request, status, attempt, result) and a stream
+`buildfleet:build:{id}:events` that `watch` replays; fleet-wide: the capped stream
+`buildfleet:events`. Each transition is one Lua script, so a status change and its event
+are written together, and a build that has ended refuses every later event: that is what
+makes "exactly one terminal event" hold when a cancel, a timeout and a worker race.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final
+
+import msgspec
+from arq.constants import job_key_prefix
+from redis.asyncio import Redis
+
+from producer import jobcodec
+from producer.contract import (
+    BuildEvent,
+    BuildRequest,
+    BuildResult,
+    BuildState,
+    Cancelled,
+    Queued,
+    decode_request,
+    decode_result,
+    encode,
+    is_terminal,
+)
+from producer.settings import QueueSettings
+
+EVENTS_STREAM: Final = "buildfleet:events"
+CANCEL_CHANNEL: Final = "buildfleet:cancel"
+DEAD_LETTER_STREAM: Final = "buildfleet:dead-letters"
+EVENT_FIELD: Final = b"event"
+
+# A record outlives its build's longest plausible wait in the queue; it is shortened to the
+# result TTL when the build ends.
+_PENDING_TTL_S: Final = 30 * 24 * 3600
+
+_TERMINAL_LUA: Final = """
+local terminal = {succeeded=true, failed=true, cancelled=true, dead_lettered=true}
+"""
+
+_SUBMIT: Final = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'request', ARGV[2], 'status', 'queued', 'attempt', '1')
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+redis.call('XADD', KEYS[2], '*', 'event', ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[7])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'event', ARGV[3])
+redis.call('SET', KEYS[4], ARGV[4], 'PX', ARGV[6])
+redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
+return 1
+"""
+
+# ARGV: event, status ('' keeps it), attempt ('' keeps it), result ('' none), ttl, maxlen
+# Returns 1 when published, 0 when the build had already ended, -1 when a build about to
+# start was cancelled meanwhile.
+_PUBLISH: Final = (
+    _TERMINAL_LUA
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and terminal[status] then return 0 end
+if ARGV[2] == 'running' and redis.call('HGET', KEYS[1], 'cancel') then return -1 end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'status', ARGV[2]) end
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'attempt', ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[4]) end
+redis.call('XADD', KEYS[2], '*', 'event', ARGV[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[1])
+if terminal[ARGV[2]] then
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+elseif not status then
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+end
+return 1
+"""
+)
+
+# ARGV: id, cancelled event, result, ttl, maxlen. A build still waiting in the queue ends
+# here; a running one is flagged and its worker told on the cancel channel.
+_CANCEL: Final = (
+    _TERMINAL_LUA
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'unknown' end
+if terminal[status] then return 'ended' end
+redis.call('HSET', KEYS[1], 'cancel', '1')
+if (status == 'queued' or status == 'retrying') and redis.call('ZREM', KEYS[4], ARGV[1]) == 1 then
+  redis.call('DEL', KEYS[5])
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'result', ARGV[3])
+  redis.call('XADD', KEYS[2], '*', 'event', ARGV[2])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  return 'cancelled'
+end
+redis.call('PUBLISH', KEYS[6], ARGV[1])
+return 'signalled'
+"""
+)
+
+
+class CancelOutcome(Enum):
+    CANCELLED = "cancelled"
+    """It was still queued and has ended with Cancelled."""
+    SIGNALLED = "signalled"
+    """It is running; its worker stops it and publishes Cancelled."""
+    ENDED = "ended"
+    """It had already ended; nothing changed."""
+    UNKNOWN = "unknown"
+
+
+class PublishOutcome(Enum):
+    PUBLISHED = 1
+    ALREADY_ENDED = 0
+    CANCEL_REQUESTED = -1
+
+
+def build_key(build_id: str) -> str:
+    return f"buildfleet:build:{build_id}"
+
+
+def events_key(build_id: str) -> str:
+    return f"buildfleet:build:{build_id}:events"
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    build_id: str
+    created: bool
+    """False when a build with this id already existed: submitting is idempotent."""
+
+
+class BuildStore:
+    """Reads and writes build records; shared by producers and workers."""
+
+    def __init__(self, redis: Redis, queue: QueueSettings) -> None:
+        self.redis = redis
+        self.queue = queue
+        self._submit = redis.register_script(_SUBMIT)
+        self._publish = redis.register_script(_PUBLISH)
+        self._cancel = redis.register_script(_CANCEL)
+
+    def _score_ms(self, request: BuildRequest, now_ms: int) -> int:
+        if request.priority == "interactive":
+            return now_ms - int(self.queue.interactive_head_start_s * 1000)
+        return now_ms
+
+    async def submit_many(self, requests: Sequence[BuildRequest]) -> list[Submission]:
+        """Enqueue every request in one round trip; an id that exists already is left as is."""
+        now = time.time()
+        now_ms = int(now * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request in requests:
+                stamped = request if request.submitted_at else _with_submitted_at(request, now)
+                request_json = encode(stamped)
+                queued = Queued(build_id=request.id, at=now, priority=request.priority)
+                await self._submit(
+                    keys=[
+                        build_key(request.id),
+                        events_key(request.id),
+                        EVENTS_STREAM,
+                        job_key_prefix + request.id,
+                        self.queue.name,
+                    ],
+                    args=[
+                        request.id,
+                        request_json,
+                        encode(queued),
+                        jobcodec.build_envelope(request_json, now_ms),
+                        self._score_ms(request, now_ms),
+                        _PENDING_TTL_S * 1000,
+                        _PENDING_TTL_S,
+                        self.queue.events_maxlen,
+                    ],
+                    client=pipe,
+                )
+            created = await pipe.execute()
+        return [
+            Submission(request.id, bool(flag))
+            for request, flag in zip(requests, created, strict=True)
+        ]
+
+    async def publish(
+        self,
+        event: BuildEvent,
+        *,
+        status: str = "",
+        attempt: int | None = None,
+        result: BuildResult | None = None,
+    ) -> PublishOutcome:
+        """Append an event to the build's stream and the fleet's, moving its status."""
+        ttl = self.queue.result_ttl_s if is_terminal(event) else _PENDING_TTL_S
+        outcome = await self._publish(
+            keys=[build_key(event.build_id), events_key(event.build_id), EVENTS_STREAM],
+            args=[
+                encode(event),
+                status,
+                "" if attempt is None else attempt,
+                b"" if result is None else encode(result),
+                ttl,
+                self.queue.events_maxlen,
+            ],
+        )
+        return PublishOutcome(int(outcome))
+
+    async def cancel(self, build_id: str, reason: str) -> CancelOutcome:
+        result = BuildResult(
+            build_id=build_id, status="cancelled", error=reason, finished_at=time.time()
+        )
+        event = Cancelled(build_id=build_id, result=result, reason=reason)
+        outcome = await self._cancel(
+            keys=[
+                build_key(build_id),
+                events_key(build_id),
+                EVENTS_STREAM,
+                self.queue.name,
+                job_key_prefix + build_id,
+                CANCEL_CHANNEL,
+            ],
+            args=[
+                build_id,
+                encode(event),
+                encode(result),
+                self.queue.result_ttl_s,
+                self.queue.events_maxlen,
+            ],
+        )
+        return CancelOutcome(outcome.decode() if isinstance(outcome, bytes) else outcome)
+
+    async def state(self, build_id: str) -> BuildState | None:
+        fields = await self.redis.hmget(
+            build_key(build_id), ["status", "attempt", "request", "result"]
+        )
+        status, attempt, request, result = fields
+        if status is None:
+            return None
+        return BuildState(
+            build_id=build_id,
+            status=status.decode(),
+            attempt=int(attempt or 1),
+            request=decode_request(request) if request else None,
+            result=decode_result(result) if result else None,
+        )
+
+
+def _with_submitted_at(request: BuildRequest, now: float) -> BuildRequest:
+    return msgspec.structs.replace(request, submitted_at=now)
