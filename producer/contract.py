@@ -19,6 +19,7 @@ _IMAGE_PATTERN: Final = r"^[a-z0-9][a-z0-9._:/@-]*$"
 BuildId = Annotated[str, msgspec.Meta(pattern=BUILD_ID_PATTERN)]
 ImageName = Annotated[str, msgspec.Meta(pattern=_IMAGE_PATTERN, max_length=512)]
 GitRef = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._/+-]*$", max_length=255)]
+BuildArgName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=255)]
 Priority = Literal["interactive", "batch"]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -77,7 +78,7 @@ class BuildRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     id: BuildId = msgspec.field(default_factory=new_build_id)
     dockerfile: str = "Dockerfile"
     context: str = "."
-    build_args: dict[str, str] = msgspec.field(default_factory=dict)
+    build_args: dict[BuildArgName, str] = msgspec.field(default_factory=dict)
     target: str | None = None
     platforms: tuple[str, ...] = ()
     push: bool = True

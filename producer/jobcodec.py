@@ -34,7 +34,14 @@ def deserialize(data: bytes) -> dict[str, Any]:
     return {"t": None, "f": BUILD_FUNCTION, "a": [data], "k": {}, "et": int(time.time() * 1000)}
 
 
-def build_envelope(request_json: bytes, enqueue_time_ms: int) -> bytes:
+def build_envelope(request_json: bytes, enqueue_time_ms: int, attempt: int = 1) -> bytes:
+    """The job for one attempt: the build function's arguments are (request, attempt)."""
     return serialize(
-        {"t": None, "f": BUILD_FUNCTION, "a": [request_json], "k": {}, "et": enqueue_time_ms}
+        {
+            "t": None,
+            "f": BUILD_FUNCTION,
+            "a": [request_json, attempt],
+            "k": {},
+            "et": enqueue_time_ms,
+        }
     )

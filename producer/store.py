@@ -26,7 +26,9 @@ from producer.contract import (
     BuildResult,
     BuildState,
     Cancelled,
+    DeadLettered,
     Queued,
+    Retrying,
     decode_request,
     decode_result,
     encode,
@@ -108,6 +110,24 @@ return 'signalled'
 )
 
 
+# ARGV: retrying event, next attempt, job envelope for it, maxlen. The job keeps its place in
+# arq's queue; the worker then raises arq's Retry, which defers it.
+_RESCHEDULE: Final = (
+    _TERMINAL_LUA
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and terminal[status] then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'retrying', 'attempt', ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'event', ARGV[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[1])
+redis.call('SET', KEYS[4], ARGV[3], 'KEEPTTL')
+return 1
+"""
+)
+
+_DEAD_LETTERS_MAXLEN: Final = 10_000
+
+
 class CancelOutcome(Enum):
     CANCELLED = "cancelled"
     """It was still queued and has ended with Cancelled."""
@@ -148,6 +168,7 @@ class BuildStore:
         self._submit = redis.register_script(_SUBMIT)
         self._publish = redis.register_script(_PUBLISH)
         self._cancel = redis.register_script(_CANCEL)
+        self._reschedule = redis.register_script(_RESCHEDULE)
 
     def _score_ms(self, request: BuildRequest, now_ms: int) -> int:
         if request.priority == "interactive":
@@ -211,6 +232,38 @@ class BuildStore:
             ],
         )
         return PublishOutcome(int(outcome))
+
+    async def reschedule(
+        self, event: Retrying, request: BuildRequest, next_attempt: int
+    ) -> PublishOutcome:
+        """Publish Retrying and rewrite the queued job so that it runs as `next_attempt`."""
+        envelope = jobcodec.build_envelope(encode(request), int(time.time() * 1000), next_attempt)
+        outcome = await self._reschedule(
+            keys=[
+                build_key(event.build_id),
+                events_key(event.build_id),
+                EVENTS_STREAM,
+                job_key_prefix + event.build_id,
+            ],
+            args=[encode(event), next_attempt, envelope, self.queue.events_maxlen],
+        )
+        return PublishOutcome(int(outcome))
+
+    async def keep_dead_letter(
+        self, event: DeadLettered, request: BuildRequest | None, *, raw: bytes = b""
+    ) -> None:
+        """Keep the full request of a dead-lettered build, for inspection and replay."""
+        await self.redis.xadd(
+            DEAD_LETTER_STREAM,
+            {
+                "build_id": event.build_id,
+                "reason": event.reason,
+                "request": encode(request) if request is not None else raw,
+                "at": str(event.at),
+            },
+            maxlen=_DEAD_LETTERS_MAXLEN,
+            approximate=True,
+        )
 
     async def cancel(self, build_id: str, reason: str) -> CancelOutcome:
         result = BuildResult(

@@ -1,0 +1,190 @@
+"""Builds with a BuildKit daemon through `buildctl`, one subprocess per attempt.
+
+The command is an argument list built from the request (never a shell string). buildctl's
+`--progress=rawjson` stderr becomes Step and Log events, `--metadata-file` gives the digest,
+and `TRACEPARENT` in its environment nests BuildKit's spans under the attempt's span.
+Cancelling the build sends SIGINT (buildctl then cancels the solve on the daemon) and
+SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from producer.contract import BuildRequest, GitSource, LocalSource
+from worker.backends.base import BuildJob, Built, ProgressSink
+from worker.errors import PermanentBuildError
+from worker.progress import ProgressParser
+from worker.retry import classify
+from worker.settings import BuildkitSettings
+
+_STDERR_LINE_LIMIT: Final = 16 << 20
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGKILL it when the worker dies, however it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _csv_field(value: str) -> str:
+    return f'"{value}"' if "," in value else value
+
+
+def buildctl_argv(buildctl: str, address: str, request: BuildRequest, metadata: Path) -> list[str]:
+    """The buildctl command for one request. Pure, so it is tested without a daemon."""
+    argv = [
+        buildctl, "--addr", address, "build",
+        "--frontend", "dockerfile.v0",
+        "--progress", "rawjson",
+        "--metadata-file", str(metadata),
+    ]  # fmt: skip
+    match request.source:
+        case GitSource(url=url) as git:
+            subdir = "" if request.context in ("", ".") else f":{request.context}"
+            argv += ["--opt", f"context={url}#{git.revision}{subdir}"]
+            argv += ["--opt", f"filename={request.dockerfile}"]
+        case LocalSource(path=path):
+            context = Path(path, request.context)
+            dockerfile = context / request.dockerfile
+            argv += ["--local", f"context={context}"]
+            argv += ["--local", f"dockerfile={dockerfile.parent}"]
+            argv += ["--opt", f"filename={dockerfile.name}"]
+    for name, value in request.build_args.items():
+        argv += ["--opt", f"build-arg:{name}={value}"]
+    if request.target:
+        argv += ["--opt", f"target={request.target}"]
+    if request.platforms:
+        argv += ["--opt", f"platform={','.join(request.platforms)}"]
+    if request.images:
+        names = _csv_field(",".join(request.images))
+        argv += ["--output", f"type=image,name={names},push={str(request.push).lower()}"]
+    cache = request.cache
+    if cache.disabled:
+        argv.append("--no-cache")
+    else:
+        for ref in cache.import_refs:
+            argv += ["--import-cache", f"type=registry,ref={ref}"]
+        if cache.export_ref:
+            argv += [
+                "--export-cache",
+                f"type=registry,ref={cache.export_ref},mode={cache.mode},ignore-error=true",
+            ]
+    return argv
+
+
+class _Metadata(msgspec.Struct):
+    digest: str | None = msgspec.field(default=None, name="containerimage.digest")
+
+
+_metadata_decoder: Final = msgspec.json.Decoder(_Metadata)
+
+
+class BuildkitBackend:
+    name = "buildkit"
+
+    def __init__(self, settings: BuildkitSettings, *, tail_lines: int = 20) -> None:
+        self.settings = settings
+        self.tail_lines = tail_lines
+
+    async def build(self, job: BuildJob, progress: ProgressSink) -> Built:
+        address = job.placement or self._default_address()
+        request = job.request
+        if isinstance(request.source, LocalSource) and not Path(request.source.path).is_dir():
+            raise PermanentBuildError(
+                f"local source {request.source.path!r} is not a directory on this worker",
+                error_class="source_not_found",
+            )
+        with tempfile.TemporaryDirectory(prefix="buildfleet-") as scratch:
+            metadata = Path(scratch, "metadata.json")
+            argv = buildctl_argv(self.settings.buildctl, address, request, metadata)
+            parser = ProgressParser(request.id, job.attempt, tail_lines=self.tail_lines)
+            returncode = await self._run(argv, job.traceparent, parser, progress)
+            if returncode != 0:
+                raise self._failure(parser, returncode)
+            digest = _metadata_decoder.decode(metadata.read_bytes()).digest
+        return Built(digest=digest)
+
+    def _default_address(self) -> str:
+        if not self.settings.daemons:
+            raise PermanentBuildError(
+                "no BuildKit daemon is configured (buildkit.daemons)", error_class="config"
+            )
+        return self.settings.daemons[0].address
+
+    async def _run(
+        self,
+        argv: list[str],
+        traceparent: str | None,
+        parser: ProgressParser,
+        progress: ProgressSink,
+    ) -> int:
+        env = dict(os.environ)
+        if traceparent:
+            env["TRACEPARENT"] = traceparent
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                limit=_STDERR_LINE_LIMIT,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no locks taken
+            )
+        except OSError as exc:
+            raise PermanentBuildError(
+                f"cannot run {argv[0]!r}: {exc}", error_class="config"
+            ) from exc
+        assert process.stderr is not None
+        try:
+            async for line in process.stderr:
+                for event in parser.feed(line):
+                    await progress(event)
+            return await process.wait()
+        except BaseException:
+            await self._stop(process)
+            raise
+
+    async def _stop(self, process: asyncio.subprocess.Process) -> None:
+        """SIGINT lets buildctl cancel the solve on the daemon; SIGKILL if it lingers."""
+        if process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(asyncio.shield(process.wait()), self.settings.cancel_grace_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await asyncio.shield(process.wait())
+
+    def _failure(self, parser: ProgressParser, returncode: int) -> Exception:
+        failed = parser.failed_step
+        summary = [line for line in parser.other_output if "error" in line.lower()]
+        message = (
+            summary[-1]
+            if summary
+            else (failed.error if failed and failed.error else None)
+            or (parser.other_output[-1] if parser.other_output else None)
+            or f"buildctl exited with code {returncode}"
+        )
+        message = message.removeprefix("error: ").removeprefix("ERROR: ")
+        return classify(
+            message,
+            step=failed.name if failed else None,
+            log_tail=parser.log_tail(failed.vertex) if failed else (),
+        )
+
+    async def aclose(self) -> None:
+        return None

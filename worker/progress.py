@@ -1,0 +1,141 @@
+"""BuildKit's `--progress=rawjson` stream, turned into Step and Log events.
+
+buildctl writes one JSON `SolveStatus` per line. A vertex (a build step) is re-sent whenever
+it changes, so vertices are merged by digest and a Step is emitted only when its state moved.
+Pure: it reads lines and returns events; the backend does the reading.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import msgspec
+
+from producer.contract import Log, Step
+
+
+class _Vertex(msgspec.Struct):
+    digest: str
+    name: str = ""
+    started: datetime | None = None
+    completed: datetime | None = None
+    cached: bool = False
+    error: str = ""
+
+
+class _VertexLog(msgspec.Struct):
+    data: bytes
+    vertex: str = ""
+    stream: int = 1
+
+
+class _SolveStatus(msgspec.Struct):
+    vertexes: list[_Vertex] = []
+    logs: list[_VertexLog] = []
+
+
+_status_decoder = msgspec.json.Decoder(_SolveStatus)
+
+
+def _timestamp(moment: datetime | None) -> float | None:
+    return None if moment is None else moment.timestamp()
+
+
+@dataclass
+class ProgressParser:
+    """Feed it buildctl's stderr line by line; it answers with the events each line makes."""
+
+    build_id: str
+    attempt: int
+    tail_lines: int = 20
+    _steps: dict[str, Step] = field(default_factory=dict)
+    _tails: dict[str, deque[str]] = field(default_factory=dict)
+    other_output: deque[str] = field(default_factory=lambda: deque(maxlen=50))
+    """Lines that are not rawjson: buildctl's own `error: ...` summary, for instance."""
+
+    def feed(self, line: bytes) -> list[Step | Log]:
+        try:
+            status = _status_decoder.decode(line)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            text = line.decode(errors="replace").rstrip()
+            if text:
+                self.other_output.append(text)
+            return []
+        events: list[Step | Log] = [
+            step for vertex in status.vertexes if (step := self._merge(vertex)) is not None
+        ]
+        events.extend(self._log(entry) for entry in status.logs)
+        return events
+
+    def _merge(self, vertex: _Vertex) -> Step | None:
+        previous = self._steps.get(vertex.digest)
+        step = Step(
+            build_id=self.build_id,
+            attempt=self.attempt,
+            vertex=vertex.digest,
+            name=vertex.name or (previous.name if previous else vertex.digest),
+            cached=vertex.cached,
+            started=_timestamp(vertex.started),
+            completed=_timestamp(vertex.completed),
+            error=vertex.error or None,
+        )
+        if previous is not None and (
+            previous.name,
+            previous.cached,
+            previous.started,
+            previous.completed,
+            previous.error,
+        ) == (step.name, step.cached, step.started, step.completed, step.error):
+            return None
+        self._steps[vertex.digest] = step
+        return step
+
+    def _log(self, entry: _VertexLog) -> Log:
+        text = entry.data.decode(errors="replace")
+        tail = self._tails.setdefault(entry.vertex, deque(maxlen=self.tail_lines))
+        tail.extend(line for line in text.splitlines() if line.strip())
+        return Log(
+            build_id=self.build_id,
+            attempt=self.attempt,
+            vertex=entry.vertex or None,
+            stream=2 if entry.stream == 2 else 1,
+            text=text,
+        )
+
+    @property
+    def failed_step(self) -> Step | None:
+        """The step BuildKit reported as failed (the last one, when several failed)."""
+        failed = [step for step in self._steps.values() if step.error]
+        return failed[-1] if failed else None
+
+    @property
+    def steps(self) -> list[Step]:
+        return list(self._steps.values())
+
+    def log_tail(self, vertex: str) -> tuple[str, ...]:
+        return tuple(self._tails.get(vertex, ()))
+
+
+class LogBudget:
+    """Caps the log bytes one build attempt publishes, with one visible truncation marker."""
+
+    def __init__(self, cap_bytes: int) -> None:
+        self.remaining = cap_bytes
+        self.dropped = 0
+
+    def admit(self, log: Log) -> Log | None:
+        size = len(log.text.encode())
+        if self.remaining >= size:
+            self.remaining -= size
+            return log
+        first_drop = self.dropped == 0
+        self.dropped += size
+        if not first_drop:
+            return None
+        return msgspec.structs.replace(
+            log,
+            text="[buildfleet: log truncated: the per-build log cap was reached; "
+            "further output is dropped]\n",
+        )

@@ -1,0 +1,113 @@
+"""Which failures are worth another attempt, and when that attempt runs. Pure.
+
+The classification table below is the documented contract: a failure is Permanent when
+the same request would fail the same way again, Temporary when the infrastructure was at
+fault. An error nobody recognises is Temporary: retrying a few times and then dead-lettering
+with the message loses nothing, while failing a build for a passing fault would.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Annotated, Final
+
+import msgspec
+
+from worker.errors import BuildError, PermanentBuildError, TemporaryBuildError
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    pattern: re.Pattern[str]
+    error_class: str
+    temporary: bool
+    daemon_at_fault: bool = False
+
+
+def _rule(pattern: str, error_class: str, *, temporary: bool, daemon: bool = False) -> Rule:
+    return Rule(re.compile(pattern, re.IGNORECASE), error_class, temporary, daemon)
+
+
+# First match wins: the more specific rules come first.
+CLASSIFICATION: Final[tuple[Rule, ...]] = (
+    _rule(r"did not complete successfully: exit code", "run_failed", temporary=False),
+    _rule(r"dockerfile parse error|unknown instruction|parse error on line", "dockerfile",
+          temporary=False),
+    _rule(r"failed to read dockerfile|dockerfile.*no such file", "dockerfile_missing",
+          temporary=False),
+    _rule(r"target stage .* could not be found", "dockerfile", temporary=False),
+    _rule(r"failed to calculate checksum|failed to compute cache key", "context_file_missing",
+          temporary=False),
+    _rule(r"401 unauthorized|403 forbidden|authorization failed|insufficient_scope"
+          r"|access denied|requested access to the resource is denied", "auth_denied",
+          temporary=False),
+    _rule(r"429 too many requests|toomanyrequests", "registry_rate_limited", temporary=True),
+    _rule(r"\b50[0234] (internal server error|bad gateway|service unavailable|gateway time-?out)"
+          r"|status(?: code)?:? 50[0234]\b", "registry_unavailable", temporary=True),
+    _rule(r"(failed to resolve source metadata|failed to do request).*(not found|404)"
+          r"|manifest unknown|: not found$", "base_image_not_found", temporary=False),
+    _rule(r"repository not found|does not appear to be a git repository"
+          r"|couldn't find remote ref|unknown revision", "source_not_found", temporary=False),
+    _rule(r"failed to dial grpc|error while dialing|code = unavailable|transport is closing"
+          r"|listing workers|failed to get status|connection closed before server preface",
+          "daemon_unreachable", temporary=True, daemon=True),
+    _rule(r"connection reset by peer|broken pipe|closed pipe|unexpected eof|i/o timeout"
+          r"|connection refused|no route to host|tls handshake timeout",
+          "connection_lost", temporary=True),
+    _rule(r"failed to push|failed to export|error writing layer blob", "push_failed",
+          temporary=True),
+)
+
+
+def classify(
+    message: str, *, step: str | None = None, log_tail: tuple[str, ...] = ()
+) -> BuildError:
+    """The domain error for a failure message (buildctl's, Kaniko's, a registry's)."""
+    for rule in CLASSIFICATION:
+        if rule.pattern.search(message):
+            if rule.temporary:
+                return TemporaryBuildError(
+                    message,
+                    error_class=rule.error_class,
+                    daemon_at_fault=rule.daemon_at_fault,
+                    step=step,
+                    log_tail=log_tail,
+                )
+            return PermanentBuildError(
+                message, error_class=rule.error_class, step=step, log_tail=log_tail
+            )
+    return TemporaryBuildError(message, error_class="unknown", step=step, log_tail=log_tail)
+
+
+class RetrySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Exponential backoff with full jitter: attempt n waits uniform(0, min(cap, base*2^(n-1)))."""
+
+    max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 4
+    base_delay_s: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    max_delay_s: Annotated[float, msgspec.Meta(ge=0)] = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryDecision:
+    retry: bool
+    delay_s: float = 0.0
+
+
+def decide(
+    error: BuildError,
+    attempt: int,
+    settings: RetrySettings,
+    rng: random.Random | None = None,
+) -> RetryDecision:
+    """Whether attempt `attempt` (1-based), which failed with `error`, gets a successor."""
+    if not isinstance(error, TemporaryBuildError) or attempt >= settings.max_attempts:
+        return RetryDecision(retry=False)
+    if error.delay is not None:
+        return RetryDecision(retry=True, delay_s=min(error.delay, settings.max_delay_s))
+    ceiling = min(settings.max_delay_s, settings.base_delay_s * 2 ** (attempt - 1))
+    return RetryDecision(retry=True, delay_s=(rng or _rng).uniform(0, ceiling))
+
+
+_rng = random.Random()  # noqa: S311 - jitter, not cryptography

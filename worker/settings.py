@@ -1,0 +1,50 @@
+"""The worker side's configuration sections: frozen, grouped by concern."""
+
+from __future__ import annotations
+
+import socket
+from typing import Annotated, Literal
+
+import msgspec
+
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One worker process."""
+
+    backend: Literal["buildkit", "kaniko", "simulate"] = "buildkit"
+    concurrency: PositiveInt = 8
+    """Builds this process runs at once (arq's `max_jobs`)."""
+    name: str = msgspec.field(default_factory=socket.gethostname)
+    poll_delay_s: PositiveFloat = 0.005
+    default_timeout_s: PositiveFloat = 3600.0
+    """A build's timeout when its request names none."""
+    drain_grace_s: NonNegativeFloat = 60.0
+    """On SIGTERM, how long in-flight builds may go on before they are re-queued."""
+    log_cap_bytes: PositiveInt = 1 << 20
+    """Log bytes kept per build attempt; past it one marker says how much was dropped."""
+    log_tail_lines: PositiveInt = 20
+
+
+class DaemonSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    address: str
+    """buildkitd's gRPC address, e.g. tcp://buildkitd-0.buildkitd:1234."""
+    max_builds: PositiveInt = 4
+
+
+class BuildkitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    daemons: tuple[DaemonSettings, ...] = ()
+    buildctl: str = "buildctl"
+    cancel_grace_s: PositiveFloat = 1.0
+    """After SIGINT asks buildctl to cancel the solve, how long until SIGKILL."""
+
+
+class SimulateSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A backend that builds nothing: for load tests and capacity planning."""
+
+    duration_s: NonNegativeFloat = 0.0
+    outcome: Literal["succeeded", "failed", "temporary"] = "succeeded"
+    steps: Annotated[int, msgspec.Meta(ge=0)] = 0
