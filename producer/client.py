@@ -1,9 +1,9 @@
 """The Python client: submit builds, follow them, cancel them.
 
-    async with BuildfleetClient.from_url("redis://127.0.0.1:6379/0") as fleet:
-        build_id = await fleet.submit(request)
-        async for event in fleet.watch(build_id):
-            print(event)
+async with BuildfleetClient.from_url("redis://127.0.0.1:6379/0") as fleet:
+    build_id = await fleet.submit(request)
+    async for event in fleet.watch(build_id):
+        print(event)
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Final, Self
 
+import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -23,11 +24,27 @@ from producer.contract import (
     BuildState,
     decode_event,
     is_terminal,
+    result_of,
 )
 from producer.settings import QueueSettings, RedisSettings
-from producer.store import EVENT_FIELD, BuildStore, CancelOutcome, Submission, events_key
+from producer.store import (
+    DEAD_LETTER_STREAM,
+    EVENT_FIELD,
+    EVENTS_STREAM,
+    BuildStore,
+    CancelOutcome,
+    Submission,
+    events_key,
+)
 
 _BLOCK_MS: Final = 5_000
+
+
+class FleetStatus(msgspec.Struct, frozen=True):
+    queued: int
+    running: int
+    workers_alive: int
+    dead_letters: int
 
 
 class FleetUnavailable(ConnectionError):
@@ -41,11 +58,12 @@ class BuildNotFound(LookupError):
 
 
 def connect(settings: RedisSettings) -> Redis:
-    return Redis.from_url(
+    redis: Redis = Redis.from_url(
         settings.url,
         socket_connect_timeout=settings.connect_timeout_s,
         health_check_interval=30,
     )
+    return redis
 
 
 class BuildfleetClient:
@@ -131,10 +149,41 @@ class BuildfleetClient:
         async for _entry_id, event in self.watch_entries(build_id):
             yield event
 
+    async def tail(self, *, from_start: bool = False) -> AsyncIterator[BuildEvent]:
+        """The fleet-wide event stream, live (from its oldest kept event with `from_start`)."""
+        last_id = "0-0" if from_start else "$"
+        while True:
+            try:
+                response = await self.redis.xread({EVENTS_STREAM: last_id}, block=_BLOCK_MS)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                raise FleetUnavailable(f"cannot tail events: Redis unreachable ({exc})") from exc
+            for _stream, entries in response:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    yield decode_event(fields[EVENT_FIELD])
+
+    async def status(self) -> FleetStatus:
+        """Queue depth, builds running, workers alive, dead letters kept."""
+        queue = self.store.queue.name
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zcard(queue)
+                pipe.xlen(DEAD_LETTER_STREAM)
+                depth, dead = await pipe.execute()
+            running = [key async for key in self.redis.scan_iter(match="arq:in-progress:*")]
+            workers = [key async for key in self.redis.scan_iter(match=f"{queue}:health-check*")]
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise FleetUnavailable(f"cannot read status: Redis unreachable ({exc})") from exc
+        return FleetStatus(
+            queued=depth - len(running),
+            running=len(running),
+            workers_alive=len(workers),
+            dead_letters=dead,
+        )
+
     async def wait(self, build_id: str) -> BuildResult:
         """The result, once the build has ended."""
         async for event in self.watch(build_id):
-            result = getattr(event, "result", None)
-            if is_terminal(event) and isinstance(result, BuildResult):
+            if (result := result_of(event)) is not None:
                 return result
         raise BuildNotFound(build_id)

@@ -111,7 +111,9 @@ class BuildRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
         return f"{origin}::{self.context}::{self.dockerfile}"
 
 
-Status = Literal["queued", "running", "retrying", "succeeded", "failed", "cancelled", "dead_lettered"]
+Status = Literal[
+    "queued", "running", "retrying", "succeeded", "failed", "cancelled", "dead_lettered"
+]
 TERMINAL_STATUSES: Final = frozenset({"succeeded", "failed", "cancelled", "dead_lettered"})
 
 
@@ -145,18 +147,18 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_d
     at: float = msgspec.field(default_factory=time.time)
 
 
-class Queued(_Event, tag="queued"):
+class Queued(_Event, tag="queued", frozen=True):
     priority: Priority = "interactive"
     request: BuildRequest | None = None
 
 
-class Started(_Event, tag="started"):
+class Started(_Event, tag="started", frozen=True):
     worker: str = ""
     backend: str = ""
     daemon: str | None = None
 
 
-class Step(_Event, tag="step"):
+class Step(_Event, tag="step", frozen=True):
     """A BuildKit vertex (or Kaniko stage) that started, finished, was cached or failed."""
 
     vertex: str
@@ -167,42 +169,52 @@ class Step(_Event, tag="step"):
     error: str | None = None
 
 
-class Log(_Event, tag="log"):
+class Log(_Event, tag="log", frozen=True):
     text: str
     vertex: str | None = None
     stream: Literal[1, 2] = 1
 
 
-class Retrying(_Event, tag="retrying"):
+class Retrying(_Event, tag="retrying", frozen=True):
     reason: str
     error_class: str = ""
     next_attempt_at: float = 0.0
 
 
-class Succeeded(_Event, tag="succeeded"):
-    result: BuildResult
-
-
-class Failed(_Event, tag="failed"):
-    result: BuildResult
-
-
-class Cancelled(_Event, tag="cancelled"):
-    result: BuildResult
-    reason: str = "cancelled"
-
-
-class DeadLettered(_Event, tag="dead_lettered"):
+class _Ended(_Event, frozen=True):
     result: BuildResult
     reason: str = ""
 
 
-BuildEvent = Queued | Started | Step | Log | Retrying | Succeeded | Failed | Cancelled | DeadLettered
+class Succeeded(_Ended, tag="succeeded", frozen=True):
+    pass
+
+
+class Failed(_Ended, tag="failed", frozen=True):
+    pass
+
+
+class Cancelled(_Ended, tag="cancelled", frozen=True):
+    pass
+
+
+class DeadLettered(_Ended, tag="dead_lettered", frozen=True):
+    pass
+
+
+BuildEvent = (
+    Queued | Started | Step | Log | Retrying | Succeeded | Failed | Cancelled | DeadLettered
+)
 TerminalEvent = Succeeded | Failed | Cancelled | DeadLettered
 
 
 def is_terminal(event: BuildEvent) -> bool:
-    return isinstance(event, Succeeded | Failed | Cancelled | DeadLettered)
+    return isinstance(event, _Ended)
+
+
+def result_of(event: BuildEvent) -> BuildResult | None:
+    """The result a terminal event carries; None for every other event."""
+    return event.result if isinstance(event, _Ended) else None
 
 
 class BuildState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -219,7 +231,7 @@ class BuildState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 _T = TypeVar("_T")
 _json_encoder: Final = msgspec.json.Encoder()
 _request_decoder: Final = msgspec.json.Decoder(BuildRequest)
-_event_decoder: Final = msgspec.json.Decoder(BuildEvent)
+_event_decoder: Final[msgspec.json.Decoder[BuildEvent]] = msgspec.json.Decoder(BuildEvent)
 _result_decoder: Final = msgspec.json.Decoder(BuildResult)
 _state_decoder: Final = msgspec.json.Decoder(BuildState)
 

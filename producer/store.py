@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final
+from typing import Final, cast
 
 import msgspec
 from arq.constants import job_key_prefix
@@ -29,6 +29,7 @@ from producer.contract import (
     DeadLettered,
     Queued,
     Retrying,
+    Status,
     decode_request,
     decode_result,
     encode,
@@ -290,7 +291,7 @@ class BuildStore:
         return CancelOutcome(outcome.decode() if isinstance(outcome, bytes) else outcome)
 
     async def state(self, build_id: str) -> BuildState | None:
-        fields = await self.redis.hmget(
+        fields: list[bytes | None] = await self.redis.hmget(  # type: ignore[misc]
             build_key(build_id), ["status", "attempt", "request", "result"]
         )
         status, attempt, request, result = fields
@@ -298,7 +299,7 @@ class BuildStore:
             return None
         return BuildState(
             build_id=build_id,
-            status=status.decode(),
+            status=cast(Status, status.decode()),
             attempt=int(attempt or 1),
             request=decode_request(request) if request else None,
             result=decode_result(result) if result else None,

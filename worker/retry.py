@@ -33,31 +33,61 @@ def _rule(pattern: str, error_class: str, *, temporary: bool, daemon: bool = Fal
 # First match wins: the more specific rules come first.
 CLASSIFICATION: Final[tuple[Rule, ...]] = (
     _rule(r"did not complete successfully: exit code", "run_failed", temporary=False),
-    _rule(r"dockerfile parse error|unknown instruction|parse error on line", "dockerfile",
-          temporary=False),
-    _rule(r"failed to read dockerfile|dockerfile.*no such file", "dockerfile_missing",
-          temporary=False),
+    _rule(
+        r"dockerfile parse error|unknown instruction|parse error on line",
+        "dockerfile",
+        temporary=False,
+    ),
+    _rule(
+        r"failed to read dockerfile|dockerfile.*no such file", "dockerfile_missing", temporary=False
+    ),
     _rule(r"target stage .* could not be found", "dockerfile", temporary=False),
-    _rule(r"failed to calculate checksum|failed to compute cache key", "context_file_missing",
-          temporary=False),
-    _rule(r"401 unauthorized|403 forbidden|authorization failed|insufficient_scope"
-          r"|access denied|requested access to the resource is denied", "auth_denied",
-          temporary=False),
+    _rule(
+        r"failed to calculate checksum|failed to compute cache key",
+        "context_file_missing",
+        temporary=False,
+    ),
+    _rule(
+        r"401 unauthorized|403 forbidden|authorization failed|insufficient_scope"
+        r"|access denied|requested access to the resource is denied",
+        "auth_denied",
+        temporary=False,
+    ),
     _rule(r"429 too many requests|toomanyrequests", "registry_rate_limited", temporary=True),
-    _rule(r"\b50[0234] (internal server error|bad gateway|service unavailable|gateway time-?out)"
-          r"|status(?: code)?:? 50[0234]\b", "registry_unavailable", temporary=True),
-    _rule(r"(failed to resolve source metadata|failed to do request).*(not found|404)"
-          r"|manifest unknown|: not found$", "base_image_not_found", temporary=False),
-    _rule(r"repository not found|does not appear to be a git repository"
-          r"|couldn't find remote ref|unknown revision", "source_not_found", temporary=False),
-    _rule(r"failed to dial grpc|error while dialing|code = unavailable|transport is closing"
-          r"|listing workers|failed to get status|connection closed before server preface",
-          "daemon_unreachable", temporary=True, daemon=True),
-    _rule(r"connection reset by peer|broken pipe|closed pipe|unexpected eof|i/o timeout"
-          r"|connection refused|no route to host|tls handshake timeout",
-          "connection_lost", temporary=True),
-    _rule(r"failed to push|failed to export|error writing layer blob", "push_failed",
-          temporary=True),
+    _rule(
+        r"\b50[0234] (internal server error|bad gateway|service unavailable|gateway time-?out)"
+        r"|status(?: code)?:? 50[0234]\b",
+        "registry_unavailable",
+        temporary=True,
+    ),
+    _rule(
+        r"(failed to resolve source metadata|failed to do request).*(not found|404)"
+        r"|manifest unknown|: not found$",
+        "base_image_not_found",
+        temporary=False,
+    ),
+    _rule(
+        r"repository not found|does not appear to be a git repository"
+        r"|couldn't find remote ref|unknown revision",
+        "source_not_found",
+        temporary=False,
+    ),
+    _rule(
+        r"failed to dial grpc|error while dialing|code = unavailable|transport is closing"
+        r"|listing workers|failed to get status|connection closed before server preface",
+        "daemon_unreachable",
+        temporary=True,
+        daemon=True,
+    ),
+    _rule(
+        r"connection reset by peer|broken pipe|closed pipe|unexpected eof|i/o timeout"
+        r"|connection refused|no route to host|tls handshake timeout",
+        "connection_lost",
+        temporary=True,
+    ),
+    _rule(
+        r"failed to push|failed to export|error writing layer blob", "push_failed", temporary=True
+    ),
 )
 
 

@@ -227,8 +227,12 @@ class BuildRunner:
         if reason is not None:
             fields.setdefault("error", reason)
         result = current.result(status, backend=self.backend.name, **fields)
-        extra = {} if reason is None else {"reason": reason}
-        event = kind(build_id=current.request.id, attempt=current.number, result=result, **extra)
+        event = kind(
+            build_id=current.request.id,
+            attempt=current.number,
+            result=result,
+            reason=reason or "",
+        )
         await self._publish_terminal(event, status, result, current.request)
 
     @stamina.retry(on=_REDIS_ERRORS, attempts=10, timeout=60.0)

@@ -90,6 +90,18 @@ class _Metadata(msgspec.Struct):
 _metadata_decoder: Final = msgspec.json.Decoder(_Metadata)
 
 
+def _check_local_source(request: BuildRequest) -> None:
+    if isinstance(request.source, LocalSource) and not Path(request.source.path).is_dir():
+        raise PermanentBuildError(
+            f"local source {request.source.path!r} is not a directory on this worker",
+            error_class="source_not_found",
+        )
+
+
+def _read_digest(metadata: Path) -> str | None:
+    return _metadata_decoder.decode(metadata.read_bytes()).digest
+
+
 class BuildkitBackend:
     name = "buildkit"
 
@@ -100,11 +112,7 @@ class BuildkitBackend:
     async def build(self, job: BuildJob, progress: ProgressSink) -> Built:
         address = job.placement or self._default_address()
         request = job.request
-        if isinstance(request.source, LocalSource) and not Path(request.source.path).is_dir():
-            raise PermanentBuildError(
-                f"local source {request.source.path!r} is not a directory on this worker",
-                error_class="source_not_found",
-            )
+        _check_local_source(request)
         with tempfile.TemporaryDirectory(prefix="buildfleet-") as scratch:
             metadata = Path(scratch, "metadata.json")
             argv = buildctl_argv(self.settings.buildctl, address, request, metadata)
@@ -112,8 +120,7 @@ class BuildkitBackend:
             returncode = await self._run(argv, job.traceparent, parser, progress)
             if returncode != 0:
                 raise self._failure(parser, returncode)
-            digest = _metadata_decoder.decode(metadata.read_bytes()).digest
-        return Built(digest=digest)
+            return Built(digest=_read_digest(metadata))
 
     def _default_address(self) -> str:
         if not self.settings.daemons:
@@ -140,7 +147,7 @@ class BuildkitBackend:
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 limit=_STDERR_LINE_LIMIT,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no locks taken
+                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             raise PermanentBuildError(

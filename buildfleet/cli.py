@@ -1,0 +1,275 @@
+"""The `buildfleet` command.
+
+Exit codes: 0 success, 1 the build failed or was cancelled, 2 bad usage or configuration,
+3 infrastructure unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from buildfleet.config import ConfigError, FleetConfig, load_config
+from buildfleet.display import describe, follow
+from producer.client import BuildfleetClient, BuildNotFound, FleetUnavailable
+from producer.contract import (
+    BuildRequest,
+    BuildResult,
+    ContractError,
+    request_from_builtins,
+)
+
+EXIT_OK: Final = 0
+EXIT_BUILD_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_UNREACHABLE: Final = 3
+
+_json = msgspec.json.Encoder()
+
+
+class UsageError(Exception):
+    """Bad arguments; the message says which."""
+
+
+def _pairs(values: Sequence[str] | None, option: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in values or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"{option} expects NAME=VALUE, got {item!r}")
+        pairs[name] = value
+    return pairs
+
+
+def request_from_args(args: argparse.Namespace) -> BuildRequest:
+    if args.git:
+        source: dict[str, Any] = {"type": "git", "url": args.git, "ref": args.ref}
+        if args.commit:
+            source["commit"] = args.commit
+    elif args.path:
+        path = Path(args.path).resolve()
+        if not path.is_dir():
+            raise UsageError(f"{args.path!r} is not a directory")
+        source = {"type": "local", "path": str(path)}
+    else:
+        raise UsageError("give a local directory, or --git URL")
+    request: dict[str, Any] = {
+        "source": source,
+        "images": args.image or [],
+        "dockerfile": args.dockerfile,
+        "context": args.context,
+        "build_args": _pairs(args.build_arg, "--build-arg"),
+        "labels": _pairs(args.label, "--label"),
+        "platforms": args.platform or [],
+        "push": not args.no_push,
+        "priority": args.priority,
+        "cache": {
+            "import_refs": args.cache_from or [],
+            "export_ref": args.cache_to,
+            "disabled": args.no_cache,
+        },
+    }
+    for key in ("target", "timeout_s", "id"):
+        if getattr(args, key) is not None:
+            request[key] = getattr(args, key)
+    return request_from_builtins(request)
+
+
+def _print_result(result: BuildResult, as_json: bool) -> int:
+    if as_json:
+        sys.stdout.write(_json.encode(result).decode() + "\n")
+    return EXIT_OK if result.ok else EXIT_BUILD_FAILED
+
+
+async def _submit(config: FleetConfig, args: argparse.Namespace) -> int:
+    request = request_from_args(args)
+    async with BuildfleetClient.from_url(config.redis.url, config.queue) as fleet:
+        build_id = await fleet.submit(request)
+        if not args.wait:
+            sys.stdout.write(_json.encode({"id": build_id}).decode() if args.json else build_id)
+            sys.stdout.write("\n")
+            return EXIT_OK
+        if args.json:
+            return _print_result(await fleet.wait(build_id), as_json=True)
+        result = await follow(build_id, fleet.watch(build_id), logs=args.logs)
+        if result is None:
+            raise BuildNotFound(build_id)
+        return _print_result(result, as_json=False)
+
+
+async def _watch(config: FleetConfig, args: argparse.Namespace) -> int:
+    async with BuildfleetClient.from_url(config.redis.url, config.queue) as fleet:
+        if args.json:
+            result = None
+            async for event in fleet.watch(args.build_id):
+                sys.stdout.write(_json.encode(event).decode() + "\n")
+                sys.stdout.flush()
+            result = await fleet.wait(args.build_id)
+            return EXIT_OK if result.ok else EXIT_BUILD_FAILED
+        result = await follow(args.build_id, fleet.watch(args.build_id), logs=args.logs)
+        if result is None:
+            raise BuildNotFound(args.build_id)
+        return _print_result(result, as_json=False)
+
+
+async def _get(config: FleetConfig, args: argparse.Namespace) -> int:
+    async with BuildfleetClient.from_url(config.redis.url, config.queue) as fleet:
+        state = await fleet.get(args.build_id)
+        sys.stdout.write(_json.encode(state).decode() + "\n")
+        return EXIT_OK
+
+
+async def _cancel(config: FleetConfig, args: argparse.Namespace) -> int:
+    async with BuildfleetClient.from_url(config.redis.url, config.queue) as fleet:
+        outcome = await fleet.cancel(args.build_id, reason=args.reason)
+        sys.stdout.write(f"{args.build_id}: {outcome.value}\n")
+        return EXIT_OK
+
+
+async def _events(config: FleetConfig, args: argparse.Namespace) -> int:
+    async with BuildfleetClient.from_url(config.redis.url, config.queue) as fleet:
+        async for event in fleet.tail(from_start=args.from_start):
+            line = _json.encode(event).decode() if args.json else describe(event)
+            sys.stdout.write(line if args.json else f"[{event.build_id}] {line}")
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    return EXIT_OK
+
+
+async def _status(config: FleetConfig, args: argparse.Namespace) -> int:
+    async with BuildfleetClient.from_url(config.redis.url, config.queue) as fleet:
+        status = await fleet.status()
+    if args.json:
+        sys.stdout.write(_json.encode(status).decode() + "\n")
+    else:
+        for field in status.__struct_fields__:
+            sys.stdout.write(f"{field:>14}: {getattr(status, field)}\n")
+    return EXIT_OK
+
+
+async def _worker(config: FleetConfig, args: argparse.Namespace) -> int:
+    from worker.app import run_worker
+
+    if args.concurrency:
+        worker = msgspec.structs.replace(config.worker, concurrency=args.concurrency)
+        config = msgspec.structs.replace(config, worker=worker)
+    await run_worker(config.for_worker(), burst=args.burst)
+    return EXIT_OK
+
+
+def _up(config: FleetConfig, args: argparse.Namespace) -> int:
+    from buildfleet.local_fleet import run_local_fleet
+
+    return run_local_fleet(config, workers=args.workers, as_json=args.json)
+
+
+def _add_submit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", nargs="?", help="a local directory to build")
+    parser.add_argument("--git", metavar="URL", help="build a git repository instead")
+    parser.add_argument("--ref", default="HEAD", help="branch or tag (with --git)")
+    parser.add_argument("--commit", help="exact commit to build (with --git)")
+    parser.add_argument("--image", action="append", help="image name to push (repeatable)")
+    parser.add_argument("--dockerfile", default="Dockerfile", help="relative to the context")
+    parser.add_argument("--context", default=".", help="sub-directory of the source")
+    parser.add_argument("--build-arg", action="append", metavar="NAME=VALUE")
+    parser.add_argument("--label", action="append", metavar="NAME=VALUE")
+    parser.add_argument("--target")
+    parser.add_argument("--platform", action="append")
+    parser.add_argument("--no-push", action="store_true")
+    parser.add_argument("--priority", choices=("interactive", "batch"), default="interactive")
+    parser.add_argument("--timeout", dest="timeout_s", type=float, metavar="SECONDS")
+    parser.add_argument("--id", help="build id (submitting the same id twice builds once)")
+    parser.add_argument("--cache-from", action="append", metavar="REF")
+    parser.add_argument("--cache-to", metavar="REF")
+    parser.add_argument("--no-cache", action="store_true")
+    parser.add_argument("--wait", action="store_true", help="follow the build until it ends")
+    parser.add_argument("--logs", action="store_true", help="with --wait: print build output")
+
+
+Command = Callable[[FleetConfig, argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+def make_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="fleet configuration (TOML)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("-v", "--verbose", action="store_true")
+    parser = argparse.ArgumentParser(
+        prog="buildfleet",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return subparsers.add_parser(name, help=help_text, parents=[common])
+
+    up = command("up", "a whole local fleet on this machine")
+    up.add_argument("--workers", type=int, default=2)
+    up.set_defaults(sync_handler=_up)
+
+    worker = command("worker", "one worker process")
+    worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    worker.add_argument("--concurrency", type=int)
+    worker.set_defaults(handler=_worker)
+
+    submit = command("submit", "submit one build")
+    _add_submit_arguments(submit)
+    submit.set_defaults(handler=_submit)
+
+    for name, handler, help_text in (
+        ("watch", _watch, "live progress of one build until it ends"),
+        ("get", _get, "the current state or result of one build"),
+        ("cancel", _cancel, "cancel a build"),
+    ):
+        sub = command(name, help_text)
+        sub.add_argument("build_id")
+        sub.set_defaults(handler=handler)
+        if name == "watch":
+            sub.add_argument("--logs", action="store_true")
+        if name == "cancel":
+            sub.add_argument("--reason", default="cancelled by request")
+
+    status = command("status", "queue depth, running builds, workers alive")
+    status.set_defaults(handler=_status)
+    events = command("events", "tail the fleet's event stream")
+    events.add_argument("--from-start", action="store_true")
+    events.set_defaults(handler=_events)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose or args.command in ("worker", "up") else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = load_config(args.config)
+        if sync_handler := getattr(args, "sync_handler", None):
+            return int(sync_handler(config, args))
+        handler: Command = args.handler
+        return asyncio.run(handler(config, args))
+    except (ConfigError, ContractError, UsageError) as exc:
+        print(f"buildfleet: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BuildNotFound as exc:
+        print(f"buildfleet: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FleetUnavailable, OSError) as exc:
+        print(f"buildfleet: infrastructure unreachable: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Which images a push builds: the configured rules applied to a ref update. Pure.
+
+Every rule whose repository glob matches and whose branch (or tag) patterns match the
+pushed ref yields one build, pushing every image its templates render to. A deleted ref
+builds nothing. The supersede key names the repository, the ref and the image (the rule's
+dockerfile, context and target), so a newer push replaces only its own older build.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from producer.gateway.settings import IMAGE_NAME, Priority, Rule
+from producer.gateway.webhooks import Push
+
+_NOT_TAG_CHAR: Final = re.compile(r"[^a-z0-9_.-]+")
+SHORT_SHA: Final = 7
+
+
+def slug(name: str) -> str:
+    """A branch or tag name as an image tag: lower case, [a-z0-9_.-], at most 128 long."""
+    cleaned = _NOT_TAG_CHAR.sub("-", name.lower()).lstrip(".-")
+    return cleaned[:128] or "_"
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedBuild:
+    rule: int
+    """Index of the rule in the configuration."""
+    images: tuple[str, ...]
+    dockerfile: str
+    context: str
+    build_args: dict[str, str]
+    target: str | None
+    platforms: tuple[str, ...]
+    priority: Priority
+    push: bool
+    supersede_key: str | None
+    cancel_running: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    rule: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    builds: tuple[PlannedBuild, ...]
+    skipped: tuple[Skipped, ...] = ()
+    message: str = ""
+
+
+def template_values(push: Push) -> dict[str, str]:
+    repo = push.repo.lower().strip("/")
+    owner, _, name = repo.rpartition("/")
+    ref_name = push.branch if push.branch is not None else push.tag or push.ref
+    values = {
+        "repo": repo,
+        "owner": owner,
+        "name": name,
+        "ref_name": slug(ref_name),
+        "sha": push.sha,
+        "short_sha": push.sha[:SHORT_SHA],
+    }
+    if push.branch is not None:
+        values["branch"] = slug(push.branch)
+    if push.tag is not None:
+        values["tag"] = slug(push.tag)
+    return values
+
+
+def rule_matches(rule: Rule, push: Push) -> bool:
+    if not fnmatch.fnmatchcase(push.repo.lower(), rule.repo.lower()):
+        return False
+    if push.branch is not None:
+        return any(fnmatch.fnmatchcase(push.branch, p) for p in rule.branches)
+    if push.tag is not None:
+        return any(fnmatch.fnmatchcase(push.tag, p) for p in rule.tags)
+    return False
+
+
+def supersede_key(push: Push, rule: Rule) -> str:
+    return "|".join(
+        (push.forge, push.repo.lower(), push.ref, rule.context, rule.dockerfile, rule.target or "")
+    )
+
+
+def plan(rules: Sequence[Rule], push: Push) -> Plan:
+    """The builds `push` makes under `rules`, and why any matching rule made none."""
+    if push.deleted:
+        return Plan((), message=f"{push.ref} was deleted: nothing to build")
+    if push.branch is None and push.tag is None:
+        return Plan((), message=f"{push.ref} is neither a branch nor a tag: nothing to build")
+    values = template_values(push)
+    builds: list[PlannedBuild] = []
+    skipped: list[Skipped] = []
+    for index, rule in enumerate(rules):
+        if not rule_matches(rule, push):
+            continue
+        try:
+            images = tuple(dict.fromkeys(t.format(**values) for t in rule.images))
+        except KeyError as exc:  # a {tag} template on a branch push: the rule allows both
+            skipped.append(Skipped(index, f"placeholder {exc} is not defined for {push.ref}"))
+            continue
+        bad = [image for image in images if not IMAGE_NAME.match(image) or len(image) > 512]
+        if bad:
+            skipped.append(Skipped(index, f"invalid image name {bad[0]!r}"))
+            continue
+        builds.append(
+            PlannedBuild(
+                rule=index,
+                images=images,
+                dockerfile=rule.dockerfile,
+                context=rule.context,
+                build_args=dict(rule.build_args),
+                target=rule.target,
+                platforms=rule.platforms,
+                priority=rule.priority,
+                push=rule.push,
+                supersede_key=supersede_key(push, rule) if rule.supersede else None,
+                cancel_running=rule.cancel_running,
+            )
+        )
+    if builds:
+        message = f"{len(builds)} build(s) for {push.repo} {push.ref}"
+    elif skipped:
+        message = f"every rule matching {push.repo} {push.ref} was skipped"
+    else:
+        message = f"no rule matches {push.repo} {push.ref}: nothing to build"
+    return Plan(tuple(builds), tuple(skipped), message)

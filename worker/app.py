@@ -1,0 +1,138 @@
+"""A worker process: arq takes jobs off the queue, the runner builds them.
+
+arq is configured for this fleet: msgpack envelopes instead of pickle, no arq results (the
+build store keeps ours), a short poll delay, our own attempt counting, and on SIGTERM a
+drain (`job_completion_wait`) after which unfinished builds go back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Final
+
+from arq import Worker
+from arq.connections import ArqRedis
+from arq.worker import func
+
+from producer import jobcodec
+from producer.settings import QueueSettings, RedisSettings
+from producer.store import CANCEL_CHANNEL, BuildStore
+from worker.backends.base import Backend
+from worker.backends.buildkit import BuildkitBackend
+from worker.backends.simulate import SimulateBackend
+from worker.retry import RetrySettings
+from worker.runner import BuildRunner
+from worker.scheduling import FixedPlacer, Placer
+from worker.settings import BuildkitSettings, SimulateSettings, WorkerSettings
+
+logger = logging.getLogger("buildfleet.worker")
+
+# arq's own retry limit and timeout are set out of the way: attempts and timeouts are ours.
+_ARQ_MAX_TRIES: Final = 1_000_000
+_ARQ_TIMEOUT_SLACK_S: Final = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """Everything one worker process needs, grouped by concern."""
+
+    redis: RedisSettings
+    queue: QueueSettings
+    worker: WorkerSettings
+    retry: RetrySettings
+    buildkit: BuildkitSettings
+    simulate: SimulateSettings
+
+
+def make_backend(config: WorkerConfig) -> Backend:
+    match config.worker.backend:
+        case "buildkit":
+            return BuildkitBackend(config.buildkit, tail_lines=config.worker.log_tail_lines)
+        case "simulate":
+            return SimulateBackend(config.simulate)
+        case "kaniko":
+            raise NotImplementedError("the kaniko backend is wired in by worker.backends.kaniko")
+
+
+def make_placer(config: WorkerConfig) -> Placer:
+    daemons = config.buildkit.daemons
+    return FixedPlacer(daemons[0].address if daemons else None)
+
+
+async def _listen_for_cancels(redis: ArqRedis, runner: BuildRunner) -> None:
+    """Cancel requests for running builds arrive on a pub/sub channel."""
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(CANCEL_CHANNEL)
+        async for message in pubsub.listen():
+            if message.get("type") == "message":
+                build_id = message["data"].decode()
+                if runner.cancel(build_id, "cancelled by request"):
+                    logger.info("cancelling build %s", build_id)
+
+
+@asynccontextmanager
+async def running_worker(
+    config: WorkerConfig, *, burst: bool = False, backend: Backend | None = None
+) -> AsyncIterator[Worker]:
+    """An arq worker wired to a runner, with its cancel listener; closed on exit."""
+    redis = ArqRedis.from_url(
+        config.redis.url, socket_connect_timeout=config.redis.connect_timeout_s
+    )
+    backend = backend or make_backend(config)
+    runner = BuildRunner(
+        store=BuildStore(redis, config.queue),
+        backend=backend,
+        placer=make_placer(config),
+        settings=config.worker,
+        retry=config.retry,
+    )
+    listener = asyncio.create_task(_listen_for_cancels(redis, runner))
+    worker = Worker(
+        functions=[
+            func(
+                runner,  # type: ignore[arg-type]
+                name=jobcodec.BUILD_FUNCTION,
+                max_tries=_ARQ_MAX_TRIES,
+                timeout=config.worker.default_timeout_s + _ARQ_TIMEOUT_SLACK_S,
+            )
+        ],
+        redis_pool=redis,
+        queue_name=config.queue.name,
+        max_jobs=config.worker.concurrency,
+        poll_delay=config.worker.poll_delay_s,
+        keep_result=0,
+        max_tries=_ARQ_MAX_TRIES,
+        job_serializer=jobcodec.serialize,
+        job_deserializer=jobcodec.deserialize,
+        burst=burst,
+        handle_signals=not burst,
+        job_completion_wait=int(config.worker.drain_grace_s),
+        health_check_interval=10,
+        log_results=False,
+    )
+    try:
+        yield worker
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        await worker.close()
+        await backend.aclose()
+
+
+async def run_worker(config: WorkerConfig, *, burst: bool = False) -> None:
+    """Run until signalled (or, in burst mode, until the queue is empty)."""
+    async with running_worker(config, burst=burst) as worker:
+        logger.info(
+            "worker %s: %s backend, %d builds at once, queue %s",
+            config.worker.name,
+            config.worker.backend,
+            config.worker.concurrency,
+            config.queue.name,
+        )
+        await worker.async_run()
