@@ -95,7 +95,7 @@ async def running_worker(
     worker = Worker(
         functions=[
             func(
-                runner,  # type: ignore[arg-type]
+                runner.run,
                 name=jobcodec.BUILD_FUNCTION,
                 max_tries=_ARQ_MAX_TRIES,
                 timeout=config.worker.default_timeout_s + _ARQ_TIMEOUT_SLACK_S,

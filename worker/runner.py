@@ -100,7 +100,7 @@ class BuildRunner:
             attempt.task.cancel()
         return True
 
-    async def __call__(self, ctx: dict[str, Any], raw: bytes, attempt: int = 1) -> None:
+    async def run(self, ctx: dict[str, Any], raw: bytes, attempt: int = 1) -> None:
         """arq's job function: `raw` is the encoded request, `attempt` counts our retries."""
         build_id: str = ctx["job_id"]
         try:
