@@ -127,7 +127,7 @@ class LogBudget:
 
     def admit(self, log: Log) -> Log | None:
         size = len(log.text.encode())
-        if self.remaining >= size:
+        if self.dropped == 0 and self.remaining >= size:
             self.remaining -= size
             return log
         first_drop = self.dropped == 0

@@ -1,0 +1,70 @@
+"""buildctl's rawjson progress, turned into Step and Log events."""
+
+import base64
+import json
+
+from producer.contract import Log, Step
+from worker.progress import LogBudget, ProgressParser
+
+RUN = "sha256:" + "a" * 64
+FROM = "sha256:" + "b" * 64
+
+
+def line(**status: object) -> bytes:
+    return json.dumps(status).encode() + b"\n"
+
+
+def log_entry(vertex: str, text: str, stream: int = 1) -> dict[str, object]:
+    return {
+        "vertex": vertex,
+        "stream": stream,
+        "data": base64.b64encode(text.encode()).decode(),
+        "timestamp": "2026-11-25T10:00:01.5Z",
+    }
+
+
+def test_vertices_merge_by_digest_and_emit_only_on_change() -> None:
+    parser = ProgressParser("b1", attempt=2)
+    started = {"digest": RUN, "name": "[2/2] RUN make", "started": "2026-11-25T10:00:00Z"}
+    first = parser.feed(line(vertexes=[started]))
+    again = parser.feed(line(vertexes=[started]))
+    done = parser.feed(line(vertexes=[{**started, "completed": "2026-11-25T10:00:03Z"}]))
+    assert [type(e) for e in first] == [Step]
+    assert again == []
+    [step] = done
+    assert isinstance(step, Step)
+    assert (step.build_id, step.attempt, step.name) == ("b1", 2, "[2/2] RUN make")
+    assert step.completed is not None and step.started is not None
+    assert step.completed - step.started == 3.0
+
+
+def test_cached_steps_are_marked() -> None:
+    parser = ProgressParser("b1", attempt=1)
+    [step] = parser.feed(line(vertexes=[{"digest": FROM, "name": "[1/2] FROM x", "cached": True}]))
+    assert isinstance(step, Step) and step.cached
+
+
+def test_logs_are_decoded_and_the_failing_step_keeps_its_tail() -> None:
+    parser = ProgressParser("b1", attempt=1, tail_lines=2)
+    parser.feed(line(vertexes=[{"digest": RUN, "name": "[2/2] RUN ./test"}]))
+    [log] = parser.feed(line(logs=[log_entry(RUN, "one\ntwo\nthree\n", stream=2)]))
+    assert isinstance(log, Log) and log.text == "one\ntwo\nthree\n" and log.stream == 2
+    parser.feed(line(vertexes=[{"digest": RUN, "name": "[2/2] RUN ./test", "error": "exit 3"}]))
+    failed = parser.failed_step
+    assert failed is not None and failed.name == "[2/2] RUN ./test"
+    assert parser.log_tail(RUN) == ("two", "three")
+
+
+def test_lines_that_are_not_json_are_kept_as_buildctl_output() -> None:
+    parser = ProgressParser("b1", attempt=1)
+    assert parser.feed(b"error: failed to solve: something\n") == []
+    assert list(parser.other_output) == ["error: failed to solve: something"]
+
+
+def test_the_log_budget_truncates_once_with_a_marker() -> None:
+    budget = LogBudget(cap_bytes=10)
+    assert budget.admit(Log(build_id="b", text="12345")) is not None
+    marker = budget.admit(Log(build_id="b", text="1234567890"))
+    assert marker is not None and "truncated" in marker.text
+    assert budget.admit(Log(build_id="b", text="more")) is None
+    assert budget.dropped == 14
