@@ -1,0 +1,74 @@
+"""`buildfleet up`: a whole fleet on this machine, stopped cleanly by Ctrl-C.
+
+Real services on free loopback ports (Redis unless `BUILDFLEET_REDIS_URL` names one, a
+registry, buildkitd, a git daemon, a base image), then worker processes pointed at them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from buildfleet.config import FleetConfig
+from buildfleet.services import LocalFleetServices, Service, find_tool, spawn
+
+
+def _worker_env(fleet: LocalFleetServices, redis_url: str) -> dict[str, str]:
+    daemons = [{"address": address, "max_builds": 4} for address in fleet.buildkitd_addrs]
+    return {
+        **os.environ,
+        "BUILDFLEET_REDIS_URL": redis_url,
+        "BUILDFLEET_BUILDKIT_DAEMONS": json.dumps(daemons),
+        "BUILDFLEET_BUILDKIT_BUILDCTL": find_tool("buildctl"),
+    }
+
+
+def _start_workers(fleet: LocalFleetServices, redis_url: str, count: int) -> list[Service]:
+    env = _worker_env(fleet, redis_url)
+    argv = [sys.executable, "-m", "buildfleet.cli", "worker"]
+    return [
+        spawn(f"worker-{n}", argv, fleet.workdir / "logs" / f"worker-{n}.log", "", env=env)
+        for n in range(1, count + 1)
+    ]
+
+
+def _wait_for_stop_signal() -> None:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+
+
+def run_local_fleet(config: FleetConfig, *, workers: int, as_json: bool) -> int:
+    own_redis = "BUILDFLEET_REDIS_URL" not in os.environ
+    workdir = Path(os.environ.get("BUILDFLEET_WORKDIR", "") or Path.cwd() / ".tmp" / "fleet")
+    workdir.mkdir(parents=True, exist_ok=True)
+    with LocalFleetServices(workdir) as fleet:
+        redis_url = fleet.redis_url if own_redis else config.redis.url
+        fleet_workers = _start_workers(fleet, redis_url, workers)
+        addresses = {**fleet.addresses(), "redis_url": redis_url, "workers": workers}
+        if as_json:
+            print(json.dumps(addresses), flush=True)
+        else:
+            print(
+                f"buildfleet is up: {workers} workers, buildkitd at {fleet.buildkitd_addrs[0]}\n"
+                f"  redis     {redis_url}\n"
+                f"  registry  {fleet.registry}   (base image {fleet.base_image})\n"
+                f"  logs      {workdir / 'logs'}\n"
+                f"Submit a build from another shell:\n"
+                f"  export BUILDFLEET_REDIS_URL={redis_url}\n"
+                f"  buildfleet submit config/example --image {fleet.registry}/demo/hello:latest"
+                f" --build-arg BASE={fleet.base_image} --wait\n"
+                f"Ctrl-C stops everything.",
+                flush=True,
+            )
+        try:
+            _wait_for_stop_signal()
+        finally:
+            for worker in fleet_workers:
+                worker.stop(grace=config.worker.drain_grace_s + 5)
+    return 0
