@@ -252,7 +252,7 @@ def start_registry(workdir: Path, *, timeout: float = 15.0) -> Service:
         # JSON is YAML: no YAML library needed.
         settings = {
             "version": 0.1,
-            "log": {"level": "info", "accesslog": {"disabled": False}},
+            "log": {"level": "info", "accesslog": {"disabled": True}},
             "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True}},
             "http": {"addr": f"127.0.0.1:{port}"},
         }
@@ -328,7 +328,10 @@ def start_git_daemon(root: Path, *, log_path: Path | None = None, timeout: float
                 "--listen=127.0.0.1", f"--port={port}", str(root)]  # fmt: skip
         return argv, f"git://127.0.0.1:{port}/"
 
-    return _start_on_free_port("git-daemon", log, launch, tcp_open, timeout=timeout, cwd=root)
+    def ready(port: int) -> bool:  # with --verbose it says so once it listens
+        return b"Ready to rumble" in log.read_bytes()
+
+    return _start_on_free_port("git-daemon", log, launch, ready, timeout=timeout, cwd=root)
 
 
 def _busybox_rootfs(dest: Path) -> None:
