@@ -238,7 +238,8 @@ def start_redis(workdir: Path, *, timeout: float = 15.0) -> Service:
                 "--appendonly", "no", "--dir", str(data)]  # fmt: skip
         return argv, f"redis://127.0.0.1:{port}/0"
 
-    return _start_on_free_port("redis", workdir / "redis.log", launch, _redis_pong, timeout=timeout)
+    log = workdir / "logs" / "redis.log"
+    return _start_on_free_port("redis", log, launch, _redis_pong, timeout=timeout)
 
 
 def start_registry(workdir: Path, *, timeout: float = 15.0) -> Service:
@@ -262,7 +263,8 @@ def start_registry(workdir: Path, *, timeout: float = 15.0) -> Service:
     def ready(port: int) -> bool:
         return _http_ok(f"http://127.0.0.1:{port}/v2/")
 
-    return _start_on_free_port("registry", workdir / "registry.log", launch, ready, timeout=timeout)
+    log = workdir / "logs" / "registry.log"
+    return _start_on_free_port("registry", log, launch, ready, timeout=timeout)
 
 
 def buildkitd_config(registries: Sequence[str], otel_socket: Path) -> str:
@@ -313,23 +315,29 @@ def start_buildkitd(
     def ready(port: int) -> bool:
         return tcp_open(port) and buildkit_workers_ok(f"tcp://127.0.0.1:{port}")
 
-    return _start_on_free_port(name, home / "buildkitd.log", launch, ready, timeout=timeout)
+    log = workdir / "logs" / f"{name}.log"
+    return _start_on_free_port(name, log, launch, ready, timeout=timeout)
 
 
 def start_git_daemon(root: Path, *, log_path: Path | None = None, timeout: float = 15.0) -> Service:
     """`git daemon` exporting every repository under `root`; address `git://127.0.0.1:PORT/`."""
     root.mkdir(parents=True, exist_ok=True)
-    log = log_path or root.parent / "git-daemon.log"
+    log = log_path or root.parent / "logs" / "git-daemon.log"
     binary = find_tool("git")
 
+    log_start = [0]  # ignore what earlier runs wrote to the same log
+
     def launch(port: int) -> tuple[list[str], str]:
+        log_start[0] = log.stat().st_size if log.exists() else 0
         argv = [binary, "daemon", "--verbose", "--informative-errors", "--reuseaddr",
                 f"--base-path={root}", "--export-all", "--enable=receive-pack",
                 "--listen=127.0.0.1", f"--port={port}", str(root)]  # fmt: skip
         return argv, f"git://127.0.0.1:{port}/"
 
     def ready(port: int) -> bool:  # with --verbose it says so once it listens
-        return b"Ready to rumble" in log.read_bytes()
+        with log.open("rb") as output:
+            output.seek(log_start[0])
+            return b"Ready to rumble" in output.read()
 
     return _start_on_free_port("git-daemon", log, launch, ready, timeout=timeout, cwd=root)
 
@@ -377,14 +385,21 @@ class LocalFleetServices:
     """Redis, a registry, N buildkitd daemons, a git daemon and the base image, together.
 
     Use as a context manager; everything stops in reverse order on exit, also on errors.
+    Logs go to `workdir/logs/`; a temporary `workdir` is made (and removed) if none is given.
     """
 
     def __init__(
-        self, workdir: Path | None = None, *, buildkitd_count: int = 1, base_image: bool = True
+        self,
+        workdir: Path | None = None,
+        *,
+        buildkitd_count: int = 1,
+        redis: bool = True,
+        base_image: bool = True,
     ) -> None:
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="buildfleet-services-"))
         self.buildkitd_count = buildkitd_count
+        self._want_redis = redis
         self._want_base_image = base_image
         self._services: list[Service] = []
         self.redis_url = ""
@@ -404,7 +419,8 @@ class LocalFleetServices:
 
     def start(self) -> Self:
         try:
-            self.redis_url = self._track(start_redis(self.workdir)).address
+            if self._want_redis:
+                self.redis_url = self._track(start_redis(self.workdir)).address
             self.registry = self._track(start_registry(self.workdir)).address
             for _ in range(self.buildkitd_count):
                 self.add_buildkitd()
