@@ -87,8 +87,8 @@ return 1
 """
 )
 
-# ARGV: id, cancelled event, result, ttl, maxlen. A build still waiting in the queue ends
-# here; a running one is flagged and its worker told on the cancel channel.
+# ARGV: id, cancelled event, result, ttl, maxlen, cancel notice. A build still waiting in
+# the queue ends here; a running one is flagged and its worker told on the cancel channel.
 _CANCEL: Final = (
     _TERMINAL_LUA
     + """
@@ -105,7 +105,7 @@ if (status == 'queued' or status == 'retrying') and redis.call('ZREM', KEYS[4], 
   redis.call('EXPIRE', KEYS[2], ARGV[4])
   return 'cancelled'
 end
-redis.call('PUBLISH', KEYS[6], ARGV[1])
+redis.call('PUBLISH', KEYS[6], ARGV[6])
 return 'signalled'
 """
 )
@@ -151,6 +151,16 @@ def build_key(build_id: str) -> str:
 
 def events_key(build_id: str) -> str:
     return f"buildfleet:build:{build_id}:events"
+
+
+class CancelNotice(msgspec.Struct, frozen=True):
+    """What workers hear on the cancel channel."""
+
+    build_id: str
+    reason: str
+
+
+cancel_notice_decoder: Final = msgspec.json.Decoder(CancelNotice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +296,7 @@ class BuildStore:
                 encode(result),
                 self.queue.result_ttl_s,
                 self.queue.events_maxlen,
+                encode(CancelNotice(build_id=build_id, reason=reason)),
             ],
         )
         return CancelOutcome(outcome.decode() if isinstance(outcome, bytes) else outcome)

@@ -76,8 +76,9 @@ def test_terminal_events_carry_the_result() -> None:
 
 def test_the_cache_key_is_the_repository_and_dockerfile() -> None:
     a = request_from_builtins({"source": GIT, "images": ["r/a:1"], "dockerfile": "a.Dockerfile"})
-    b = request_from_builtins({"source": {**GIT, "ref": "dev"}, "images": ["r/b:1"],
-                               "dockerfile": "a.Dockerfile"})
+    b = request_from_builtins(
+        {"source": {**GIT, "ref": "dev"}, "images": ["r/b:1"], "dockerfile": "a.Dockerfile"}
+    )
     c = request_from_builtins({"source": GIT, "images": ["r/a:1"]})
     assert a.cache_key == b.cache_key != c.cache_key
 

@@ -11,19 +11,35 @@ from worker.retry import RetrySettings, classify, decide
 @pytest.mark.parametrize(
     ("message", "error_class", "temporary"),
     [
-        ('failed to solve: process "/bin/sh -c exit 3" did not complete successfully: exit code: 3',
-         "run_failed", False),
-        ("failed to solve: dockerfile parse error on line 2: unknown instruction: RUNN",
-         "dockerfile", False),
-        ("failed to solve: 127.0.0.1:5000/base/nope: failed to resolve source metadata for "
-         "127.0.0.1:5000/base/nope:latest: 127.0.0.1:5000/base/nope:latest: not found",
-         "base_image_not_found", False),
+        (
+            'failed to solve: process "/bin/sh -c exit 3" did not complete successfully: '
+            "exit code: 3",
+            "run_failed",
+            False,
+        ),
+        (
+            "failed to solve: dockerfile parse error on line 2: unknown instruction: RUNN",
+            "dockerfile",
+            False,
+        ),
+        (
+            "failed to solve: 127.0.0.1:5000/base/nope: failed to resolve source metadata for "
+            "127.0.0.1:5000/base/nope:latest: 127.0.0.1:5000/base/nope:latest: not found",
+            "base_image_not_found",
+            False,
+        ),
         ("failed to push reg/x: 401 Unauthorized", "auth_denied", False),
-        ('failed to get status: rpc error: code = Unavailable desc = connection error: desc = '
-         '"transport: Error while dialing: dial tcp 127.0.0.1:1: connect: connection refused"',
-         "daemon_unreachable", True),
-        ("failed to push 127.0.0.1:5000/app: 503 Service Unavailable", "registry_unavailable",
-         True),
+        (
+            "failed to get status: rpc error: code = Unavailable desc = connection error: desc = "
+            '"transport: Error while dialing: dial tcp 127.0.0.1:1: connect: connection refused"',
+            "daemon_unreachable",
+            True,
+        ),
+        (
+            "failed to push 127.0.0.1:5000/app: 503 Service Unavailable",
+            "registry_unavailable",
+            True,
+        ),
         ("failed to copy: read tcp: connection reset by peer", "connection_lost", True),
         ("failed to push 127.0.0.1:5000/app: 429 Too Many Requests", "registry_rate_limited", True),
         ("something nobody has seen before", "unknown", True),

@@ -8,7 +8,6 @@ drain (`job_completion_wait`) after which unfinished builds go back to the queue
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,7 +20,7 @@ from arq.worker import func
 
 from producer import jobcodec
 from producer.settings import QueueSettings, RedisSettings
-from producer.store import CANCEL_CHANNEL, BuildStore
+from producer.store import CANCEL_CHANNEL, BuildStore, cancel_notice_decoder
 from worker.backends.base import Backend
 from worker.backends.buildkit import BuildkitBackend
 from worker.backends.simulate import SimulateBackend
@@ -70,14 +69,18 @@ async def _listen_for_cancels(redis: ArqRedis, runner: BuildRunner) -> None:
         await pubsub.subscribe(CANCEL_CHANNEL)
         async for message in pubsub.listen():
             if message.get("type") == "message":
-                build_id = message["data"].decode()
-                if runner.cancel(build_id, "cancelled by request"):
-                    logger.info("cancelling build %s", build_id)
+                notice = cancel_notice_decoder.decode(message["data"])
+                if runner.cancel(notice.build_id, notice.reason):
+                    logger.info("cancelling build %s: %s", notice.build_id, notice.reason)
 
 
 @asynccontextmanager
 async def running_worker(
-    config: WorkerConfig, *, burst: bool = False, backend: Backend | None = None
+    config: WorkerConfig,
+    *,
+    burst: bool = False,
+    handle_signals: bool = True,
+    backend: Backend | None = None,
 ) -> AsyncIterator[Worker]:
     """An arq worker wired to a runner, with its cancel listener; closed on exit."""
     redis = ArqRedis.from_url(
@@ -110,7 +113,7 @@ async def running_worker(
         job_serializer=jobcodec.serialize,
         job_deserializer=jobcodec.deserialize,
         burst=burst,
-        handle_signals=not burst,
+        handle_signals=handle_signals and not burst,
         job_completion_wait=int(config.worker.drain_grace_s),
         health_check_interval=10,
         log_results=False,
@@ -119,8 +122,12 @@ async def running_worker(
         yield worker
     finally:
         listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
+        # arq's close() re-raises the CancelledError of every job it cancels; a job being
+        # cancelled at shutdown is expected (it goes back to the queue), so collect them first.
+        jobs = [task for task in worker.tasks.values() if not task.done()]
+        for task in jobs:
+            task.cancel()
+        await asyncio.gather(listener, *jobs, return_exceptions=True)
         await worker.close()
         await backend.aclose()
 

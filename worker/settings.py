@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Annotated, Literal
 
@@ -18,7 +19,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backend: Literal["buildkit", "kaniko", "simulate"] = "buildkit"
     concurrency: PositiveInt = 8
     """Builds this process runs at once (arq's `max_jobs`)."""
-    name: str = msgspec.field(default_factory=socket.gethostname)
+    name: str = msgspec.field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     poll_delay_s: PositiveFloat = 0.005
     default_timeout_s: PositiveFloat = 3600.0
     """A build's timeout when its request names none."""

@@ -193,7 +193,7 @@ def _sha(*candidates: str | None) -> str:
 
 
 def _push(
-    forge: Forge, repo: str, clone_url: str, ref: str | None, sha: str, deleted: bool
+    forge: Forge, repo: str, clone_url: str, *, ref: str | None, sha: str, deleted: bool
 ) -> Push:
     if not ref:
         raise BadRequest("a push payload needs `ref`")
@@ -225,7 +225,14 @@ def parse_github(headers: Mapping[str, str], body: bytes, secrets: SecretLookup)
     if event != "push" or payload.repository is None:
         return Delivery("github", delivery, Ignored("github", repo, event))
     sha = _sha(payload.head_commit.id if payload.head_commit else None, payload.after)
-    push = _push("github", repo, payload.repository.clone_url, payload.ref, sha, payload.deleted)
+    push = _push(
+        "github",
+        repo,
+        payload.repository.clone_url,
+        ref=payload.ref,
+        sha=sha,
+        deleted=payload.deleted,
+    )
     return Delivery("github", delivery, push)
 
 
@@ -252,9 +259,9 @@ def parse_gitlab(headers: Mapping[str, str], body: bytes, secrets: SecretLookup)
         "gitlab",
         repo,
         payload.project.git_http_url,
-        payload.ref,
-        _sha(payload.checkout_sha, payload.after),
-        payload.checkout_sha is None and payload.after in ZERO_SHA,
+        ref=payload.ref,
+        sha=_sha(payload.checkout_sha, payload.after),
+        deleted=payload.checkout_sha is None and payload.after in ZERO_SHA,
     )
     return Delivery("gitlab", delivery, push)
 
@@ -284,7 +291,7 @@ def parse_gitea(headers: Mapping[str, str], body: bytes, secrets: SecretLookup) 
     if event != "push":
         return Delivery("gitea", delivery, Ignored("gitea", repo, event))
     sha = _sha(payload.head_commit.id if payload.head_commit else None, payload.after)
-    push = _push("gitea", repo, clone_url, payload.ref, sha, False)
+    push = _push("gitea", repo, clone_url, ref=payload.ref, sha=sha, deleted=False)
     return Delivery("gitea", delivery, push)
 
 

@@ -37,8 +37,9 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _csv_field(value: str) -> str:
-    return f'"{value}"' if "," in value else value
+def _csv_field(field: str) -> str:
+    """buildctl reads --output as CSV: a field holding commas is quoted whole."""
+    return f'"{field}"' if "," in field else field
 
 
 def buildctl_argv(buildctl: str, address: str, request: BuildRequest, metadata: Path) -> list[str]:
@@ -67,8 +68,8 @@ def buildctl_argv(buildctl: str, address: str, request: BuildRequest, metadata: 
     if request.platforms:
         argv += ["--opt", f"platform={','.join(request.platforms)}"]
     if request.images:
-        names = _csv_field(",".join(request.images))
-        argv += ["--output", f"type=image,name={names},push={str(request.push).lower()}"]
+        names = _csv_field(f"name={','.join(request.images)}")
+        argv += ["--output", f"type=image,{names},push={str(request.push).lower()}"]
     cache = request.cache
     if cache.disabled:
         argv.append("--no-cache")

@@ -1,0 +1,787 @@
+"""The HTTP gateway: signed push webhooks and the REST API, over the Python client.
+
+    app = make_app(settings, client)      # an aiohttp Application, for tests and embedding
+    run_gateway(settings, redis, queue)   # `buildfleet gateway`: serve until SIGINT/SIGTERM
+
+Every answer is JSON (`{"error": reason}` for failures) except /metrics and the event
+stream. Redis being unreachable is a 503, never a 500 and never a false 202.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import re
+import signal
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from redis.exceptions import RedisError
+
+from producer.client import BuildfleetClient, BuildNotFound, FleetUnavailable, connect
+from producer.contract import (
+    BUILD_ID_PATTERN,
+    BuildEvent,
+    BuildRequest,
+    ContractError,
+    TraceContext,
+    decode_request,
+    encode,
+    request_from_builtins,
+)
+from producer.gateway import rules as rules_mod
+from producer.gateway.openapi import openapi_document
+from producer.gateway.settings import Forge, GatewaySettings
+from producer.gateway.webhooks import PARSERS, Delivery, Ignored, Ping, Push, WebhookError
+from producer.settings import QueueSettings, RedisSettings
+from producer.store import CancelOutcome, build_key
+
+log = logging.getLogger("buildfleet.gateway")
+
+DELIVERY_PREFIX: Final = "buildfleet:delivery:"
+SUPERSEDE_PREFIX: Final = "buildfleet:supersede:"
+ENQUEUE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+_BUILD_ID: Final = re.compile(BUILD_ID_PATTERN)
+_STREAM_ID: Final = re.compile(r"^\d{1,20}-\d{1,20}$")
+_QUEUED_STATUSES: Final = frozenset({"queued", "retrying"})
+_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+# KEYS[1] delivery key; ARGV: build ids (JSON), ttl. nil when this delivery is new (and is
+# now recorded), else the build ids recorded by its first arrival.
+_CLAIM: Final = """
+local previous = redis.call('GET', KEYS[1])
+if previous then return previous end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return false
+"""
+
+# KEYS: supersede keys; ARGV: ttl, build-key prefix, then one new build id per key. Records
+# each new id as the latest of its key; returns, per key, the id it replaced and that
+# build's status ('' and '' when there was none).
+_SWAP: Final = """
+local out = {}
+for i = 1, #KEYS do
+  local new = ARGV[i + 2]
+  local old = redis.call('SET', KEYS[i], new, 'GET', 'EX', ARGV[1])
+  if old and old ~= new then
+    out[#out + 1] = old
+    out[#out + 1] = redis.call('HGET', ARGV[2] .. old, 'status') or ''
+  else
+    out[#out + 1] = ''
+    out[#out + 1] = ''
+  end
+end
+return out
+"""
+
+_json: Final = msgspec.json.Encoder()
+_json_list: Final = msgspec.json.Decoder(list[str])
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    inner = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True))
+    return "{" + inner + "}" if inner else ""
+
+
+class Counter:
+    def __init__(self, name: str, help_text: str, labels: tuple[str, ...]) -> None:
+        self.name = name
+        self.help = help_text
+        self.label_names = labels
+        self.values: defaultdict[tuple[str, ...], float] = defaultdict(float)
+
+    def inc(self, *labels: str, amount: float = 1.0) -> None:
+        self.values[labels] += amount
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        for labels, value in sorted(self.values.items()):
+            lines.append(f"{self.name}{_labels(self.label_names, labels)} {value:g}")
+        return lines
+
+
+class Histogram:
+    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.help = help_text
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.count += 1
+        self.sum += value
+        for index, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[index] += 1
+                break
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        cumulative = 0
+        for bound, count in zip(self.buckets, self.counts, strict=True):
+            cumulative += count
+            lines.append(f'{self.name}_bucket{{le="{bound:g}"}} {cumulative}')
+        lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
+        lines.append(f"{self.name}_sum {self.sum:.6f}")
+        lines.append(f"{self.name}_count {self.count}")
+        return lines
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "buildfleet_gateway_requests_total",
+            "HTTP requests by route, method and status.",
+            ("route", "method", "status"),
+        )
+        self.webhooks = Counter(
+            "buildfleet_gateway_webhooks_total",
+            "Webhook deliveries by forge and outcome.",
+            ("forge", "outcome"),
+        )
+        self.builds = Counter(
+            "buildfleet_gateway_builds_enqueued_total",
+            "Builds enqueued, by origin (webhook or api).",
+            ("origin",),
+        )
+        self.superseded = Counter(
+            "buildfleet_gateway_superseded_total",
+            "Older builds cancelled because a newer one replaced them.",
+            (),
+        )
+        self.rejected = Counter(
+            "buildfleet_gateway_backpressure_total",
+            "API submissions refused with 429 because the queue was too deep.",
+            (),
+        )
+        self.enqueue = Histogram(
+            "buildfleet_gateway_enqueue_seconds",
+            "Time to enqueue the builds of one request (submit and supersede) in Redis.",
+            ENQUEUE_BUCKETS,
+        )
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for metric in (
+            self.requests,
+            self.webhooks,
+            self.builds,
+            self.superseded,
+            self.rejected,
+        ):
+            lines.extend(metric.render())
+        lines.extend(self.enqueue.render())
+        return "\n".join(lines) + "\n"
+
+
+# --- responses ---------------------------------------------------------------------------
+
+
+def _reply(status: int, body: object, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=_json.encode(body), content_type="application/json", headers=headers
+    )
+
+
+def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> web.Response:
+    return _reply(status, {"error": reason}, headers)
+
+
+@dataclass(frozen=True, slots=True)
+class _Superseded:
+    old_id: str
+    new_id: str
+    outcome: str
+
+
+class Gateway:
+    """The application's state: settings, the client, metrics and the Redis scripts."""
+
+    def __init__(self, settings: GatewaySettings, client: BuildfleetClient) -> None:
+        self.settings = settings
+        self.client = client
+        self.redis = client.redis
+        self.queue_name = client.store.queue.name
+        self.metrics = GatewayMetrics()
+        self.stopping = asyncio.Event()
+        self._tokens = tuple(token.encode() for token in settings.api_tokens)
+        self._claim = self.redis.register_script(_CLAIM)
+        self._swap = self.redis.register_script(_SWAP)
+        self._build_key_prefix = build_key("")
+
+    # --- webhooks ------------------------------------------------------------------------
+
+    async def webhook(self, request: web.Request, forge: Forge) -> web.Response:
+        body = await request.read()
+        try:
+            delivery = PARSERS[forge](request.headers, body, self._secret)
+        except WebhookError as exc:
+            outcome = "unauthorized" if exc.status == 401 else "bad_request"
+            self.metrics.webhooks.inc(forge, outcome)
+            log.info("%s webhook refused (%d): %s", forge, exc.status, exc.reason)
+            return _error(exc.status, exc.reason)
+        event = delivery.event
+        if isinstance(event, Ping):
+            self.metrics.webhooks.inc(forge, "ping")
+            return _reply(200, {"message": "pong", "repo": event.repo})
+        if isinstance(event, Ignored):
+            self.metrics.webhooks.inc(forge, "ignored")
+            return _reply(
+                202, {"message": f"event {event.event!r} ignored: only pushes build", "builds": []}
+            )
+        return await self._push(request, delivery, event)
+
+    def _secret(self, forge: str, repo: str) -> str | None:
+        return self.settings.secret_for(forge, repo)
+
+    async def _push(self, request: web.Request, delivery: Delivery, push: Push) -> web.Response:
+        forge = delivery.forge
+        plan = rules_mod.plan(self.settings.rules, push)
+        requests, planned, skipped = _requests_for(plan, push, delivery, _trace_context(request))
+        started = time.perf_counter()
+        duplicate = False
+        if delivery.delivery_id is not None:
+            seen = await self._claim_delivery(delivery, requests)
+            if isinstance(seen, web.Response):
+                return seen
+            if seen is not None:
+                requests, duplicate = seen, True
+        superseded: list[_Superseded] = []
+        if requests:
+            try:
+                await self.client.submit_many(requests)
+            except FleetUnavailable:
+                if delivery.delivery_id is not None and not duplicate:
+                    with contextlib.suppress(RedisError):
+                        await self.redis.delete(f"{DELIVERY_PREFIX}{forge}:{delivery.delivery_id}")
+                raise
+            superseded = await self._supersede(requests, [p.cancel_running for p in planned])
+            self.metrics.builds.inc("webhook", amount=len(requests))
+        self.metrics.enqueue.observe(time.perf_counter() - started)
+        replaced = {s.new_id: s for s in superseded}
+        builds = []
+        for req, build in zip(requests, planned, strict=True):
+            entry: dict[str, Any] = {"id": req.id, "images": list(req.images), "rule": build.rule}
+            if req.id in replaced:
+                entry["superseded"] = replaced[req.id].old_id
+            builds.append(entry)
+        self.metrics.webhooks.inc(forge, "push" if requests else "no_build")
+        body: dict[str, Any] = {
+            "message": plan.message,
+            "repo": push.repo,
+            "ref": push.ref,
+            "builds": builds,
+        }
+        if push.sha:
+            body["sha"] = push.sha
+        if skipped:
+            body["skipped"] = skipped
+        if duplicate:
+            body["duplicate"] = True
+        return _reply(202, body)
+
+    async def _claim_delivery(
+        self, delivery: Delivery, requests: list[BuildRequest]
+    ) -> web.Response | list[BuildRequest] | None:
+        """None for a new delivery (now recorded); for a repeated one, the answer to give,
+        or the requests to enqueue again under the ids its first arrival recorded but never
+        enqueued (Redis went away between the two)."""
+        key = f"{DELIVERY_PREFIX}{delivery.forge}:{delivery.delivery_id}"
+        ids = [r.id for r in requests]
+        previous = await self._claim(
+            keys=[key], args=[_json.encode(ids), self.settings.delivery_ttl_s]
+        )
+        if previous is None:
+            return None
+        recorded = _decode_ids(previous)
+        if len(recorded) == len(requests) and not await self._all_exist(recorded):
+            return [
+                msgspec.structs.replace(r, id=i) for r, i in zip(requests, recorded, strict=True)
+            ]
+        self.metrics.webhooks.inc(delivery.forge, "duplicate")
+        return _reply(
+            200,
+            {
+                "message": f"delivery {delivery.delivery_id} was already received",
+                "duplicate": True,
+                "builds": [{"id": i} for i in recorded],
+            },
+        )
+
+    async def _all_exist(self, build_ids: Sequence[str]) -> bool:
+        if not build_ids:
+            return True
+        count = await self.redis.exists(*(build_key(i) for i in build_ids))
+        return int(count) == len(build_ids)
+
+    async def _supersede(
+        self, requests: Sequence[BuildRequest], cancel_running: Sequence[bool | None]
+    ) -> list[_Superseded]:
+        """Record each new build as the latest of its key; cancel the one it replaces."""
+        if not self.settings.supersede.enabled:
+            return []
+        keyed = [
+            (r, self.settings.supersede.cancel_running if c is None else c)
+            for r, c in zip(requests, cancel_running, strict=True)
+            if r.supersede_key
+        ]
+        if not keyed:
+            return []
+        reply = await self._swap(
+            keys=[f"{SUPERSEDE_PREFIX}{r.supersede_key}" for r, _ in keyed],
+            args=[
+                self.settings.supersede.record_ttl_s,
+                self._build_key_prefix,
+                *(r.id for r, _ in keyed),
+            ],
+        )
+        cancels: list[tuple[str, str]] = []
+        for index, (req, running_too) in enumerate(keyed):
+            old, status = (_text(v) for v in reply[2 * index : 2 * index + 2])
+            if old and (status in _QUEUED_STATUSES or (running_too and status == "running")):
+                cancels.append((old, req.id))
+        if not cancels:
+            return []
+        outcomes = await asyncio.gather(
+            *(self._cancel_quietly(old, f"superseded by {new}") for old, new in cancels)
+        )
+        done = []
+        for (old, new), outcome in zip(cancels, outcomes, strict=True):
+            if outcome in (CancelOutcome.CANCELLED, CancelOutcome.SIGNALLED):
+                self.metrics.superseded.inc()
+                done.append(_Superseded(old, new, outcome.value))
+        return done
+
+    async def _cancel_quietly(self, build_id: str, reason: str) -> CancelOutcome:
+        try:
+            return await self.client.cancel(build_id, reason=reason)
+        except BuildNotFound:
+            return CancelOutcome.UNKNOWN
+
+    # --- REST API ------------------------------------------------------------------------
+
+    def authorized(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        given = token.strip().encode("utf-8", "replace")
+        found = False
+        for candidate in self._tokens:  # every token is compared: no early exit
+            found |= hmac.compare_digest(candidate, given)
+        return found
+
+    async def submit(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            build = decode_request(body)
+        except ContractError as exc:
+            return _error(400, str(exc))
+        if build.priority == "batch":
+            depth = int(await self.redis.zcard(self.queue_name))
+            if depth >= self.settings.max_queue_depth:
+                self.metrics.rejected.inc()
+                return _error(
+                    429,
+                    f"queue depth {depth} is at its limit {self.settings.max_queue_depth}; "
+                    "retry later",
+                    {"Retry-After": str(self.settings.retry_after_s)},
+                )
+        if not build.trace.traceparent:
+            trace = _trace_context(request)
+            if trace is not None:
+                build = msgspec.structs.replace(build, trace=trace)
+        started = time.perf_counter()
+        [submission] = await self.client.submit_many([build])
+        superseded: list[_Superseded] = []
+        if submission.created:
+            superseded = await self._supersede([build], [None])
+            self.metrics.builds.inc("api")
+        self.metrics.enqueue.observe(time.perf_counter() - started)
+        answer: dict[str, Any] = {"id": build.id, "created": submission.created}
+        if superseded:
+            answer["superseded"] = superseded[0].old_id
+        headers = {"Location": f"/v1/builds/{build.id}"}
+        return _reply(202 if submission.created else 200, answer, headers)
+
+    async def get(self, request: web.Request) -> web.Response:
+        state = await self.client.get(_build_id(request))
+        return web.Response(body=encode(state), content_type="application/json")
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        build_id = _build_id(request)
+        outcome = await self.client.cancel(build_id, reason="cancelled through the API")
+        if outcome is CancelOutcome.ENDED:
+            state = await self.client.get(build_id)
+            return _reply(
+                409,
+                {"error": f"build has already ended ({state.status})", "outcome": outcome.value},
+            )
+        status = 200 if outcome is CancelOutcome.CANCELLED else 202
+        return _reply(status, {"id": build_id, "outcome": outcome.value})
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        build_id = _build_id(request)
+        after = request.headers.get("Last-Event-ID") or request.query.get("after") or "0-0"
+        if not _STREAM_ID.match(after):
+            return _error(400, f"Last-Event-ID must be a stream id like 1700000000000-0: {after!r}")
+        await self.client.get(build_id)  # 404 or 503 before the stream starts
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        entries = self.client.watch_entries(build_id, after=after)
+        with contextlib.suppress(ConnectionError):
+            await self._stream(response, entries)
+            await response.write_eof()
+        return response
+
+    async def _stream(
+        self, response: web.StreamResponse, entries: AsyncIterator[tuple[str, BuildEvent]]
+    ) -> None:
+        stopping = asyncio.ensure_future(self.stopping.wait())
+        pending: asyncio.Future[tuple[str, BuildEvent]] | None = None
+        try:
+            while True:
+                pending = asyncio.ensure_future(anext(entries))
+                while True:
+                    done, _ = await asyncio.wait(
+                        {pending, stopping},
+                        timeout=self.settings.sse_heartbeat_s,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if pending in done or stopping in done:
+                        break
+                    await response.write(b": keep-alive\n\n")
+                if pending not in done:
+                    return  # shutting down; the client resumes with Last-Event-ID
+                try:
+                    entry_id, event = pending.result()
+                except (StopAsyncIteration, BuildNotFound):
+                    return
+                except FleetUnavailable as exc:
+                    await response.write(_sse(None, "error", _json.encode({"error": str(exc)})))
+                    return
+                finally:
+                    pending = None
+                tag = type(event).__struct_config__.tag
+                await response.write(_sse(entry_id, str(tag), encode(event)))
+        finally:
+            stopping.cancel()
+            if pending is not None and not pending.done():
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+            aclose = getattr(entries, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+    # --- operations ----------------------------------------------------------------------
+
+    async def ready(self) -> web.Response:
+        try:
+            async with asyncio.timeout(2.0):
+                await self.redis.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            return _error(503, f"Redis unreachable: {type(exc).__name__}")
+        return _reply(200, {"status": "ready"})
+
+
+def _sse(entry_id: str | None, event: str, data: bytes) -> bytes:
+    head = f"id: {entry_id}\n" if entry_id is not None else ""
+    return f"{head}event: {event}\n".encode() + b"data: " + data + b"\n\n"
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _decode_ids(value: bytes | str) -> list[str]:
+    try:
+        return _json_list.decode(value)
+    except msgspec.DecodeError:
+        return []
+
+
+def _build_id(request: web.Request) -> str:
+    build_id = request.match_info["build_id"]
+    if not _BUILD_ID.match(build_id):
+        raise BuildNotFound(build_id)
+    return build_id
+
+
+def _trace_context(request: web.Request) -> TraceContext | None:
+    traceparent = request.headers.get("traceparent")
+    if not traceparent or len(traceparent) > 128:
+        return None
+    tracestate = request.headers.get("tracestate")
+    return TraceContext(traceparent=traceparent, tracestate=tracestate)
+
+
+def _requests_for(
+    plan: rules_mod.Plan, push: Push, delivery: Delivery, trace: TraceContext | None
+) -> tuple[list[BuildRequest], list[rules_mod.PlannedBuild], list[dict[str, Any]]]:
+    """The plan's builds as requests, and why any could not be made (`skipped`)."""
+    skipped: list[dict[str, Any]] = [{"rule": s.rule, "reason": s.reason} for s in plan.skipped]
+    requests: list[BuildRequest] = []
+    planned: list[rules_mod.PlannedBuild] = []
+    for build in plan.builds:
+        try:
+            requests.append(_build_request(build, push, delivery, trace))
+            planned.append(build)
+        except ContractError as exc:
+            skipped.append({"rule": build.rule, "reason": str(exc)})
+    return requests, planned, skipped
+
+
+def _build_request(
+    build: rules_mod.PlannedBuild,
+    push: Push,
+    delivery: Delivery,
+    trace: TraceContext | None,
+) -> BuildRequest:
+    labels = {"origin": "webhook", "forge": push.forge, "repo": push.repo, "ref": push.ref}
+    labels["rule"] = str(build.rule)
+    if delivery.delivery_id is not None:
+        labels["delivery"] = delivery.delivery_id
+    obj: dict[str, Any] = {
+        "source": {"type": "git", "url": push.clone_url, "ref": push.ref, "commit": push.sha},
+        "images": build.images,
+        "dockerfile": build.dockerfile,
+        "context": build.context,
+        "build_args": build.build_args,
+        "platforms": build.platforms,
+        "priority": build.priority,
+        "push": build.push,
+        "labels": labels,
+    }
+    if build.target is not None:
+        obj["target"] = build.target
+    if build.supersede_key is not None:
+        obj["supersede_key"] = build.supersede_key
+    if trace is not None:
+        obj["trace"] = {"traceparent": trace.traceparent, "tracestate": trace.tracestate}
+    return request_from_builtins(obj)
+
+
+# --- the application ---------------------------------------------------------------------
+
+GATEWAY: Final = web.AppKey("gateway", Gateway)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _route_name(request: web.Request) -> str:
+    route = request.match_info.route
+    resource = route.resource
+    if resource is None or isinstance(request.match_info.http_exception, web.HTTPException):
+        return "unmatched"
+    return resource.canonical
+
+
+def _middleware(gateway: Gateway) -> Middleware:
+    limit = gateway.settings.body_limit_bytes
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response: web.StreamResponse
+        try:
+            if request.content_length is not None and request.content_length > limit:
+                response = _error(413, f"request body larger than {limit} bytes")
+                response.force_close()
+            else:
+                response = await handler(request)
+        except web.HTTPException as exc:
+            response = _error(exc.status, exc.reason, _allow_header(exc))
+            if exc.status == 413:
+                response.force_close()
+        except BuildNotFound as exc:
+            response = _error(404, str(exc))
+        except (FleetUnavailable, RedisError, ConnectionError) as exc:
+            log.warning("Redis unreachable: %s", type(exc).__name__)
+            response = _error(503, "the build queue (Redis) is unreachable; retry later")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            response = _error(500, "internal error")
+        method = request.method if request.method in _METHODS else "OTHER"
+        gateway.metrics.requests.inc(_route_name(request), method, str(response.status))
+        return response
+
+    return middleware
+
+
+def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else None
+
+
+def make_app(settings: GatewaySettings, client: BuildfleetClient) -> web.Application:
+    """The gateway as an aiohttp Application over `client` (which the caller closes)."""
+    gateway = Gateway(settings, client)
+    app = web.Application(
+        client_max_size=settings.body_limit_bytes, middlewares=[_middleware(gateway)]
+    )
+    app[GATEWAY] = gateway
+    document = _json.encode(openapi_document(settings))
+
+    def hook(forge: Forge) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await gateway.webhook(request, forge)
+
+        return handler
+
+    def api(method: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            if not gateway.authorized(request):
+                return _error(
+                    401,
+                    "missing or invalid bearer token",
+                    {"WWW-Authenticate": 'Bearer realm="buildfleet"'},
+                )
+            return await method(request)
+
+        return handler
+
+    async def healthz(_request: web.Request) -> web.StreamResponse:
+        return _reply(200, {"status": "ok"})
+
+    async def readyz(_request: web.Request) -> web.StreamResponse:
+        return await gateway.ready()
+
+    async def metrics(_request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=gateway.metrics.render().encode(),
+            headers={"Content-Type": METRICS_CONTENT_TYPE},
+        )
+
+    async def openapi(_request: web.Request) -> web.StreamResponse:
+        return web.Response(body=document, content_type="application/json")
+
+    async def on_shutdown(_app: web.Application) -> None:
+        gateway.stopping.set()
+
+    app.on_shutdown.append(on_shutdown)
+    for forge in ("github", "gitlab", "gitea"):
+        app.router.add_post(f"/hooks/{forge}", hook(forge))
+    app.router.add_post("/v1/builds", api(gateway.submit))
+    app.router.add_get("/v1/builds/{build_id}", api(gateway.get), allow_head=False)
+    app.router.add_delete("/v1/builds/{build_id}", api(gateway.cancel))
+    app.router.add_get("/v1/builds/{build_id}/events", api(gateway.events), allow_head=False)
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    app.router.add_get("/readyz", readyz, allow_head=False)
+    app.router.add_get("/metrics", metrics, allow_head=False)
+    app.router.add_get("/openapi.json", openapi, allow_head=False)
+    return app
+
+
+# --- serving -----------------------------------------------------------------------------
+
+
+class GatewayServer:
+    """A started gateway; `url` is where it listens (the port may have been chosen by the OS)."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+        self.runner = runner
+        self.host = host
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def aclose(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_gateway(settings: GatewaySettings, client: BuildfleetClient) -> GatewayServer:
+    """Serve the gateway on `settings.host`:`settings.port` (0 picks a free port)."""
+    app = make_app(settings, client)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_timeout_s,
+        lingering_time=2.0,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+    await site.start()
+    port = settings.port
+    server = site._server  # the only way to learn the port the OS picked
+    sockets = getattr(server, "sockets", None)
+    if sockets:
+        port = int(sockets[0].getsockname()[1])
+    return GatewayServer(runner, settings.host, port)
+
+
+def load_gateway_settings(data: object) -> GatewaySettings:
+    """The `[gateway]` table (TOML values, or strings from environment overrides) validated;
+    a ValueError names the field and what was expected."""
+    try:
+        return msgspec.convert(data, GatewaySettings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"gateway: {exc}") from exc
+
+
+def run_gateway(
+    settings: GatewaySettings,
+    redis: RedisSettings | None = None,
+    queue: QueueSettings | None = None,
+    *,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """`buildfleet gateway`: serve until SIGINT or SIGTERM, then drain and stop."""
+    asyncio.run(serve_gateway(settings, redis, queue, on_ready=on_ready))
+
+
+async def serve_gateway(
+    settings: GatewaySettings,
+    redis: RedisSettings | None = None,
+    queue: QueueSettings | None = None,
+    *,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """The body of `run_gateway`, for callers that already run an event loop."""
+    client = BuildfleetClient(connect(redis or RedisSettings()), queue or QueueSettings())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    try:
+        server = await start_gateway(settings, client)
+        log.info("gateway listening on %s", server.url)
+        if on_ready is not None:
+            on_ready(server.url)
+        try:
+            await stop.wait()
+        finally:
+            await server.aclose()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signum)
+        await client.aclose()

@@ -1,0 +1,116 @@
+"""Workers for tests: in this process (arq in a task) or as real `buildfleet worker` processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+from buildfleet.services import find_tool
+from producer.settings import QueueSettings, RedisSettings
+from worker.app import WorkerConfig, running_worker
+from worker.retry import RetrySettings
+from worker.settings import BuildkitSettings, DaemonSettings, SimulateSettings, WorkerSettings
+
+FAST_RETRIES = RetrySettings(max_attempts=3, base_delay_s=0.05, max_delay_s=0.2)
+INSTANT = SimulateSettings()
+
+
+def worker_config(
+    redis_url: str,
+    *,
+    backend: str = "buildkit",
+    daemons: Sequence[str] = (),
+    max_builds: int = 4,
+    concurrency: int = 4,
+    retry: RetrySettings = FAST_RETRIES,
+    simulate: SimulateSettings = INSTANT,
+    drain_grace_s: float = 0.0,
+) -> WorkerConfig:
+    return WorkerConfig(
+        redis=RedisSettings(url=redis_url),
+        queue=QueueSettings(),
+        worker=WorkerSettings(
+            backend=backend,  # type: ignore[arg-type]
+            concurrency=concurrency,
+            poll_delay_s=0.01,
+            drain_grace_s=drain_grace_s,
+        ),
+        retry=retry,
+        buildkit=BuildkitSettings(
+            daemons=tuple(DaemonSettings(address=a, max_builds=max_builds) for a in daemons),
+            buildctl=find_tool("buildctl"),
+        ),
+        simulate=simulate,
+    )
+
+
+@asynccontextmanager
+async def worker_in_task(config: WorkerConfig) -> AsyncIterator[None]:
+    """A worker polling the queue in a task of the test's own event loop."""
+    async with running_worker(config, handle_signals=False) as worker:
+        task = asyncio.create_task(worker.main())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def worker_env(config: WorkerConfig) -> dict[str, str]:
+    """The environment that gives a `buildfleet worker` process this configuration."""
+    return {
+        **os.environ,
+        "BUILDFLEET_REDIS_URL": config.redis.url,
+        "BUILDFLEET_WORKER_BACKEND": config.worker.backend,
+        "BUILDFLEET_WORKER_CONCURRENCY": str(config.worker.concurrency),
+        "BUILDFLEET_WORKER_POLL_DELAY_S": str(config.worker.poll_delay_s),
+        "BUILDFLEET_WORKER_DRAIN_GRACE_S": str(config.worker.drain_grace_s),
+        "BUILDFLEET_RETRY_MAX_ATTEMPTS": str(config.retry.max_attempts),
+        "BUILDFLEET_RETRY_BASE_DELAY_S": str(config.retry.base_delay_s),
+        "BUILDFLEET_RETRY_MAX_DELAY_S": str(config.retry.max_delay_s),
+        "BUILDFLEET_BUILDKIT_BUILDCTL": config.buildkit.buildctl,
+        "BUILDFLEET_BUILDKIT_DAEMONS": json.dumps(
+            [{"address": d.address, "max_builds": d.max_builds} for d in config.buildkit.daemons]
+        ),
+        "BUILDFLEET_SIMULATE_DURATION_S": str(config.simulate.duration_s),
+    }
+
+
+@contextmanager
+def worker_processes(
+    config: WorkerConfig, count: int, logs: Path
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """`count` real worker processes; stopped (SIGKILL after a drain) on exit."""
+    env = worker_env(config)
+    processes = []
+    for n in range(count):
+        log = (logs / f"worker-{n}.log").open("ab")
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "buildfleet.cli", "worker"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
