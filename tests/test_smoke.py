@@ -10,6 +10,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 from gitrepos import GitServer
 
@@ -147,3 +148,52 @@ def test_git_daemon_serves_new_commits(git_server: GitServer, tmp_path: Path) ->
         ["git", "ls-remote", repo.url], capture_output=True, text=True, check=True, timeout=30
     ).stdout
     assert f"{second}\trefs/heads/main" in listing
+
+
+# --- the harness itself ------------------------------------------------------------------
+
+
+def test_local_fleet_services_stop_everything(tmp_path: Path) -> None:
+    with services.LocalFleetServices(tmp_path, buildkitd_count=1) as fleet:
+        processes = [service.process for service in fleet.services]
+        assert [s.name for s in fleet.services] == [
+            "redis",
+            "registry",
+            "buildkitd-1",
+            "git-daemon",
+        ]
+        assert fleet.base_image == f"{fleet.registry}/base/busybox:latest"
+        assert all(p.poll() is None for p in processes)
+        assert all(service.log_path.is_file() for service in fleet.services)
+    assert all(p.poll() is not None for p in processes)
+    assert fleet.services == ()
+
+
+def process_alive(pid: int) -> bool:
+    """True unless the process is gone or a zombie (dead, waiting to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_stop_kills_a_process_group_that_ignores_sigterm(tmp_path: Path) -> None:
+    service = services.spawn(
+        "stubborn",
+        ["sh", "-c", "trap '' TERM; sleep 60 & echo child $!; wait"],
+        tmp_path / "stubborn.log",
+        "",
+    )
+    services.wait_ready(service, lambda: service.log_tail(1).startswith("child "), timeout=10)
+    child = int(service.log_tail(1).split()[1])
+    service.stop(grace=0.5)
+    assert service.process.returncode == -9
+    assert not process_alive(child)
+
+
+def test_find_tool_names_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("BUILDFLEET_TOOLS", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(services.ToolMissing, match="scripts/setup"):
+        services.find_tool("buildkitd")
