@@ -23,13 +23,12 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import Self
 
 BUILDKIT_VERSION = "v0.26.3"
 BASE_IMAGE_NAME = "base/busybox"
@@ -73,9 +72,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the forked child must not dlopen
+
+
+def _die_with_parent(parent: int) -> None:  # runs in the child between fork and exec
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 @dataclass(frozen=True)
@@ -93,16 +96,19 @@ class Service:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the process group, SIGKILL it after `grace` seconds. Idempotent."""
-        _LIVE.pop(self.process.pid, None)
-        if self.process.poll() is None:
+        with _LIVE_LOCK:
+            _LIVE.pop(self.process.pid, None)
+        if self.process.returncode is None:
             _signal_group(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
+            if not _exited(self.process.pid, grace):
                 _signal_group(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        # Stragglers forked by the service (git daemon's per-connection children).
-        _signal_group(self.process.pid, signal.SIGKILL)
+                _exited(self.process.pid, None)
+            # The leader is a zombie, so its pid (the group id) cannot be reused yet:
+            # kill whatever it left in its group (git daemon's per-connection children).
+            _signal_group(self.process.pid, signal.SIGKILL)
+        else:  # reaped earlier (it died on its own): its group may still hold children
+            _signal_group(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def log_tail(self, lines: int = 50) -> str:
         """The last `lines` lines of the service's log."""
@@ -121,6 +127,20 @@ _LIVE_LOCK = threading.Lock()
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def _exited(pid: int, timeout: float | None) -> bool:
+    """Wait until child `pid` exits, without reaping it; False on timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:  # already reaped
+            return True
+        if deadline is not None and time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
 
 
 @atexit.register
@@ -143,7 +163,6 @@ def spawn(
 ) -> Service:
     """Start `argv` in a new session with its output appended to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log: IO[bytes]
     with log_path.open("ab") as log:
         log.write(f"--- {time.strftime('%H:%M:%S')} {' '.join(argv)}\n".encode())
         log.flush()
@@ -155,7 +174,7 @@ def spawn(
             cwd=cwd,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()),  # noqa: PLW1509
         )
     service = Service(name=name, process=process, log_path=log_path, address=address)
     with _LIVE_LOCK:
