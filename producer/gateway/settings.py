@@ -116,35 +116,35 @@ class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
     """Supersede a build that is already running too (default: `supersede.cancel_running`)."""
 
     def __post_init__(self) -> None:
+        if not self.branches and not self.tags:
+            raise ValueError("branches, tags: a rule needs at least one branch or tag pattern")
+        allowed: frozenset[str] = BRANCH_FIELDS & TAG_FIELDS
+        if not self.tags:
+            allowed = BRANCH_FIELDS
+        elif not self.branches:
+            allowed = TAG_FIELDS
         for index, template in enumerate(self.images):
-            where = f"`$.images[{index}]`"
+            where = f"images[{index}]"
             try:
                 fields = template_fields(template)
             except ValueError as exc:
-                raise ValueError(f"{exc} - at {where}") from None
-            allowed = (BRANCH_FIELDS if self.branches else set()) | (
-                TAG_FIELDS if self.tags else set()
-            )
-            if self.branches and self.tags:
-                allowed = BRANCH_FIELDS & TAG_FIELDS
+                raise ValueError(f"{where}: {exc}") from None
             unknown = fields - allowed
             if unknown:
                 raise ValueError(
-                    f"placeholder {{{sorted(unknown)[0]}}} cannot be filled for the refs this "
-                    f"rule matches; expected some of {sorted(allowed)} - at {where}"
+                    f"{where}: placeholder {{{sorted(unknown)[0]}}} cannot be filled for the refs "
+                    f"this rule matches; expected some of {sorted(allowed)}"
                 )
             sample = template.format(**_SAMPLE)
             if not IMAGE_NAME.match(sample):
                 raise ValueError(
-                    f"template renders to an invalid image name {sample!r} (lower case "
-                    f"letters, digits and ._:/@- only) - at {where}"
+                    f"{where}: template renders to an invalid image name {sample!r} (lower case "
+                    f"letters, digits and ._:/@- only)"
                 )
-        if not self.branches and not self.tags:
-            raise ValueError("a rule needs at least one branch or tag pattern - at `$.branches`")
         for field, path in (("dockerfile", self.dockerfile), ("context", self.context)):
             if path.startswith("/") or ".." in path.split("/"):
                 raise ValueError(
-                    f"Expected a relative path inside the repository, got {path!r} - at `$.{field}`"
+                    f"{field}: expected a relative path inside the repository, got {path!r}"
                 )
 
 

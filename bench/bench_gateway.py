@@ -1,0 +1,249 @@
+"""Benchmark: signed GitHub pushes through one gateway process vs an aiohttp hello-world.
+
+    python bench/bench_gateway.py [--duration 10] [--connections 32] [--threads 1]
+
+Starts its own redis-server on a free loopback port, one gateway process (one rule, one
+secret: every push enqueues a real build in Redis and supersedes the queued build of the same
+repo+ref) and one aiohttp hello-world process, then runs wrk (Debian package `wrk`) against
+each in turn with a Lua script that posts realistic, validly signed push payloads (several KB,
+64 repo/branch combinations, a unique X-GitHub-Delivery per request). Prints req/s, p99, the
+ratio to the hello-world, and the wrk command lines that reproduce it (while the servers run).
+
+Internal modes used by the above: `--serve-gateway PORT REDIS_URL`, `--serve-hello PORT`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+SECRET = "bench-webhook-secret"
+REPOS = [f"acme/service-{n}" for n in range(16)]
+BRANCHES = ["main", "develop", "release/1.0", "release/2.0"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def gateway_settings(port: int) -> object:
+    from producer.gateway.app import load_gateway_settings
+
+    return load_gateway_settings(
+        {
+            "host": "127.0.0.1",
+            "port": port,
+            "webhook_secrets": [{"repo": "acme/*", "secret": SECRET}],
+            "rules": [
+                {
+                    "repo": "acme/*",
+                    "branches": ["*"],
+                    "images": [
+                        "registry.local:5000/{repo}:{branch}",
+                        "registry.local:5000/{repo}:{short_sha}",
+                    ],
+                }
+            ],
+        }
+    )
+
+
+def serve_gateway(port: int, redis_url: str) -> None:
+    from producer.gateway.app import run_gateway
+    from producer.gateway.settings import GatewaySettings
+    from producer.settings import RedisSettings
+
+    settings = gateway_settings(port)
+    assert isinstance(settings, GatewaySettings)
+    run_gateway(settings, RedisSettings(url=redis_url), on_ready=lambda url: print(url, flush=True))
+
+
+def serve_hello(port: int) -> None:
+    from aiohttp import web
+
+    async def hello(_request: web.Request) -> web.Response:
+        return web.Response(text="Hello, World!")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+def payloads() -> list[tuple[bytes, str]]:
+    from test_gateway_payloads import github_push, sha_for
+
+    out = []
+    for repo in REPOS:
+        for branch in BRANCHES:
+            body = json.dumps(
+                github_push(repo, f"refs/heads/{branch}", sha_for(repo + branch), commits=5)
+            ).encode()
+            signature = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+            out.append((body, signature))
+    return out
+
+
+def lua_script(items: list[tuple[bytes, str]]) -> str:
+    run = uuid.uuid4().hex[:8]
+    bodies = ",\n".join(f"[==[{body.decode()}]==]" for body, _ in items)
+    signatures = ",\n".join(json.dumps(sig) for _, sig in items)
+    return f"""
+local bodies = {{
+{bodies}
+}}
+local signatures = {{
+{signatures}
+}}
+local counter = 0
+local threads = 0
+local tid = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+function request()
+  counter = counter + 1
+  local i = (counter % #bodies) + 1
+  return wrk.format("POST", "/hooks/github", {{
+    ["Content-Type"] = "application/json",
+    ["X-GitHub-Event"] = "push",
+    ["X-Hub-Signature-256"] = signatures[i],
+    ["X-GitHub-Delivery"] = "{run}-" .. tid .. "-" .. counter,
+  }}, bodies[i])
+end
+"""
+
+
+def wait_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def run_wrk(argv: list[str]) -> tuple[float, float, int, str]:
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99_match = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+    assert p99_match, out
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99_match.group(2)]
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return rate, float(p99_match.group(1)) * scale, int(non2xx.group(1)) if non2xx else 0, out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--serve-gateway", nargs=2, metavar=("PORT", "REDIS_URL"))
+    parser.add_argument("--serve-hello", metavar="PORT")
+    args = parser.parse_args()
+    if args.serve_gateway:
+        serve_gateway(int(args.serve_gateway[0]), args.serve_gateway[1])
+        return 0
+    if args.serve_hello:
+        serve_hello(int(args.serve_hello))
+        return 0
+
+    wrk = shutil.which("wrk")
+    redis_server = shutil.which("redis-server")
+    if not wrk or not redis_server:
+        print("needs wrk and redis-server (apt-get install wrk redis-server)", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    redis_port, gateway_port, hello_port = free_port(), free_port(), free_port()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(
+            subprocess.Popen(
+                [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(workdir)],
+                stdout=subprocess.DEVNULL,
+            )
+        )  # fmt: skip
+        me = [sys.executable, str(Path(__file__).resolve())]
+        procs.append(
+            subprocess.Popen([*me, "--serve-gateway", str(gateway_port), redis_url], env=env)
+        )
+        procs.append(subprocess.Popen([*me, "--serve-hello", str(hello_port)], env=env))
+        wait_http(f"http://127.0.0.1:{gateway_port}/readyz")
+        wait_http(f"http://127.0.0.1:{hello_port}/")
+
+        script = workdir / "push.lua"
+        script.write_text(lua_script(payloads()))
+        size = len(payloads()[0][0])
+        common = ["-t", str(args.threads), "-c", str(args.connections), "-d", f"{args.duration}s"]
+        hello_cmd = [wrk, *common, "--latency", f"http://127.0.0.1:{hello_port}/"]
+        gw_cmd = [wrk, *common, "--latency", "-s", str(script), f"http://127.0.0.1:{gateway_port}"]
+
+        # warm up both (connections, Lua script cache), then measure
+        run_wrk([wrk, "-t1", "-c4", "-d2s", "--latency", "-s", str(script), f"http://127.0.0.1:{gateway_port}"])
+        run_wrk([wrk, "-t1", "-c4", "-d1s", "--latency", f"http://127.0.0.1:{hello_port}/"])
+        hello_rate, hello_p99, _, _ = run_wrk(hello_cmd)
+        gw_rate, gw_p99, gw_errors, gw_out = run_wrk(gw_cmd)
+
+        import redis as sync_redis
+
+        r = sync_redis.Redis.from_url(redis_url)
+        queued = r.zcard("buildfleet:queue")
+        builds = sum(1 for k in r.scan_iter("buildfleet:build:*", count=1000) if b":events" not in k)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{gateway_port}/metrics").read().decode()
+        superseded = re.search(r"buildfleet_gateway_superseded_total (\S+)", metrics)
+
+        print(f"payload: {size} bytes signed GitHub push, {len(REPOS) * len(BRANCHES)} repo/refs")
+        print(f"hello-world   : {hello_rate:10.0f} req/s   p99 {hello_p99:7.2f} ms")
+        print(f"gateway /hooks: {gw_rate:10.0f} req/s   p99 {gw_p99:7.2f} ms   non-2xx {gw_errors}")
+        print(f"ratio         : {gw_rate / hello_rate:.3f}x  (goal >= 0.15x, p99 < 25 ms)")
+        print(
+            f"builds created: {builds}  still queued: {queued}  "
+            f"superseded: {superseded.group(1) if superseded else '?'}"
+        )
+        print("reproduce (servers as started by this script):")
+        print("  " + " ".join(hello_cmd))
+        print("  " + " ".join(gw_cmd))
+        print(f"  (python {Path(__file__).name} --serve-gateway PORT REDIS_URL serves the gateway)")
+        if gw_errors:
+            print(gw_out)
+        return 0
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.set_event_loop_policy(None)
+    sys.exit(main())
