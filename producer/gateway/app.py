@@ -52,6 +52,8 @@ ENQUEUE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 _BUILD_ID: Final = re.compile(BUILD_ID_PATTERN)
 _STREAM_ID: Final = re.compile(r"^\d{1,20}-\d{1,20}$")
+_TRACEPARENT: Final = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_TRACESTATE: Final = re.compile(r"^[\x20-\x7e]{0,512}$")
 _QUEUED_STATUSES: Final = frozenset({"queued", "retrying"})
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -392,6 +394,8 @@ class Gateway:
             build = decode_request(body)
         except ContractError as exc:
             return _error(400, str(exc))
+        except RecursionError:  # the contract's decoder lets this one through
+            return _error(400, "invalid build request: JSON nested too deeply")
         if build.priority == "batch":
             depth = int(await self.redis.zcard(self.queue_name))
             if depth >= self.settings.max_queue_depth:
@@ -533,11 +537,14 @@ def _build_id(request: web.Request) -> str:
 
 
 def _trace_context(request: web.Request) -> TraceContext | None:
-    traceparent = request.headers.get("traceparent")
-    if not traceparent or len(traceparent) > 128:
+    """The caller's W3C trace context, when it is well formed (else the build starts a trace)."""
+    traceparent = request.headers.get("traceparent", "").strip()
+    if not _TRACEPARENT.fullmatch(traceparent):
         return None
-    tracestate = request.headers.get("tracestate")
-    return TraceContext(traceparent=traceparent, tracestate=tracestate)
+    tracestate = request.headers.get("tracestate", "").strip()
+    if not _TRACESTATE.fullmatch(tracestate):
+        tracestate = ""
+    return TraceContext(traceparent=traceparent, tracestate=tracestate or None)
 
 
 def _requests_for(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar
@@ -19,6 +20,7 @@ from producer.gateway.settings import Forge
 
 ZERO_SHA: Final = frozenset({"0" * 40, "0" * 64})
 MAX_DELIVERY_ID: Final = 200
+_PRINTABLE: Final = re.compile(r"^[\x20-\x7e]+$")
 
 SecretLookup = Callable[[str, str], str | None]
 """(forge, repository full path) -> that repository's webhook secret, or None."""
@@ -146,6 +148,8 @@ def _decode(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T:
         raise BadRequest(f"unexpected payload: {exc}") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("malformed JSON: nested too deeply") from None
 
 
 def _header(headers: Mapping[str, str], *names: str) -> str | None:
@@ -180,9 +184,12 @@ def _check_token(secret: str | None, given: str) -> None:
 def _delivery_id(value: str | None) -> str | None:
     if value is None or not value.strip():
         return None
+    value = value.strip()
     if len(value) > MAX_DELIVERY_ID:
         raise BadRequest(f"delivery id longer than {MAX_DELIVERY_ID} characters")
-    return value.strip()
+    if not _PRINTABLE.fullmatch(value):
+        raise BadRequest("delivery id must be printable ASCII")
+    return value
 
 
 def _sha(*candidates: str | None) -> str:
