@@ -205,7 +205,18 @@ def main() -> int:
         gw_cmd = [wrk, *common, "--latency", "-s", str(script), f"http://127.0.0.1:{gateway_port}"]
 
         # warm up both (connections, Lua script cache), then measure
-        run_wrk([wrk, "-t1", "-c4", "-d2s", "--latency", "-s", str(script), f"http://127.0.0.1:{gateway_port}"])
+        run_wrk(
+            [
+                wrk,
+                "-t1",
+                "-c4",
+                "-d2s",
+                "--latency",
+                "-s",
+                str(script),
+                f"http://127.0.0.1:{gateway_port}",
+            ]
+        )
         run_wrk([wrk, "-t1", "-c4", "-d1s", "--latency", f"http://127.0.0.1:{hello_port}/"])
         hello_rate, hello_p99, _, _ = run_wrk(hello_cmd)
         gw_rate, gw_p99, gw_errors, gw_out = run_wrk(gw_cmd)
@@ -214,7 +225,9 @@ def main() -> int:
 
         r = sync_redis.Redis.from_url(redis_url)
         queued = r.zcard("buildfleet:queue")
-        builds = sum(1 for k in r.scan_iter("buildfleet:build:*", count=1000) if b":events" not in k)
+        builds = sum(
+            1 for k in r.scan_iter("buildfleet:build:*", count=1000) if b":events" not in k
+        )
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{gateway_port}/metrics").read().decode()
         superseded = re.search(r"buildfleet_gateway_superseded_total (\S+)", metrics)
 
