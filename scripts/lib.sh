@@ -39,22 +39,33 @@ build_buildkit() {
     rm -rf "${work}"
 }
 
-# Run "$@" in the background, output to LOG, exit status to LOG.rc. Prints the PID.
+# run_bg LOG CMD...: run CMD in the background in its own session (so it can be stopped
+# as a whole), output to LOG. Sets BG_PID; its process group id is the same number.
+BG_PIDS=()
 run_bg() {
     local log="$1"
     shift
-    rm -f "${log}.rc"
-    ( set +e; "$@" >"${log}" 2>&1; echo $? >"${log}.rc" ) &
-    echo $!
+    setsid "$@" >"${log}" 2>&1 </dev/null &
+    BG_PID=$!
+    BG_PIDS+=("${BG_PID}")
 }
 
-# wait_bg PID LOG WHAT: wait for a run_bg job, fail naming WHAT and its LOG.
+# wait_bg PID LOG WHAT: wait for a run_bg job; on failure show its log and die naming WHAT.
 wait_bg() {
-    local pid="$1" log="$2" what="$3" rc
-    wait "${pid}" || true
-    rc="$(cat "${log}.rc" 2>/dev/null || echo 1)"
+    local pid="$1" log="$2" what="$3" rc=0
+    wait "${pid}" || rc=$?
     if [[ "${rc}" != 0 ]]; then
         tail -n 40 "${log}" >&2 || true
         die "${what} (exit ${rc}); full log: ${log}"
     fi
+}
+
+# stop_bg: stop background jobs still running (e.g. when setup fails or is interrupted).
+stop_bg() {
+    local pid
+    for pid in "${BG_PIDS[@]}"; do
+        # Not yet waited for, so the pid cannot have been reused.
+        kill -0 "${pid}" 2>/dev/null && kill -TERM -- "-${pid}" 2>/dev/null
+    done
+    return 0
 }
