@@ -410,6 +410,35 @@ async def test_a_newer_push_supersedes_the_queued_build_of_the_same_ref_and_imag
     assert await queued(redis) == 3
 
 
+async def test_concurrent_pushes_to_one_ref_leave_exactly_one_queued_build_per_image(
+    http: TestClient[web.Request, web.Application], fleet: BuildfleetClient, redis: aioredis.Redis
+) -> None:
+    replies = await asyncio.gather(
+        *(post_github(http, github_push("acme/api", after=sha_for(f"c{n}"))) for n in range(16))
+    )
+    assert {status for status, _ in replies} == {202}
+    ids = [b["id"] for _, reply in replies for b in reply["builds"]]
+    states = {i: (await fleet.get(i)).status for i in ids}
+    assert sorted(states.values()).count("queued") == 2  # one per rule (image)
+    assert await queued(redis) == 2
+    for build_id, status in states.items():
+        if status == "cancelled":
+            events = [e async for e in fleet.watch(build_id)]
+            assert isinstance(events[-1], Cancelled)
+            assert events[-1].reason.startswith("superseded by ")
+
+
+async def test_a_supersede_record_of_an_expired_build_is_simply_replaced(
+    http: TestClient[web.Request, web.Application], fleet: BuildfleetClient
+) -> None:
+    _, first = await post_github(http, github_push("acme/api", after=sha_for("one")))
+    for build in first["builds"]:
+        await fleet.redis.delete(build_key(build["id"]), build_key(build["id"]) + ":events")
+    status, second = await post_github(http, github_push("acme/api", after=sha_for("two")))
+    assert status == 202
+    assert all("superseded" not in b for b in second["builds"])
+
+
 async def test_a_running_build_is_not_superseded_unless_the_rule_says_so(
     fleet: BuildfleetClient, redis: aioredis.Redis
 ) -> None:

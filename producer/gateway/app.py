@@ -57,13 +57,29 @@ _TRACESTATE: Final = re.compile(r"^[\x20-\x7e]{0,512}$")
 _QUEUED_STATUSES: Final = frozenset({"queued", "retrying"})
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
-# KEYS[1] delivery key; ARGV: build ids (JSON), ttl. nil when this delivery is new (and is
-# now recorded), else the build ids recorded by its first arrival.
+# A new delivery, in one round trip: record it and, for each supersede key, record its new
+# build as the latest and return the build it replaces with that build's status.
+# KEYS: delivery key, then supersede keys. ARGV: build ids (JSON), delivery ttl, supersede
+# ttl, build-key prefix, then the new build id of each supersede key.
+# Returns {0, recorded ids} for a repeated delivery (nothing changed), else {1, old, status,
+# old, status, ...} ('' and '' where nothing was replaced).
 _CLAIM: Final = """
 local previous = redis.call('GET', KEYS[1])
-if previous then return previous end
+if previous then return {0, previous} end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return false
+local out = {1}
+for i = 2, #KEYS do
+  local new = ARGV[i + 3]
+  local old = redis.call('SET', KEYS[i], new, 'GET', 'EX', ARGV[3])
+  if old and old ~= new then
+    out[#out + 1] = old
+    out[#out + 1] = redis.call('HGET', ARGV[4] .. old, 'status') or ''
+  else
+    out[#out + 1] = ''
+    out[#out + 1] = ''
+  end
+end
+return out
 """
 
 # KEYS: supersede keys; ARGV: ttl, build-key prefix, then one new build id per key. Records
@@ -211,6 +227,30 @@ class _Superseded:
     outcome: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Replaced:
+    """A supersede record moved from `old_id` (then in `status`, '' if unknown) to `new_id`."""
+
+    old_id: str
+    status: str
+    new_id: str
+    cancel_running: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Resubmit:
+    requests: list[BuildRequest]
+
+
+def _replaced(keyed: Sequence[tuple[BuildRequest, bool]], reply: Sequence[Any]) -> list[_Replaced]:
+    out = []
+    for index, (request, running_too) in enumerate(keyed):
+        old, status = _text(reply[2 * index]), _text(reply[2 * index + 1])
+        if old:
+            out.append(_Replaced(old, status, request.id, running_too))
+    return out
+
+
 class Gateway:
     """The application's state: settings, the client, metrics and the Redis scripts."""
 
@@ -255,14 +295,18 @@ class Gateway:
         forge = delivery.forge
         plan = rules_mod.plan(self.settings.rules, push)
         requests, planned, skipped = _requests_for(plan, push, delivery, _trace_context(request))
+        running_too = [p.cancel_running for p in planned]
         started = time.perf_counter()
         duplicate = False
+        replaced: list[_Replaced] | None = None
         if delivery.delivery_id is not None:
-            seen = await self._claim_delivery(delivery, requests)
-            if isinstance(seen, web.Response):
-                return seen
-            if seen is not None:
-                requests, duplicate = seen, True
+            claim = await self._claim_delivery(delivery, requests, running_too)
+            if isinstance(claim, web.Response):
+                return claim
+            if isinstance(claim, _Resubmit):
+                requests, duplicate = claim.requests, True
+            else:
+                replaced = claim
         superseded: list[_Superseded] = []
         if requests:
             try:
@@ -272,49 +316,61 @@ class Gateway:
                     with contextlib.suppress(RedisError):
                         await self.redis.delete(f"{DELIVERY_PREFIX}{forge}:{delivery.delivery_id}")
                 raise
-            superseded = await self._supersede(requests, [p.cancel_running for p in planned])
+            if replaced is None:
+                replaced = await self._swap_latest(requests, running_too)
+                superseded = await self._cancel_replaced(replaced)
+            else:
+                superseded, _ = await asyncio.gather(
+                    self._cancel_replaced(replaced), self._cancel_if_overtaken(requests)
+                )
             self.metrics.builds.inc("webhook", amount=len(requests))
         self.metrics.enqueue.observe(time.perf_counter() - started)
-        replaced = {s.new_id: s for s in superseded}
-        builds = []
-        for req, build in zip(requests, planned, strict=True):
-            entry: dict[str, Any] = {"id": req.id, "images": list(req.images), "rule": build.rule}
-            if req.id in replaced:
-                entry["superseded"] = replaced[req.id].old_id
-            builds.append(entry)
         self.metrics.webhooks.inc(forge, "push" if requests else "no_build")
-        body: dict[str, Any] = {
-            "message": plan.message,
-            "repo": push.repo,
-            "ref": push.ref,
-            "builds": builds,
-        }
-        if push.sha:
-            body["sha"] = push.sha
+        body = _push_reply(plan, push, requests, planned, superseded)
         if skipped:
             body["skipped"] = skipped
         if duplicate:
             body["duplicate"] = True
         return _reply(202, body)
 
+    def _supersedable(
+        self, requests: Sequence[BuildRequest], running_too: Sequence[bool | None]
+    ) -> list[tuple[BuildRequest, bool]]:
+        """The requests that replace an older build, with whether a running one goes too."""
+        if not self.settings.supersede.enabled:
+            return []
+        default = self.settings.supersede.cancel_running
+        return [
+            (r, default if c is None else c)
+            for r, c in zip(requests, running_too, strict=True)
+            if r.supersede_key
+        ]
+
     async def _claim_delivery(
-        self, delivery: Delivery, requests: list[BuildRequest]
-    ) -> web.Response | list[BuildRequest] | None:
-        """None for a new delivery (now recorded); for a repeated one, the answer to give,
-        or the requests to enqueue again under the ids its first arrival recorded but never
-        enqueued (Redis went away between the two)."""
+        self, delivery: Delivery, requests: list[BuildRequest], running_too: list[bool | None]
+    ) -> web.Response | _Resubmit | list[_Replaced]:
+        """Record a new delivery and swap its supersede records (what it replaces is
+        returned); for a repeated one, the answer to give, or the requests to enqueue again
+        under the ids its first arrival recorded but never enqueued (Redis went away)."""
         key = f"{DELIVERY_PREFIX}{delivery.forge}:{delivery.delivery_id}"
-        ids = [r.id for r in requests]
-        previous = await self._claim(
-            keys=[key], args=[_json.encode(ids), self.settings.delivery_ttl_s]
+        keyed = self._supersedable(requests, running_too)
+        reply = await self._claim(
+            keys=[key, *(f"{SUPERSEDE_PREFIX}{r.supersede_key}" for r, _ in keyed)],
+            args=[
+                _json.encode([r.id for r in requests]),
+                self.settings.delivery_ttl_s,
+                self.settings.supersede.record_ttl_s,
+                self._build_key_prefix,
+                *(r.id for r, _ in keyed),
+            ],
         )
-        if previous is None:
-            return None
-        recorded = _decode_ids(previous)
+        if int(reply[0]) == 1:
+            return _replaced(keyed, reply[1:])
+        recorded = _decode_ids(reply[1])
         if len(recorded) == len(requests) and not await self._all_exist(recorded):
-            return [
-                msgspec.structs.replace(r, id=i) for r, i in zip(requests, recorded, strict=True)
-            ]
+            return _Resubmit(
+                [msgspec.structs.replace(r, id=i) for r, i in zip(requests, recorded, strict=True)]
+            )
         self.metrics.webhooks.inc(delivery.forge, "duplicate")
         return _reply(
             200,
@@ -331,17 +387,11 @@ class Gateway:
         count = await self.redis.exists(*(build_key(i) for i in build_ids))
         return int(count) == len(build_ids)
 
-    async def _supersede(
-        self, requests: Sequence[BuildRequest], cancel_running: Sequence[bool | None]
-    ) -> list[_Superseded]:
-        """Record each new build as the latest of its key; cancel the one it replaces."""
-        if not self.settings.supersede.enabled:
-            return []
-        keyed = [
-            (r, self.settings.supersede.cancel_running if c is None else c)
-            for r, c in zip(requests, cancel_running, strict=True)
-            if r.supersede_key
-        ]
+    async def _swap_latest(
+        self, requests: Sequence[BuildRequest], running_too: Sequence[bool | None]
+    ) -> list[_Replaced]:
+        """Record each (enqueued) build as the latest of its supersede key."""
+        keyed = self._supersedable(requests, running_too)
         if not keyed:
             return []
         reply = await self._swap(
@@ -352,22 +402,47 @@ class Gateway:
                 *(r.id for r, _ in keyed),
             ],
         )
-        cancels: list[tuple[str, str]] = []
-        for index, (req, running_too) in enumerate(keyed):
-            old, status = (_text(v) for v in reply[2 * index : 2 * index + 2])
-            if old and (status in _QUEUED_STATUSES or (running_too and status == "running")):
-                cancels.append((old, req.id))
+        return _replaced(keyed, reply)
+
+    async def _cancel_replaced(self, replaced: Sequence[_Replaced]) -> list[_Superseded]:
+        """Cancel the builds the new ones replace: queued ones, running ones if so asked."""
+        cancels = [
+            r
+            for r in replaced
+            if r.status in _QUEUED_STATUSES or (r.cancel_running and r.status == "running")
+        ]
         if not cancels:
             return []
-        outcomes = await asyncio.gather(
-            *(self._cancel_quietly(old, f"superseded by {new}") for old, new in cancels)
-        )
+        outcomes = await asyncio.gather(*(self._supersede_one(r) for r in cancels))
         done = []
-        for (old, new), outcome in zip(cancels, outcomes, strict=True):
+        for r, outcome in zip(cancels, outcomes, strict=True):
             if outcome in (CancelOutcome.CANCELLED, CancelOutcome.SIGNALLED):
                 self.metrics.superseded.inc()
-                done.append(_Superseded(old, new, outcome.value))
+                done.append(_Superseded(r.old_id, r.new_id, outcome.value))
         return done
+
+    async def _supersede_one(self, replaced: _Replaced) -> CancelOutcome:
+        # A build whose status is '' is not enqueued yet: a push still on its way recorded
+        # it. That push cancels its own build when it finds it was overtaken.
+        return await self._cancel_quietly(replaced.old_id, f"superseded by {replaced.new_id}")
+
+    async def _cancel_if_overtaken(self, requests: Sequence[BuildRequest]) -> None:
+        """After enqueuing builds recorded as latest before they existed: cancel each one a
+        newer push has replaced meanwhile (that push could not cancel it: it was not there).
+        With this, one of the two always cancels the older build, whatever the interleaving."""
+        keyed = [r for r in requests if r.supersede_key] if self.settings.supersede.enabled else []
+        if not keyed:
+            return
+        latest = await self.redis.mget([f"{SUPERSEDE_PREFIX}{r.supersede_key}" for r in keyed])
+        overtaken = [
+            (r.id, _text(now)) for r, now in zip(keyed, latest, strict=True) if _text(now) != r.id
+        ]
+        for old_id, new_id in overtaken:
+            if new_id and await self._cancel_quietly(old_id, f"superseded by {new_id}") in (
+                CancelOutcome.CANCELLED,
+                CancelOutcome.SIGNALLED,
+            ):
+                self.metrics.superseded.inc()
 
     async def _cancel_quietly(self, build_id: str, reason: str) -> CancelOutcome:
         try:
@@ -414,7 +489,7 @@ class Gateway:
         [submission] = await self.client.submit_many([build])
         superseded: list[_Superseded] = []
         if submission.created:
-            superseded = await self._supersede([build], [None])
+            superseded = await self._cancel_replaced(await self._swap_latest([build], [None]))
             self.metrics.builds.inc("api")
         self.metrics.enqueue.observe(time.perf_counter() - started)
         answer: dict[str, Any] = {"id": build.id, "created": submission.created}
@@ -509,6 +584,27 @@ class Gateway:
         except (RedisError, OSError, TimeoutError) as exc:
             return _error(503, f"Redis unreachable: {type(exc).__name__}")
         return _reply(200, {"status": "ready"})
+
+
+def _push_reply(
+    plan: rules_mod.Plan,
+    push: Push,
+    requests: Sequence[BuildRequest],
+    planned: Sequence[rules_mod.PlannedBuild],
+    superseded: Sequence[_Superseded],
+) -> dict[str, Any]:
+    by_new = {s.new_id: s for s in superseded}
+    builds = []
+    for req, build in zip(requests, planned, strict=True):
+        entry: dict[str, Any] = {"id": req.id, "images": list(req.images), "rule": build.rule}
+        if req.id in by_new:
+            entry["superseded"] = by_new[req.id].old_id
+        builds.append(entry)
+    body: dict[str, Any] = {"message": plan.message, "repo": push.repo, "ref": push.ref}
+    if push.sha:
+        body["sha"] = push.sha
+    body["builds"] = builds
+    return body
 
 
 def _sse(entry_id: str | None, event: str, data: bytes) -> bytes:
