@@ -19,12 +19,14 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Generic, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.client import BuildfleetClient, BuildNotFound, FleetUnavailable, connect
 from producer.contract import (
@@ -42,7 +44,7 @@ from producer.gateway.openapi import openapi_document
 from producer.gateway.settings import Forge, GatewaySettings
 from producer.gateway.webhooks import PARSERS, Delivery, Ignored, Ping, Push, WebhookError
 from producer.settings import QueueSettings, RedisSettings
-from producer.store import CancelOutcome, build_key
+from producer.store import CancelOutcome, Submission, build_key
 
 log = logging.getLogger("buildfleet.gateway")
 
@@ -227,6 +229,66 @@ class _Superseded:
     outcome: str
 
 
+@runtime_checkable
+class _CancelsMany(Protocol):
+    """`BuildStore.cancel_many`, once the store has it: many cancels in one round trip."""
+
+    async def cancel_many(self, items: Sequence[tuple[str, str]]) -> Sequence[CancelOutcome]: ...
+
+
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+
+
+class Coalescer(Generic[_In, _Out]):
+    """Runs the calls made during one event-loop turn as one batch.
+
+    Concurrent requests that reach the same step together share one Redis round trip
+    (one pipeline) instead of one each: under load the gateway's cost per request is
+    mostly round trips, so this is what makes it scale. `run` gets the inputs in call order
+    and returns one output (or exception) per input.
+    """
+
+    def __init__(self, run: Callable[[list[_In]], Awaitable[Sequence[_Out | Exception]]]) -> None:
+        self._run = run
+        self._pending: list[tuple[_In, asyncio.Future[_Out]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, item: _In) -> _Out:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_Out] = loop.create_future()
+        self._pending.append((item, future))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._execute(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, batch: list[tuple[_In, asyncio.Future[_Out]]]) -> None:
+        try:
+            results = await self._run([item for item, _ in batch])
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():  # its caller went away
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
 @dataclass(frozen=True, slots=True)
 class _Replaced:
     """A supersede record moved from `old_id` (then in `status`, '' if unknown) to `new_id`."""
@@ -263,6 +325,12 @@ class Gateway:
         self.stopping = asyncio.Event()
         self._tokens = tuple(token.encode() for token in settings.api_tokens)
         self._claim = self.redis.register_script(_CLAIM)
+        self._claims: Coalescer[tuple[list[str], list[Any]], Any] = Coalescer(self._claim_batch)
+        self._submits: Coalescer[list[BuildRequest], list[Submission]] = Coalescer(
+            self._submit_batch
+        )
+        self._latest: Coalescer[list[str], list[Any]] = Coalescer(self._latest_batch)
+        self._cancels: Coalescer[tuple[str, str], CancelOutcome] = Coalescer(self._cancel_batch)
         self._swap = self.redis.register_script(_SWAP)
         self._build_key_prefix = build_key("")
 
@@ -310,7 +378,7 @@ class Gateway:
         superseded: list[_Superseded] = []
         if requests:
             try:
-                await self.client.submit_many(requests)
+                await self._submits(requests)
             except FleetUnavailable:
                 if delivery.delivery_id is not None and not duplicate:
                     with contextlib.suppress(RedisError):
@@ -354,15 +422,17 @@ class Gateway:
         under the ids its first arrival recorded but never enqueued (Redis went away)."""
         key = f"{DELIVERY_PREFIX}{delivery.forge}:{delivery.delivery_id}"
         keyed = self._supersedable(requests, running_too)
-        reply = await self._claim(
-            keys=[key, *(f"{SUPERSEDE_PREFIX}{r.supersede_key}" for r, _ in keyed)],
-            args=[
-                _json.encode([r.id for r in requests]),
-                self.settings.delivery_ttl_s,
-                self.settings.supersede.record_ttl_s,
-                self._build_key_prefix,
-                *(r.id for r, _ in keyed),
-            ],
+        reply = await self._claims(
+            (
+                [key, *(f"{SUPERSEDE_PREFIX}{r.supersede_key}" for r, _ in keyed)],
+                [
+                    _json.encode([r.id for r in requests]),
+                    self.settings.delivery_ttl_s,
+                    self.settings.supersede.record_ttl_s,
+                    self._build_key_prefix,
+                    *(r.id for r, _ in keyed),
+                ],
+            )
         )
         if int(reply[0]) == 1:
             return _replaced(keyed, reply[1:])
@@ -380,6 +450,35 @@ class Gateway:
                 "builds": [{"id": i} for i in recorded],
             },
         )
+
+    async def _claim_batch(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Many claims in one pipeline, by EVALSHA (a Script in a pipeline would cost a
+        SCRIPT EXISTS round trip every time); a Redis that lost the script gets it again."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(self._claim.sha, len(keys), *keys, *args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        for index, result in enumerate(results):
+            if isinstance(result, NoScriptError):
+                keys, args = calls[index]
+                results[index] = await self._claim(keys=keys, args=args)
+        return results
+
+    async def _submit_batch(self, batches: list[list[BuildRequest]]) -> list[list[Submission]]:
+        submissions = await self.client.submit_many([r for batch in batches for r in batch])
+        out, start = [], 0
+        for batch in batches:
+            out.append(submissions[start : start + len(batch)])
+            start += len(batch)
+        return out
+
+    async def _latest_batch(self, key_lists: list[list[str]]) -> list[list[Any]]:
+        values = await self.redis.mget([key for keys in key_lists for key in keys])
+        out, start = [], 0
+        for keys in key_lists:
+            out.append(values[start : start + len(keys)])
+            start += len(keys)
+        return out
 
     async def _all_exist(self, build_ids: Sequence[str]) -> bool:
         if not build_ids:
@@ -433,7 +532,7 @@ class Gateway:
         keyed = [r for r in requests if r.supersede_key] if self.settings.supersede.enabled else []
         if not keyed:
             return
-        latest = await self.redis.mget([f"{SUPERSEDE_PREFIX}{r.supersede_key}" for r in keyed])
+        latest = await self._latest([f"{SUPERSEDE_PREFIX}{r.supersede_key}" for r in keyed])
         overtaken = [
             (r.id, _text(now)) for r, now in zip(keyed, latest, strict=True) if _text(now) != r.id
         ]
@@ -445,10 +544,17 @@ class Gateway:
                 self.metrics.superseded.inc()
 
     async def _cancel_quietly(self, build_id: str, reason: str) -> CancelOutcome:
+        """Cancel, batched with the other cancels of this event-loop turn."""
+        return await self._cancels((build_id, reason))
+
+    async def _cancel_batch(self, items: list[tuple[str, str]]) -> list[CancelOutcome]:
+        store = self.client.store
         try:
-            return await self.client.cancel(build_id, reason=reason)
-        except BuildNotFound:
-            return CancelOutcome.UNKNOWN
+            if isinstance(store, _CancelsMany):  # one pipeline for them all
+                return list(await store.cancel_many(items))
+            return list(await asyncio.gather(*(store.cancel(i, reason) for i, reason in items)))
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise FleetUnavailable(f"cannot cancel: Redis unreachable ({exc})") from exc
 
     # --- REST API ------------------------------------------------------------------------
 
@@ -486,7 +592,7 @@ class Gateway:
             if trace is not None:
                 build = msgspec.structs.replace(build, trace=trace)
         started = time.perf_counter()
-        [submission] = await self.client.submit_many([build])
+        [submission] = await self._submits([build])
         superseded: list[_Superseded] = []
         if submission.created:
             superseded = await self._cancel_replaced(await self._swap_latest([build], [None]))
