@@ -294,6 +294,18 @@ def buildkitd_config(registries: Sequence[str], otel_socket: Path) -> str:
     return "\n".join(lines)
 
 
+def _own_pid_namespace() -> list[str]:
+    """A prefix running the command as PID 1 of a new PID (and mount) namespace.
+
+    When buildkitd dies, even by SIGKILL, the kernel kills everything in its namespace:
+    the RUN containers too, which would otherwise outlive it. Needs root; [] otherwise.
+    """
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None:
+        return []
+    return [unshare, "--pid", "--fork", "--kill-child", "--mount-proc"]
+
+
 def buildkit_workers_ok(addr: str, timeout: float = 10.0) -> bool:
     """True when the daemon at `addr` answers `buildctl debug workers`."""
     result = subprocess.run(
@@ -327,8 +339,9 @@ def start_buildkitd(
 
     def launch(port: int) -> tuple[list[str], str]:
         addr = f"tcp://127.0.0.1:{port}"
-        argv = [binary, "--config", str(config), "--addr", addr, "--root", str(root),
-                "--oci-worker-net=host", "--containerd-worker=false"]  # fmt: skip
+        flags = ["--config", str(config), "--addr", addr, "--root", str(root),
+                 "--oci-worker-net=host", "--containerd-worker=false"]  # fmt: skip
+        argv = [*_own_pid_namespace(), binary, *flags]
         return argv, addr
 
     def ready(port: int) -> bool:
@@ -338,17 +351,24 @@ def start_buildkitd(
     return _start_on_free_port(name, log, launch, ready, timeout=timeout)
 
 
+def _git_exec_path() -> str:
+    result = subprocess.run(
+        [find_tool("git"), "--exec-path"], capture_output=True, text=True, check=True
+    )
+    return result.stdout.strip()
+
+
 def start_git_daemon(root: Path, *, log_path: Path | None = None, timeout: float = 15.0) -> Service:
     """`git daemon` exporting every repository under `root`; address `git://127.0.0.1:PORT/`."""
     root.mkdir(parents=True, exist_ok=True)
     log = log_path or root.parent / "logs" / "git-daemon.log"
-    binary = find_tool("git")
-
+    # git-daemon itself, not `git daemon`, which would fork it out of PDEATHSIG's reach.
+    binary = str(Path(_git_exec_path()) / "git-daemon")
     log_start = [0]  # ignore what earlier runs wrote to the same log
 
     def launch(port: int) -> tuple[list[str], str]:
         log_start[0] = log.stat().st_size if log.exists() else 0
-        argv = [binary, "daemon", "--verbose", "--informative-errors", "--reuseaddr",
+        argv = [binary, "--verbose", "--informative-errors", "--reuseaddr",
                 f"--base-path={root}", "--export-all", "--enable=receive-pack",
                 "--listen=127.0.0.1", f"--port={port}", str(root)]  # fmt: skip
         return argv, f"git://127.0.0.1:{port}/"
