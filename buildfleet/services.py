@@ -122,6 +122,8 @@ class Service:
 
 _LIVE: dict[int, Service] = {}
 _LIVE_LOCK = threading.Lock()
+# A forked child must never stop its parent's services from its own atexit.
+os.register_at_fork(after_in_child=_LIVE.clear)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
