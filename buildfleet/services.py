@@ -224,11 +224,17 @@ def _start_on_free_port(
         try:
             wait_ready(service, functools.partial(ready, port), timeout)
         except ServiceError as exc:
-            if attempt < _PORT_RETRIES and "address already in use" in str(exc).lower():
+            if attempt < _PORT_RETRIES and _port_taken(str(exc)):
                 continue
             raise
         return service
     raise AssertionError("unreachable")
+
+
+def _port_taken(message: str) -> bool:
+    text = message.lower()
+    # redis, registry and buildkitd say the first; git daemon the second
+    return "address already in use" in text or "unable to allocate any listen sockets" in text
 
 
 def tcp_open(port: int, host: str = "127.0.0.1") -> bool:
