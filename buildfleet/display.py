@@ -74,11 +74,18 @@ def describe(event: BuildEvent) -> str:
 async def follow_plain(
     build_id: str, events: AsyncIterator[BuildEvent], out: TextIO, *, logs: bool = False
 ) -> BuildResult | None:
-    for_build = f"[{build_id}]"
+    """One line per event; a step only when it starts and when it ends, not on every update."""
+    prefix = f"[{build_id}]"
+    shown: dict[str, str] = {}
     async for event in events:
         if isinstance(event, Log) and not logs:
             continue
-        print(for_build, describe(event), file=out, flush=True)
+        if isinstance(event, Step):
+            state, _style = _step_state(event)
+            if shown.get(event.vertex) in (state, "done", "CACHED", "ERROR"):
+                continue
+            shown[event.vertex] = state
+        print(prefix, describe(event), file=out, flush=True)
         if (result := result_of(event)) is not None:
             return result
     return None

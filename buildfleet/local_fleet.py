@@ -47,8 +47,8 @@ def run_local_fleet(config: FleetConfig, *, workers: int, as_json: bool) -> int:
     own_redis = "BUILDFLEET_REDIS_URL" not in os.environ
     workdir = Path(os.environ.get("BUILDFLEET_WORKDIR", "") or Path.cwd() / ".tmp" / "fleet")
     workdir.mkdir(parents=True, exist_ok=True)
-    with LocalFleetServices(workdir) as fleet:
-        redis_url = fleet.redis_url if own_redis else config.redis.url
+    with LocalFleetServices(workdir, redis=own_redis) as fleet:
+        redis_url = fleet.redis_url or config.redis.url
         fleet_workers = _start_workers(fleet, redis_url, workers)
         addresses = {**fleet.addresses(), "redis_url": redis_url, "workers": workers}
         if as_json:

@@ -9,11 +9,12 @@ makes "exactly one terminal event" hold when a cancel, a timeout and a worker ra
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final, cast
+from typing import Any, Final, cast
 
 import msgspec
 from arq.constants import job_key_prefix
@@ -180,6 +181,8 @@ class BuildStore:
         self._publish = redis.register_script(_PUBLISH)
         self._cancel = redis.register_script(_CANCEL)
         self._reschedule = redis.register_script(_RESCHEDULE)
+        self._pending: list[tuple[list[str], list[Any], asyncio.Future[PublishOutcome]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     def _score_ms(self, request: BuildRequest, now_ms: int) -> int:
         if request.priority == "interactive":
@@ -229,20 +232,43 @@ class BuildStore:
         attempt: int | None = None,
         result: BuildResult | None = None,
     ) -> PublishOutcome:
-        """Append an event to the build's stream and the fleet's, moving its status."""
+        """Append an event to the build's stream and the fleet's, moving its status.
+
+        Publishes issued while a round trip is under way go together in the next one, in
+        order: a worker running many builds pays one round trip per batch, not per event.
+        """
         ttl = self.queue.result_ttl_s if is_terminal(event) else _PENDING_TTL_S
-        outcome = await self._publish(
-            keys=[build_key(event.build_id), events_key(event.build_id), EVENTS_STREAM],
-            args=[
-                encode(event),
-                status,
-                "" if attempt is None else attempt,
-                b"" if result is None else encode(result),
-                ttl,
-                self.queue.events_maxlen,
-            ],
-        )
-        return PublishOutcome(int(outcome))
+        keys = [build_key(event.build_id), events_key(event.build_id), EVENTS_STREAM]
+        args = [
+            encode(event),
+            status,
+            "" if attempt is None else attempt,
+            b"" if result is None else encode(result),
+            ttl,
+            self.queue.events_maxlen,
+        ]
+        outcome: asyncio.Future[PublishOutcome] = asyncio.get_running_loop().create_future()
+        self._pending.append((keys, args, outcome))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await outcome
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for keys, args, _ in batch:
+                        await self._publish(keys=keys, args=args, client=pipe)
+                    replies = await pipe.execute()
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting publisher
+                for _, _, outcome in batch:
+                    if not outcome.done():
+                        outcome.set_exception(exc)
+                continue
+            for (_, _, outcome), reply in zip(batch, replies, strict=True):
+                if not outcome.done():
+                    outcome.set_result(PublishOutcome(int(reply)))
 
     async def reschedule(
         self, event: Retrying, request: BuildRequest, next_attempt: int

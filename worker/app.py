@@ -74,6 +74,18 @@ async def _listen_for_cancels(redis: ArqRedis, runner: BuildRunner) -> None:
                     logger.info("cancelling build %s: %s", notice.build_id, notice.reason)
 
 
+async def _settle_jobs(worker: Worker, grace_s: float = 5.0) -> None:
+    """Let jobs finishing their bookkeeping finish, cancel the rest (they go back to the
+    queue), and forget them: arq's close() would re-raise each one's CancelledError."""
+    jobs = [task for task in worker.tasks.values() if not task.done()]
+    if jobs:
+        _done, pending = await asyncio.wait(jobs, timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    worker.tasks.clear()
+
+
 @asynccontextmanager
 async def running_worker(
     config: WorkerConfig,
@@ -122,12 +134,8 @@ async def running_worker(
         yield worker
     finally:
         listener.cancel()
-        # arq's close() re-raises the CancelledError of every job it cancels; a job being
-        # cancelled at shutdown is expected (it goes back to the queue), so collect them first.
-        jobs = [task for task in worker.tasks.values() if not task.done()]
-        for task in jobs:
-            task.cancel()
-        await asyncio.gather(listener, *jobs, return_exceptions=True)
+        await asyncio.gather(listener, return_exceptions=True)
+        await _settle_jobs(worker)
         await worker.close()
         await backend.aclose()
 

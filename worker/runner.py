@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.contract import (
+    BuildEvent,
     BuildRequest,
     BuildResult,
     Cancelled,
@@ -235,11 +236,9 @@ class BuildRunner:
         )
         await self._publish_terminal(event, status, result, current.request)
 
-    @stamina.retry(on=_REDIS_ERRORS, attempts=10, timeout=60.0)
     async def _publish_started(self, started: Started) -> PublishOutcome:
-        return await self.store.publish(started, status="running", attempt=started.attempt)
+        return await self._publish_surely(started, status="running", attempt=started.attempt)
 
-    @stamina.retry(on=_REDIS_ERRORS, attempts=10, timeout=60.0)
     async def _publish_terminal(
         self,
         event: TerminalEvent,
@@ -247,11 +246,26 @@ class BuildRunner:
         result: BuildResult,
         request: BuildRequest | None,
     ) -> None:
-        outcome = await self.store.publish(event, status=status, result=result)
+        outcome = await self._publish_surely(event, status=status, result=result)
         if outcome is PublishOutcome.PUBLISHED:
             logger.info("build %s %s after %d attempt(s)", event.build_id, status, event.attempt)
             if isinstance(event, DeadLettered):
                 await self.store.keep_dead_letter(event, request)
+
+    async def _publish_surely(self, event: BuildEvent, **transition: Any) -> PublishOutcome:
+        """A status change must survive a Redis hiccup: retried with backoff until it lands.
+
+        Retrying is safe: the store refuses a second terminal event. The first try skips the
+        retry machinery, which costs more than the write itself on the hot path.
+        """
+        try:
+            return await self.store.publish(event, **transition)
+        except _REDIS_ERRORS:
+            logger.warning("Redis hiccup publishing %s; retrying", type(event).__name__)
+        async for attempt in stamina.retry_context(on=_REDIS_ERRORS, attempts=10, timeout=60.0):
+            with attempt:
+                return await self.store.publish(event, **transition)
+        raise AssertionError("unreachable: stamina re-raises after the last attempt")
 
     async def _dead_letter_unreadable(self, build_id: str, raw: bytes, reason: str) -> None:
         logger.warning("dead-lettering unreadable job %s: %s", build_id, reason)
