@@ -18,12 +18,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.contract import (
+    TERMINAL_STATUSES,
     BuildEvent,
     BuildRequest,
     BuildResult,
     BuildState,
     decode_event,
-    is_terminal,
+    event_kind,
     result_of,
 )
 from producer.settings import QueueSettings, RedisSettings
@@ -127,6 +128,11 @@ class BuildfleetClient:
         Replays what already happened first, so it also works for a build that has ended;
         the stream id lets a reader resume (Server-Sent Events' Last-Event-ID).
         """
+        async for entry_id, data in self._entries(build_id, after):
+            yield entry_id, decode_event(data)
+
+    async def _entries(self, build_id: str, after: str) -> AsyncIterator[tuple[str, bytes]]:
+        """The raw entries of a build's stream, up to and including the terminal one."""
         key = events_key(build_id)
         last_id = after
         if not await self.redis.exists(key):
@@ -139,9 +145,9 @@ class BuildfleetClient:
             for _stream, entries in response:
                 for entry_id, fields in entries:
                     last_id = entry_id.decode()
-                    event = decode_event(fields[EVENT_FIELD])
-                    yield last_id, event
-                    if is_terminal(event):
+                    data = fields[EVENT_FIELD]
+                    yield last_id, data
+                    if event_kind(data) in TERMINAL_STATUSES:
                         return
 
     async def watch(self, build_id: str) -> AsyncIterator[BuildEvent]:
@@ -183,7 +189,9 @@ class BuildfleetClient:
 
     async def wait(self, build_id: str) -> BuildResult:
         """The result, once the build has ended."""
-        async for event in self.watch(build_id):
-            if (result := result_of(event)) is not None:
+        async for _entry_id, data in self._entries(build_id, "0-0"):
+            if event_kind(data) in TERMINAL_STATUSES:
+                result = result_of(decode_event(data))
+                assert result is not None
                 return result
         raise BuildNotFound(build_id)

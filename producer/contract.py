@@ -247,6 +247,18 @@ def _decode(decoder: msgspec.json.Decoder[_T], data: bytes | str, what: str) -> 
         raise ContractError(f"invalid {what}: {exc}") from exc
 
 
+class _Kind(msgspec.Struct):
+    type: str
+
+
+_kind_decoder: Final = msgspec.json.Decoder(_Kind)
+
+
+def event_kind(data: bytes) -> str:
+    """An encoded event's tag ("step", "succeeded", ...), without decoding the rest of it."""
+    return _kind_decoder.decode(data).type
+
+
 def decode_request(data: bytes | str) -> BuildRequest:
     return _decode(_request_decoder, data, "build request")
 

@@ -10,6 +10,7 @@ makes "exactly one terminal event" hold when a cancel, a timeout and a worker ra
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from producer.contract import (
     is_terminal,
 )
 from producer.settings import QueueSettings
+
+logger = logging.getLogger("buildfleet.store")
 
 EVENTS_STREAM: Final = "buildfleet:events"
 CANCEL_CHANNEL: Final = "buildfleet:cancel"
@@ -181,7 +184,7 @@ class BuildStore:
         self._publish = redis.register_script(_PUBLISH)
         self._cancel = redis.register_script(_CANCEL)
         self._reschedule = redis.register_script(_RESCHEDULE)
-        self._pending: list[tuple[list[str], list[Any], asyncio.Future[PublishOutcome]]] = []
+        self._pending: list[tuple[list[str], list[Any], asyncio.Future[PublishOutcome] | None]] = []
         self._flusher: asyncio.Task[None] | None = None
 
     def _score_ms(self, request: BuildRequest, now_ms: int) -> int:
@@ -237,6 +240,23 @@ class BuildStore:
         Publishes issued while a round trip is under way go together in the next one, in
         order: a worker running many builds pays one round trip per batch, not per event.
         """
+        outcome: asyncio.Future[PublishOutcome] = asyncio.get_running_loop().create_future()
+        self._enqueue(event, status, attempt, result, outcome)
+        return await outcome
+
+    def publish_soon(self, event: BuildEvent) -> None:
+        """Queue a progress event without waiting for it; it still lands before anything the
+        same process publishes after it. A failure is logged: progress is not worth a stall."""
+        self._enqueue(event, "", None, None, None)
+
+    def _enqueue(
+        self,
+        event: BuildEvent,
+        status: str,
+        attempt: int | None,
+        result: BuildResult | None,
+        outcome: asyncio.Future[PublishOutcome] | None,
+    ) -> None:
         ttl = self.queue.result_ttl_s if is_terminal(event) else _PENDING_TTL_S
         keys = [build_key(event.build_id), events_key(event.build_id), EVENTS_STREAM]
         args = [
@@ -247,11 +267,9 @@ class BuildStore:
             ttl,
             self.queue.events_maxlen,
         ]
-        outcome: asyncio.Future[PublishOutcome] = asyncio.get_running_loop().create_future()
         self._pending.append((keys, args, outcome))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        return await outcome
 
     async def _flush(self) -> None:
         while self._pending:
@@ -262,12 +280,13 @@ class BuildStore:
                         await self._publish(keys=keys, args=args, client=pipe)
                     replies = await pipe.execute()
             except Exception as exc:  # noqa: BLE001 - handed to every waiting publisher
+                logger.warning("publishing %d events failed: %s", len(batch), exc)
                 for _, _, outcome in batch:
-                    if not outcome.done():
+                    if outcome is not None and not outcome.done():
                         outcome.set_exception(exc)
                 continue
             for (_, _, outcome), reply in zip(batch, replies, strict=True):
-                if not outcome.done():
+                if outcome is not None and not outcome.done():
                     outcome.set_result(PublishOutcome(int(reply)))
 
     async def reschedule(

@@ -162,9 +162,9 @@ class BuildRunner:
 
         async def progress(event: Step | Log) -> None:
             if isinstance(event, Log) and (admitted := budget.admit(event)) is not None:
-                await self.store.publish(admitted)
+                self.store.publish_soon(admitted)
             elif isinstance(event, Step):
-                await self.store.publish(event)
+                self.store.publish_soon(event)
 
         waiting_since = time.monotonic()
         async with self.placer.place(request) as placement:

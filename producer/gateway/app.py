@@ -40,7 +40,7 @@ from producer.contract import (
     request_from_builtins,
 )
 from producer.gateway import rules as rules_mod
-from producer.gateway.openapi import openapi_document
+from producer.gateway.openapi import STREAM_ID_PATTERN, openapi_document
 from producer.gateway.settings import Forge, GatewaySettings
 from producer.gateway.webhooks import PARSERS, Delivery, Ignored, Ping, Push, WebhookError
 from producer.settings import QueueSettings, RedisSettings
@@ -53,7 +53,7 @@ SUPERSEDE_PREFIX: Final = "buildfleet:supersede:"
 ENQUEUE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 _BUILD_ID: Final = re.compile(BUILD_ID_PATTERN)
-_STREAM_ID: Final = re.compile(r"^\d{1,20}-\d{1,20}$")
+_STREAM_ID: Final = re.compile(STREAM_ID_PATTERN)
 _TRACEPARENT: Final = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 _TRACESTATE: Final = re.compile(r"^[\x20-\x7e]{0,512}$")
 _QUEUED_STATUSES: Final = frozenset({"queued", "retrying"})
@@ -623,7 +623,7 @@ class Gateway:
     async def events(self, request: web.Request) -> web.StreamResponse:
         build_id = _build_id(request)
         after = request.headers.get("Last-Event-ID") or request.query.get("after") or "0-0"
-        if not _STREAM_ID.match(after):
+        if not _STREAM_ID.fullmatch(after):
             return _error(400, f"Last-Event-ID must be a stream id like 1700000000000-0: {after!r}")
         await self.client.get(build_id)  # 404 or 503 before the stream starts
         response = web.StreamResponse(
@@ -663,8 +663,11 @@ class Gateway:
                     entry_id, event = pending.result()
                 except (StopAsyncIteration, BuildNotFound):
                     return
-                except FleetUnavailable as exc:
-                    await response.write(_sse(None, "error", _json.encode({"error": str(exc)})))
+                except (FleetUnavailable, RedisError, ContractError) as exc:
+                    # The headers are sent: say so on the stream and end it (never a 5xx).
+                    log.warning("event stream ended early: %s", type(exc).__name__)
+                    message = "the build queue (Redis) is unreachable; reconnect later"
+                    await response.write(_sse(None, "error", _json.encode({"error": message})))
                     return
                 finally:
                     pending = None

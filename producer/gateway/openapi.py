@@ -9,8 +9,13 @@ import msgspec
 
 from producer.contract import BUILD_ID_PATTERN, BuildEvent, BuildRequest, BuildState
 from producer.gateway.settings import GatewaySettings
+from producer.gateway.webhooks import DELIVERY_ID_PATTERN
 
+STREAM_ID_PATTERN: Final = r"^\d{1,19}-\d{1,19}$"
+"""A Redis stream id (19 digits each side always fit the 64-bit parts Redis accepts)."""
 _REF: Final = "#/components/schemas/{name}"
+_RELATIVE_PATH: Final = r"^(?!/)(?!(.*/)?\.\.(/|$))"
+_STR: Final = {"type": "string"}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -37,14 +42,57 @@ _API_ERRORS: Final = {
 }
 
 
-def _header(name: str, description: str, required: bool = False) -> dict[str, Any]:
+def _header(
+    name: str, description: str, required: bool = False, pattern: str | None = None
+) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    if required:
+        schema["minLength"] = 1
+    if pattern:
+        schema["pattern"] = pattern
     return {
         "name": name,
         "in": "header",
         "required": required,
         "description": description,
-        "schema": {"type": "string"},
+        "schema": schema,
     }
+
+
+def _object(required: list[str], **properties: Any) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": properties}
+
+
+_COMMIT: Final = {"anyOf": [_object([], id=_STR), {"type": "null"}]}
+_HUB_REPO: Final = _object(["full_name"], full_name=_STR, clone_url=_STR)
+_PAYLOADS: Final = {
+    # What the gateway reads of each forge's payload (everything else is ignored).
+    "github": _object(
+        ["repository"],
+        repository=_HUB_REPO,
+        organization=_object([], login=_STR),
+        ref={"type": ["string", "null"]},
+        after=_STR,
+        deleted={"type": "boolean"},
+        head_commit=_COMMIT,
+    ),
+    "gitlab": _object(
+        ["project"],
+        object_kind=_STR,
+        project=_object(["path_with_namespace"], path_with_namespace=_STR, git_http_url=_STR),
+        ref={"type": ["string", "null"]},
+        after=_STR,
+        checkout_sha={"type": ["string", "null"]},
+    ),
+    "gitea": _object(
+        ["repository"],
+        repository=_HUB_REPO,
+        ref={"type": ["string", "null"]},
+        ref_type={"type": ["string", "null"]},
+        after=_STR,
+        head_commit=_COMMIT,
+    ),
+}
 
 
 def _webhook(forge: str, headers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -56,7 +104,9 @@ def _webhook(forge: str, headers: list[dict[str, Any]]) -> dict[str, Any]:
             "parameters": headers,
             "requestBody": {
                 "required": True,
-                "content": _json({"type": "object", "description": f"{forge}'s push payload"}),
+                "content": _json(
+                    {**_PAYLOADS[forge], "description": f"{forge}'s push payload, as it sends it"}
+                ),
             },
             "responses": {
                 "200": _answer("A ping, or a repeated delivery: the builds it made", "HookReply"),
@@ -85,6 +135,12 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
         [BuildRequest, BuildState, BuildEvent], ref_template=_REF
     )
     components["BuildEvent"] = _event
+    request = components["BuildRequest"]
+    for field in ("dockerfile", "context"):
+        request["properties"][field]["pattern"] = _RELATIVE_PATH
+    # What msgspec cannot say by itself: pushing needs an image name.
+    request["if"] = {"properties": {"push": {"const": True}}}
+    request["then"] = {"required": ["images"], "properties": {"images": {"minItems": 1}}}
     components["Error"] = {
         "type": "object",
         "required": ["error"],
@@ -143,25 +199,33 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
         "/hooks/github": _webhook(
             "github",
             [
-                _header("X-Hub-Signature-256", "sha256=<HMAC-SHA256 of the body, hex>"),
-                _header("X-GitHub-Event", "push (builds), ping (pong), anything else ignored"),
-                _header("X-GitHub-Delivery", "de-duplication id"),
+                _header("X-Hub-Signature-256", "sha256=<HMAC-SHA256 of the body, hex>", True),
+                _header("X-GitHub-Event", "push builds, ping answers, others are ignored", True),
+                _header("X-GitHub-Delivery", "de-duplication id", pattern=DELIVERY_ID_PATTERN),
             ],
         ),
         "/hooks/gitlab": _webhook(
             "gitlab",
             [
-                _header("X-Gitlab-Token", "the webhook's secret token"),
-                _header("X-Gitlab-Event", "Push Hook or Tag Push Hook"),
-                _header("X-Gitlab-Event-UUID", "de-duplication id"),
+                _header("X-Gitlab-Token", "the webhook's secret token", True),
+                _header("X-Gitlab-Event", "Push Hook or Tag Push Hook; others are ignored", True),
+                _header("X-Gitlab-Event-UUID", "de-duplication id", pattern=DELIVERY_ID_PATTERN),
             ],
         ),
         "/hooks/gitea": _webhook(
             "gitea",
             [
-                _header("X-Gitea-Signature", "HMAC-SHA256 of the body, hex"),
-                _header("X-Gitea-Event", "push (builds), delete (acknowledged)"),
-                _header("X-Gitea-Delivery", "de-duplication id"),
+                _header(
+                    "X-Gitea-Signature",
+                    "HMAC-SHA256 of the body, hex (or X-Forgejo-Signature)",
+                    True,
+                ),
+                _header(
+                    "X-Gitea-Event",
+                    "push builds, delete is acknowledged (or X-Forgejo-Event)",
+                    True,
+                ),
+                _header("X-Gitea-Delivery", "de-duplication id", pattern=DELIVERY_ID_PATTERN),
             ],
         ),
         "/v1/builds": {
@@ -231,19 +295,36 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
                 "tags": ["builds"],
                 "security": [{"bearer": []}],
                 "parameters": [
-                    _header("Last-Event-ID", "resume after this stream id"),
+                    _header(
+                        "Last-Event-ID",
+                        "resume after this stream id (empty: from the start)",
+                        pattern=r"^(\d{1,19}-\d{1,19})?$",
+                    ),
                     {
                         "name": "after",
                         "in": "query",
                         "required": False,
                         "description": "resume after this stream id (as Last-Event-ID)",
-                        "schema": {"type": "string", "pattern": r"^\d{1,20}-\d{1,20}$"},
+                        "schema": {"type": "string", "pattern": STREAM_ID_PATTERN},
                     },
                 ],
                 "responses": {
                     "200": {
-                        "description": "The event stream",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        "description": "The event stream: one SSE event per BuildEvent",
+                        "content": {
+                            "text/event-stream": {
+                                "schema": _object(
+                                    ["data"],
+                                    id={"type": "string", "pattern": STREAM_ID_PATTERN},
+                                    event=_STR,
+                                    data={
+                                        "type": "string",
+                                        "contentMediaType": "application/json",
+                                        "contentSchema": _ref("BuildEvent"),
+                                    },
+                                )
+                            }
+                        },
                     },
                     "400": _answer("Last-Event-ID is not a stream id"),
                     "404": _answer("No such build"),

@@ -20,6 +20,7 @@ from producer.gateway.settings import Forge
 
 ZERO_SHA: Final = frozenset({"0" * 40, "0" * 64})
 MAX_DELIVERY_ID: Final = 200
+DELIVERY_ID_PATTERN: Final = r"^[\x20-\x7e]{1,200}$"
 _PRINTABLE: Final = re.compile(r"^[\x20-\x7e]+$")
 
 SecretLookup = Callable[[str, str], str | None]
