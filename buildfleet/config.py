@@ -20,7 +20,12 @@ import msgspec
 from producer.settings import QueueSettings, RedisSettings
 from worker.app import WorkerConfig
 from worker.retry import RetrySettings
-from worker.settings import BuildkitSettings, SimulateSettings, WorkerSettings
+from worker.settings import (
+    BuildkitSettings,
+    SchedulingSettings,
+    SimulateSettings,
+    WorkerSettings,
+)
 
 ENV_PREFIX: Final = "BUILDFLEET_"
 
@@ -36,6 +41,7 @@ class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     retry: RetrySettings = RetrySettings()
     buildkit: BuildkitSettings = BuildkitSettings()
     simulate: SimulateSettings = SimulateSettings()
+    scheduling: SchedulingSettings = SchedulingSettings()
     gateway: dict[str, Any] = msgspec.field(default_factory=dict)
     kaniko: dict[str, Any] = msgspec.field(default_factory=dict)
 
@@ -47,6 +53,7 @@ class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             retry=self.retry,
             buildkit=self.buildkit,
             simulate=self.simulate,
+            scheduling=self.scheduling,
         )
 
 

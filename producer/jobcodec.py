@@ -8,6 +8,7 @@ bytes, and the worker dead-letters it with the decoding error as the reason.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any, Final
 
 import msgspec
@@ -34,13 +35,16 @@ def deserialize(data: bytes) -> dict[str, Any]:
     return {"t": None, "f": BUILD_FUNCTION, "a": [data], "k": {}, "et": int(time.time() * 1000)}
 
 
-def build_envelope(request_json: bytes, enqueue_time_ms: int, attempt: int = 1) -> bytes:
-    """The job for one attempt: the build function's arguments are (request, attempt)."""
+def build_envelope(
+    request_json: bytes, enqueue_time_ms: int, attempt: int = 1, avoid: Sequence[str] = ()
+) -> bytes:
+    """The job for one attempt: the build function's arguments are (request, attempt, avoid),
+    `avoid` naming daemons that failed this build before."""
     return serialize(
         {
             "t": None,
             "f": BUILD_FUNCTION,
-            "a": [request_json, attempt],
+            "a": [request_json, attempt, list(avoid)],
             "k": {},
             "et": enqueue_time_ms,
         }

@@ -66,7 +66,8 @@ redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
 return 1
 """
 
-# ARGV: event, status ('' keeps it), attempt ('' keeps it), result ('' none), ttl, maxlen
+# KEYS: record, build stream, fleet stream, lease. ARGV: event, status ('' keeps it),
+# attempt ('' keeps it), result ('' none), ttl, maxlen, lease ms and holder (with 'running').
 # Returns 1 when published, 0 when the build had already ended, -1 when a build about to
 # start was cancelled meanwhile.
 _PUBLISH: Final = (
@@ -76,11 +77,15 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if status and terminal[status] then return 0 end
 if ARGV[2] == 'running' and redis.call('HGET', KEYS[1], 'cancel') then return -1 end
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'status', ARGV[2]) end
+if ARGV[2] == 'running' and ARGV[7] ~= '' then
+  redis.call('SET', KEYS[4], ARGV[8], 'PX', ARGV[7])
+end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'attempt', ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[4]) end
 redis.call('XADD', KEYS[2], '*', 'event', ARGV[1])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[1])
 if terminal[ARGV[2]] then
+  redis.call('DEL', KEYS[4])
   redis.call('EXPIRE', KEYS[1], ARGV[5])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
 elseif not status then
@@ -123,6 +128,7 @@ _RESCHEDULE: Final = (
 local status = redis.call('HGET', KEYS[1], 'status')
 if status and terminal[status] then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'retrying', 'attempt', ARGV[2])
+redis.call('DEL', KEYS[5])
 redis.call('XADD', KEYS[2], '*', 'event', ARGV[1])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[1])
 redis.call('SET', KEYS[4], ARGV[3], 'KEEPTTL')
@@ -155,6 +161,11 @@ def build_key(build_id: str) -> str:
 
 def events_key(build_id: str) -> str:
     return f"buildfleet:build:{build_id}:events"
+
+
+def lease_key(build_id: str) -> str:
+    """Held by the worker running the build; gone means the build needs a new worker."""
+    return f"buildfleet:build:{build_id}:lease"
 
 
 class CancelNotice(msgspec.Struct, frozen=True):
@@ -234,14 +245,18 @@ class BuildStore:
         status: str = "",
         attempt: int | None = None,
         result: BuildResult | None = None,
+        lease: tuple[str, float] | None = None,
     ) -> PublishOutcome:
         """Append an event to the build's stream and the fleet's, moving its status.
+
+        With status "running", `lease` (holder, seconds) takes the build's lease; a terminal
+        status drops it.
 
         Publishes issued while a round trip is under way go together in the next one, in
         order: a worker running many builds pays one round trip per batch, not per event.
         """
         outcome: asyncio.Future[PublishOutcome] = asyncio.get_running_loop().create_future()
-        self._enqueue(event, status, attempt, result, outcome)
+        self._enqueue(event, status, attempt, result, outcome, lease)
         return await outcome
 
     def publish_soon(self, event: BuildEvent) -> None:
@@ -249,16 +264,23 @@ class BuildStore:
         same process publishes after it. A failure is logged: progress is not worth a stall."""
         self._enqueue(event, "", None, None, None)
 
-    def _enqueue(
+    def _enqueue(  # noqa: PLR0917 - private; each caller names what it passes
         self,
         event: BuildEvent,
         status: str,
         attempt: int | None,
         result: BuildResult | None,
         outcome: asyncio.Future[PublishOutcome] | None,
+        lease: tuple[str, float] | None = None,
     ) -> None:
         ttl = self.queue.result_ttl_s if is_terminal(event) else _PENDING_TTL_S
-        keys = [build_key(event.build_id), events_key(event.build_id), EVENTS_STREAM]
+        keys = [
+            build_key(event.build_id),
+            events_key(event.build_id),
+            EVENTS_STREAM,
+            lease_key(event.build_id),
+        ]
+        holder, lease_s = lease or ("", 0.0)
         args = [
             encode(event),
             status,
@@ -266,6 +288,8 @@ class BuildStore:
             b"" if result is None else encode(result),
             ttl,
             self.queue.events_maxlen,
+            int(lease_s * 1000) if lease else "",
+            holder,
         ]
         self._pending.append((keys, args, outcome))
         if self._flusher is None or self._flusher.done():
@@ -279,7 +303,7 @@ class BuildStore:
                     for keys, args, _ in batch:
                         await self._publish(keys=keys, args=args, client=pipe)
                     replies = await pipe.execute()
-            except Exception as exc:  # noqa: BLE001 - handed to every waiting publisher
+            except Exception as exc:  # handed to every publisher waiting on this batch
                 logger.warning("publishing %d events failed: %s", len(batch), exc)
                 for _, _, outcome in batch:
                     if outcome is not None and not outcome.done():
@@ -290,16 +314,23 @@ class BuildStore:
                     outcome.set_result(PublishOutcome(int(reply)))
 
     async def reschedule(
-        self, event: Retrying, request: BuildRequest, next_attempt: int
+        self,
+        event: Retrying,
+        request: BuildRequest,
+        next_attempt: int,
+        avoid: Sequence[str] = (),
     ) -> PublishOutcome:
-        """Publish Retrying and rewrite the queued job so that it runs as `next_attempt`."""
-        envelope = jobcodec.build_envelope(encode(request), int(time.time() * 1000), next_attempt)
+        """Publish Retrying and rewrite the queued job so that it runs as `next_attempt`,
+        away from the daemons in `avoid` when others are available."""
+        now_ms = int(time.time() * 1000)
+        envelope = jobcodec.build_envelope(encode(request), now_ms, next_attempt, avoid)
         outcome = await self._reschedule(
             keys=[
                 build_key(event.build_id),
                 events_key(event.build_id),
                 EVENTS_STREAM,
                 job_key_prefix + event.build_id,
+                lease_key(event.build_id),
             ],
             args=[encode(event), next_attempt, envelope, self.queue.events_maxlen],
         )

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from arq import Worker
@@ -24,10 +24,16 @@ from producer.store import CANCEL_CHANNEL, BuildStore, cancel_notice_decoder
 from worker.backends.base import Backend
 from worker.backends.buildkit import BuildkitBackend
 from worker.backends.simulate import SimulateBackend
+from worker.capacity import Capacity, Reaper
 from worker.retry import RetrySettings
 from worker.runner import BuildRunner
-from worker.scheduling import FixedPlacer, Placer
-from worker.settings import BuildkitSettings, SimulateSettings, WorkerSettings
+from worker.scheduling import DaemonHealth, FixedPlacer, LeasedPlacer, Placer
+from worker.settings import (
+    BuildkitSettings,
+    SchedulingSettings,
+    SimulateSettings,
+    WorkerSettings,
+)
 
 logger = logging.getLogger("buildfleet.worker")
 
@@ -46,6 +52,7 @@ class WorkerConfig:
     retry: RetrySettings
     buildkit: BuildkitSettings
     simulate: SimulateSettings
+    scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
 
 
 def make_backend(config: WorkerConfig) -> Backend:
@@ -58,9 +65,11 @@ def make_backend(config: WorkerConfig) -> Backend:
             raise NotImplementedError("the kaniko backend is wired in by worker.backends.kaniko")
 
 
-def make_placer(config: WorkerConfig) -> Placer:
-    daemons = config.buildkit.daemons
-    return FixedPlacer(daemons[0].address if daemons else None)
+def make_placer(config: WorkerConfig, capacity: Capacity, health: DaemonHealth) -> Placer:
+    """Daemons configured: leased, cache-affine placement; none: builds go nowhere special."""
+    if not config.buildkit.daemons:
+        return FixedPlacer(None)
+    return LeasedPlacer(config.buildkit.daemons, capacity, health, config.scheduling)
 
 
 async def _listen_for_cancels(redis: ArqRedis, runner: BuildRunner) -> None:
@@ -99,14 +108,26 @@ async def running_worker(
         config.redis.url, socket_connect_timeout=config.redis.connect_timeout_s
     )
     backend = backend or make_backend(config)
+    capacity = Capacity(redis, config.scheduling)
+    health = DaemonHealth(config.buildkit.buildctl, config.buildkit.daemons, config.scheduling)
     runner = BuildRunner(
         store=BuildStore(redis, config.queue),
         backend=backend,
-        placer=make_placer(config),
+        placer=make_placer(config, capacity, health),
+        capacity=capacity,
         settings=config.worker,
         retry=config.retry,
+        scheduling=config.scheduling,
     )
-    listener = asyncio.create_task(_listen_for_cancels(redis, runner))
+    chores = [
+        _listen_for_cancels(redis, runner),
+        capacity.heartbeat(),
+        Reaper(redis, config.scheduling).run(),
+    ]
+    if config.worker.backend == "buildkit" and config.buildkit.daemons:
+        await health.probe_all()
+        chores.append(health.run())
+    background = [asyncio.create_task(chore) for chore in chores]
     worker = Worker(
         functions=[
             func(
@@ -133,8 +154,9 @@ async def running_worker(
     try:
         yield worker
     finally:
-        listener.cancel()
-        await asyncio.gather(listener, return_exceptions=True)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await _settle_jobs(worker)
         await worker.close()
         await backend.aclose()

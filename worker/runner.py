@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -38,11 +39,12 @@ from producer.contract import (
 )
 from producer.store import BuildStore, PublishOutcome
 from worker.backends.base import Backend, BuildJob, Built
+from worker.capacity import Capacity
 from worker.errors import BuildError, TemporaryBuildError
 from worker.progress import LogBudget
 from worker.retry import RetrySettings, decide
 from worker.scheduling import Placer
-from worker.settings import WorkerSettings
+from worker.settings import SchedulingSettings, WorkerSettings
 
 logger = logging.getLogger("buildfleet.worker")
 
@@ -60,6 +62,7 @@ class _Attempt:
     cancel_reason: str | None = None
     placement: str | None = None
     capacity_wait_s: float = 0.0
+    avoid: tuple[str, ...] = ()
 
     def result(self, status: Status, **fields: Any) -> BuildResult:
         now = time.time()
@@ -83,8 +86,10 @@ class BuildRunner:
     store: BuildStore
     backend: Backend
     placer: Placer
+    capacity: Capacity
     settings: WorkerSettings
     retry: RetrySettings
+    scheduling: SchedulingSettings
     _attempts: dict[str, _Attempt] = field(default_factory=dict)
 
     @property
@@ -101,8 +106,11 @@ class BuildRunner:
             attempt.task.cancel()
         return True
 
-    async def run(self, ctx: dict[str, Any], raw: bytes, attempt: int = 1) -> None:
-        """arq's job function: `raw` is the encoded request, `attempt` counts our retries."""
+    async def run(
+        self, ctx: dict[str, Any], raw: bytes, attempt: int = 1, avoid: Sequence[str] = ()
+    ) -> None:
+        """arq's job function: `raw` is the encoded request, `attempt` counts our retries,
+        `avoid` names daemons that failed this build before."""
         build_id: str = ctx["job_id"]
         try:
             request = decode_request(raw)
@@ -114,11 +122,13 @@ class BuildRunner:
                 build_id, raw, f"request id {request.id!r} does not match job id {build_id!r}"
             )
             return
-        current = _Attempt(request, attempt, started_at=time.time())
+        current = _Attempt(request, attempt, started_at=time.time(), avoid=tuple(avoid))
         self._attempts[build_id] = current
+        self.capacity.hold_lease(build_id)
         try:
             await self._run(current)
         finally:
+            self.capacity.drop_lease(build_id)
             del self._attempts[build_id]
 
     async def _run(self, current: _Attempt) -> None:
@@ -167,7 +177,7 @@ class BuildRunner:
                 self.store.publish_soon(event)
 
         waiting_since = time.monotonic()
-        async with self.placer.place(request) as placement:
+        async with self.placer.place(request, current.avoid) as placement:
             current.capacity_wait_s = time.monotonic() - waiting_since
             current.placement = placement
             job = BuildJob(
@@ -189,6 +199,9 @@ class BuildRunner:
             "failed_step": error.step,
             "log_tail": error.log_tail,
         }
+        if isinstance(error, TemporaryBuildError) and error.daemon_at_fault and current.placement:
+            self.placer.blame(current.placement)
+            current.avoid = (*current.avoid, current.placement)
         if decision.retry:
             await self._retry_later(current, error, decision.delay_s)
         elif isinstance(error, TemporaryBuildError):
@@ -212,7 +225,7 @@ class BuildRunner:
             error_class=error.error_class,
             next_attempt_at=time.time() + delay_s,
         )
-        outcome = await self.store.reschedule(event, request, next_attempt)
+        outcome = await self.store.reschedule(event, request, next_attempt, current.avoid)
         if outcome is PublishOutcome.PUBLISHED:
             raise Retry(defer=delay_s)
 
@@ -237,7 +250,12 @@ class BuildRunner:
         await self._publish_terminal(event, status, result, current.request)
 
     async def _publish_started(self, started: Started) -> PublishOutcome:
-        return await self._publish_surely(started, status="running", attempt=started.attempt)
+        return await self._publish_surely(
+            started,
+            status="running",
+            attempt=started.attempt,
+            lease=(self.settings.name, self.scheduling.lease_ttl_s),
+        )
 
     async def _publish_terminal(
         self,

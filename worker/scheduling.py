@@ -1,26 +1,156 @@
-"""Where a build runs: the placer picks a daemon (or namespace) and holds its capacity."""
+"""Where a build runs: the placer picks a daemon and holds one of its capacity slots.
+
+`LeasedPlacer` ranks the healthy daemons for the build's cache key (worker.routing), takes
+the first free slot in that order (worker.capacity, atomic in Redis), and waits with
+backoff while every daemon is full. `DaemonHealth` probes each daemon with `buildctl debug
+workers`; a daemon that fails is left out until a probe succeeds again.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 from producer.contract import BuildRequest
+from worker.capacity import Capacity
+from worker.routing import rank
+from worker.settings import DaemonSettings, SchedulingSettings
+
+logger = logging.getLogger("buildfleet.scheduling")
 
 
 class Placer(Protocol):
-    def place(self, request: BuildRequest) -> AbstractAsyncContextManager[str | None]:
-        """Wait for room, then yield where to build; leaving the block frees the room."""
+    def place(
+        self, request: BuildRequest, avoid: Sequence[str] = ()
+    ) -> AbstractAsyncContextManager[str | None]:
+        """Wait for room, then yield where to build; leaving the block frees the room.
+
+        `avoid` names places that failed this build before: they are used only when
+        nothing else is available.
+        """
+        ...
+
+    def blame(self, placement: str) -> None:
+        """A build failed because of this place (a daemon lost, say)."""
         ...
 
 
 class FixedPlacer:
-    """Every build goes to one place, with no capacity accounting (one daemon, simulate)."""
+    """Every build goes to one place, with no capacity accounting (simulate, benchmarks)."""
 
     def __init__(self, placement: str | None) -> None:
         self.placement = placement
 
     @asynccontextmanager
-    async def place(self, request: BuildRequest) -> AsyncIterator[str | None]:
+    async def place(
+        self, request: BuildRequest, avoid: Sequence[str] = ()
+    ) -> AsyncIterator[str | None]:
         yield self.placement
+
+    def blame(self, placement: str) -> None:
+        return None
+
+
+class DaemonHealth:
+    """Which daemons answer `buildctl debug workers`, probed in the background."""
+
+    def __init__(
+        self, buildctl: str, daemons: Sequence[DaemonSettings], settings: SchedulingSettings
+    ) -> None:
+        self.buildctl = buildctl
+        self.addresses = [daemon.address for daemon in daemons]
+        self.settings = settings
+        self._down: set[str] = set()
+
+    def healthy(self) -> list[str]:
+        return [address for address in self.addresses if address not in self._down]
+
+    def mark_down(self, address: str) -> None:
+        """A build saw this daemon fail; leave it out until a probe says otherwise."""
+        if address not in self._down:
+            logger.warning("daemon %s taken out of rotation", address)
+            self._down.add(address)
+
+    async def probe(self, address: str) -> bool:
+        process = await asyncio.create_subprocess_exec(
+            self.buildctl, "--addr", address, "debug", "workers",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(self.settings.probe_timeout_s):
+                return await process.wait() == 0
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            return False
+
+    async def probe_all(self) -> None:
+        results = await asyncio.gather(*(self.probe(a) for a in self.addresses))
+        for address, ok in zip(self.addresses, results, strict=True):
+            if ok and address in self._down:
+                logger.info("daemon %s is back", address)
+                self._down.discard(address)
+            elif not ok:
+                self.mark_down(address)
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                await self.probe_all()
+            await asyncio.sleep(self.settings.health_interval_s)
+
+
+class LeasedPlacer:
+    """Cache-affine placement with a per-daemon cap shared by the whole fleet."""
+
+    def __init__(
+        self,
+        daemons: Sequence[DaemonSettings],
+        capacity: Capacity,
+        health: DaemonHealth,
+        settings: SchedulingSettings,
+    ) -> None:
+        self.limits = {daemon.address: daemon.max_builds for daemon in daemons}
+        self.capacity = capacity
+        self.health = health
+        self.settings = settings
+
+    def blame(self, placement: str) -> None:
+        self.health.mark_down(placement)
+
+    def candidates(self, request: BuildRequest, avoid: Sequence[str]) -> list[str]:
+        """Healthy daemons in rank order, the avoided ones last (or all, if none is healthy)."""
+        ranked = rank(
+            request.cache_key,
+            self.health.healthy() or list(self.limits),
+            strategy=self.settings.routing,
+        )
+        return [d for d in ranked if d not in avoid] + [d for d in ranked if d in avoid]
+
+    @asynccontextmanager
+    async def place(
+        self, request: BuildRequest, avoid: Sequence[str] = ()
+    ) -> AsyncIterator[str | None]:
+        daemon = await self._wait_for_slot(request, avoid)
+        try:
+            yield daemon
+        finally:
+            await asyncio.shield(self.capacity.release(request.id))
+
+    async def _wait_for_slot(self, request: BuildRequest, avoid: Sequence[str]) -> str:
+        pause = 0.05
+        while True:
+            ranked = [(d, self.limits[d]) for d in self.candidates(request, avoid)]
+            daemon = await self.capacity.acquire(request.id, ranked)
+            if daemon is not None:
+                return daemon
+            # Full jitter, so that waiting workers do not retry in lockstep.
+            await asyncio.sleep(random.uniform(0, pause))  # noqa: S311
+            pause = min(pause * 2, self.settings.capacity_poll_max_s)

@@ -49,3 +49,22 @@ class SimulateSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     duration_s: NonNegativeFloat = 0.0
     outcome: Literal["succeeded", "failed", "temporary"] = "succeeded"
     steps: Annotated[int, msgspec.Meta(ge=0)] = 0
+    journal: str | None = None
+    """A file each simulated build appends one JSON line to: where it ran, from when to when
+    (what tests and capacity planning count concurrency from)."""
+
+
+class SchedulingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Capacity leases, routing, recovery and health probes, shared by every worker."""
+
+    routing: Literal["rendezvous", "random"] = "rendezvous"
+    """rendezvous: a repository goes to the daemon holding its cache while it has room."""
+    slot_ttl_s: PositiveFloat = 15.0
+    """A capacity slot whose holder stops renewing it frees itself after this long."""
+    lease_ttl_s: PositiveFloat = 10.0
+    """A running build's lease; when its worker dies, the build is re-run soon after."""
+    reap_interval_s: PositiveFloat = 2.0
+    health_interval_s: PositiveFloat = 5.0
+    probe_timeout_s: PositiveFloat = 5.0
+    capacity_poll_max_s: PositiveFloat = 1.0
+    """Longest pause between two tries for a slot while every daemon is full."""

@@ -8,11 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
+
+import msgspec
 
 from producer.contract import Step
 from worker.backends.base import BuildJob, Built, ProgressSink
 from worker.errors import PermanentBuildError, TemporaryBuildError
 from worker.settings import SimulateSettings
+
+
+class JournalEntry(msgspec.Struct, frozen=True):
+    build_id: str
+    attempt: int
+    placement: str | None
+    began: float
+    ended: float
+
+
+_journal_encoder = msgspec.json.Encoder()
 
 
 class SimulateBackend:
@@ -34,8 +48,12 @@ class SimulateBackend:
                     name=f"[{index + 1}/{self.settings.steps}] simulated step",
                 )
             )
-        if duration:
-            await asyncio.sleep(duration)
+        began = time.time()
+        try:
+            if duration:
+                await asyncio.sleep(duration)
+        finally:
+            self._record(job, began)
         match outcome:
             case "failed":
                 raise PermanentBuildError(
@@ -47,6 +65,21 @@ class SimulateBackend:
                 )
         digest = hashlib.sha256(f"{job.request.id}:{job.attempt}".encode()).hexdigest()
         return Built(digest=f"sha256:{digest}" if job.request.images else None)
+
+    def _record(self, job: BuildJob, began: float) -> None:
+        if self.settings.journal is None:
+            return
+        line = _journal_encoder.encode(
+            JournalEntry(
+                build_id=job.request.id,
+                attempt=job.attempt,
+                placement=job.placement,
+                began=began,
+                ended=time.time(),
+            )
+        )
+        with open(self.settings.journal, "ab") as journal:
+            journal.write(line + b"\n")
 
     async def aclose(self) -> None:
         return None
