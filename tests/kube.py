@@ -195,7 +195,16 @@ def _config_documents(tools: KubeTools, ports: dict[str, int]) -> list[dict[str,
             "kwokControllerBinary": str(tools.kwok_bin / "kwok"),
             "kubeVersion": tools.kube_version,
             "quietPull": True,
+            # etcd 3.4 lacks what streaming lists (WatchList) need: the 1.32 controllers
+            # would try them, fail and re-list every few seconds, delaying every event.
+            "kubeFeatureGates": "WatchList=false,WatchListClient=false",
         },
+        "componentsPatches": [
+            {
+                "name": "kwok-controller",
+                "extraEnvs": [{"name": "KUBE_FEATURE_WatchListClient", "value": "false"}],
+            }
+        ],
     }
     docs: list[dict[str, Any]] = [kwokctl_config]
     docs.extend(d for d in yaml.safe_load_all((KWOK_DIR / "stages.yaml").read_text()) if d)

@@ -39,6 +39,7 @@ from worker.backends.kaniko import (
     KanikoBackend,
     KanikoSettings,
     _LogPosition,
+    api_error,
     assess,
     build_job_manifest,
     executor_args,
@@ -249,6 +250,27 @@ def test_assess_classifies_outcomes() -> None:
     assert out is not None and out.temporary and out.error_class == "node_lost"
 
     assert assess(None, _pod("Running", state={"running": {}})) is None
+
+
+def test_api_errors_map_to_domain_errors() -> None:
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    def exc(status: int, **headers: str) -> ApiException:
+        e = ApiException(status=status, reason="r")
+        e.body = json.dumps({"message": f"status {status}"})
+        e.headers = headers
+        return e
+
+    invalid = api_error(exc(422), "create Job")
+    assert isinstance(invalid, PermanentBuildError) and invalid.error_class == "invalid_job"
+    assert "status 422" in invalid.message
+    forbidden = api_error(exc(403), "create Job")
+    assert isinstance(forbidden, TemporaryBuildError)
+    assert forbidden.error_class == "kube_forbidden" and forbidden.daemon_at_fault
+    throttled = api_error(exc(429, **{"Retry-After": "7"}), "list")
+    assert isinstance(throttled, TemporaryBuildError) and throttled.delay == 7.0
+    down = api_error(ConnectionRefusedError("refused"), "watch")
+    assert isinstance(down, TemporaryBuildError) and down.error_class == "kube_unreachable"
 
 
 def test_log_position_skips_replayed_lines() -> None:
