@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 # tests/ is on sys.path (conftest.py loads `kube` as a plugin: the kube_cluster and
@@ -271,6 +272,80 @@ def test_api_errors_map_to_domain_errors() -> None:
     assert isinstance(throttled, TemporaryBuildError) and throttled.delay == 7.0
     down = api_error(ConnectionRefusedError("refused"), "watch")
     assert isinstance(down, TemporaryBuildError) and down.error_class == "kube_unreachable"
+
+
+class _FakeResponse:
+    def __init__(
+        self, body: Any = None, lines: tuple[Any, ...] = (), drop: bool = False, hang: bool = False
+    ) -> None:
+        self.status, self.reason = 200, "OK"
+        self._body, self._lines, self._drop, self._hang = body, lines, drop, hang
+
+    async def read(self) -> bytes:
+        return json.dumps(self._body).encode()
+
+    def release(self) -> None:
+        return None
+
+    async def __aenter__(self) -> _FakeResponse:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    @property
+    def content(self) -> Any:
+        return self._iterate()
+
+    async def _iterate(self) -> Any:
+        for line in self._lines:
+            yield (json.dumps(line) + "\n").encode()
+        if self._drop:
+            raise aiohttp.ClientPayloadError("connection dropped")
+        if self._hang:
+            await asyncio.Event().wait()
+
+
+def _obj(name: str, rv: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "resourceVersion": rv}}
+
+
+async def test_watch_resumes_after_drop_and_relists_after_410() -> None:
+    script = [
+        _FakeResponse(body={"metadata": {"resourceVersion": "1"}, "items": [_obj("a", "1")]}),
+        _FakeResponse(lines=({"type": "MODIFIED", "object": _obj("a", "2")},), drop=True),
+        _FakeResponse(lines=({"type": "ERROR", "object": {"code": 410, "message": "gone"}},)),
+        _FakeResponse(body={"metadata": {"resourceVersion": "5"}, "items": [_obj("a", "5")]}),
+        _FakeResponse(
+            lines=(
+                {"type": "BOOKMARK", "object": _obj("", "6")},
+                {"type": "ADDED", "object": _obj("b", "7")},
+            ),
+            hang=True,
+        ),
+    ]
+    calls: list[tuple[bool, str | None]] = []
+
+    async def list_fn(namespace: str, **kwargs: Any) -> _FakeResponse:
+        calls.append((bool(kwargs.get("watch")), kwargs.get("resource_version")))
+        return script.pop(0)
+
+    backend = KanikoBackend(KanikoSettings(), api_client=object())
+    queue: asyncio.Queue[tuple[str, str, Any]] = asyncio.Queue()
+    task = asyncio.create_task(
+        backend._list_watch("pod", list_fn, "ns", queue, {"label_selector": "x=y"})
+    )
+    try:
+        events = [await asyncio.wait_for(queue.get(), BOUND) for _ in range(4)]
+    finally:
+        task.cancel()
+    assert [(kind, event) for kind, event, _ in events] == [
+        ("pod", "SYNC"),
+        ("pod", "MODIFIED"),
+        ("pod", "SYNC"),
+        ("pod", "ADDED"),
+    ]
+    assert calls == [(False, None), (True, "1"), (True, "2"), (False, None), (True, "5")]
 
 
 def test_log_position_skips_replayed_lines() -> None:

@@ -138,6 +138,7 @@ class KanikoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     image_pull_timeout_s: float = 120.0
     log_tail_lines: int = 50
     log_drain_s: float = 5.0
+    log_idle_s: float = 0.5
     cancel_wait_s: float = 30.0
     watch_timeout_s: int = 120
 
@@ -852,6 +853,7 @@ class KanikoBackend:
         ]
         tail: deque[str] = deque(maxlen=settings.log_tail_lines)
         log_task: asyncio.Task[None] | None = None
+        position = _LogPosition()
         state = _Observed()
         try:
             while True:
@@ -874,6 +876,7 @@ class KanikoBackend:
                             progress=progress,
                             tail=tail,
                             state=state,
+                            seen=position,
                         )
                     )
                 outcome = assess(
@@ -886,8 +889,7 @@ class KanikoBackend:
                 if outcome is None:
                     continue
                 if log_task is not None:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(log_task), settings.log_drain_s)
+                    await _drain_logs(log_task, position, settings.log_drain_s, settings.log_idle_s)
                 if outcome.delete_job:
                     await self._delete_job(batch, namespace, name, "Background")
                 result = to_result(outcome, tuple(tail))
@@ -910,25 +912,25 @@ class KanikoBackend:
     ) -> None:
         """List, then watch from the list's resourceVersion, for ever: reconnect after a
         dropped connection or the server's timeout, re-list after 410 Gone."""
-        rv: str | None = None
+        cursor: list[str | None] = [None]  # the last resourceVersion seen
         backoff = 0.2
         what = f"watch {kind}s in {namespace} ({selector})"
         while True:
             try:
-                if rv is None:
+                if cursor[0] is None:
                     body = await self._call(
                         what, list_fn, namespace, **cast(dict[str, Any], selector)
                     )
-                    rv = cast(str, body["metadata"]["resourceVersion"])
+                    cursor[0] = cast(str, body["metadata"]["resourceVersion"])
                     await queue.put((kind, "SYNC", body.get("items") or []))
-                rv = await self._watch_once(
-                    kind, list_fn, namespace, queue, selector=selector, rv=rv
+                await self._watch_once(
+                    kind, list_fn, namespace, queue, selector=selector, cursor=cursor
                 )
                 backoff = 0.2
                 continue
             except ApiException as exc:
                 if _is_gone(exc):
-                    rv = None
+                    cursor[0] = None
                     continue
                 if exc.status not in _RETRY_STATUSES:
                     raise api_error(exc, what) from exc
@@ -951,15 +953,16 @@ class KanikoBackend:
         queue: asyncio.Queue[tuple[str, str, Any]],
         *,
         selector: dict[str, str],
-        rv: str,
-    ) -> str:
-        """One watch request from `rv`; returns the last resourceVersion seen."""
+        cursor: list[str | None],
+    ) -> None:
+        """One watch request from `cursor[0]`, which follows every event (so that a
+        dropped connection resumes where it was)."""
         resp = await self._call(
             f"watch {kind}s in {namespace}",
             list_fn,
             namespace,
             watch=True,
-            resource_version=rv,
+            resource_version=cursor[0],
             allow_watch_bookmarks=True,
             timeout_seconds=self.settings.watch_timeout_s,
             stream=True,
@@ -976,10 +979,9 @@ class KanikoBackend:
                 etype, obj = event.get("type"), event.get("object") or {}
                 if etype == "ERROR":
                     raise ApiException(status=obj.get("code") or 500, reason=obj.get("message"))
-                rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+                cursor[0] = (obj.get("metadata") or {}).get("resourceVersion") or cursor[0]
                 if etype != "BOOKMARK":
                     await queue.put((kind, etype, obj))
-        return rv
 
     async def _stream_logs(
         self,
@@ -991,10 +993,10 @@ class KanikoBackend:
         progress: ProgressSink,
         tail: deque[str],
         state: _Observed,
+        seen: _LogPosition,
     ) -> None:
         """Follow the executor's log into Log events; reconnect (skipping lines already
         sent, by timestamp) while the pod has not ended. Log trouble never fails a build."""
-        seen = _LogPosition()
         for attempt in range(5):
             seen.new_stream()
             try:
@@ -1039,11 +1041,19 @@ class _LogPosition:
     last_ts: str = ""
     at_last_ts: int = 0
     _replayed: int = 0
+    last_activity: float = 0.0
+    """Loop time of the last line read (or stream opened): how `_drain_logs` sees quiet."""
 
     def new_stream(self) -> None:
         self._replayed = 0
+        self._touch()
+
+    def _touch(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            self.last_activity = asyncio.get_running_loop().time()
 
     def new_text(self, line: str) -> str | None:
+        self._touch()
         ts, _, text = line.partition(" ")
         if ts < self.last_ts:
             return None
@@ -1055,6 +1065,21 @@ class _LogPosition:
             return text
         self.last_ts, self.at_last_ts, self._replayed = ts, 1, 1
         return text
+
+
+async def _drain_logs(
+    task: asyncio.Task[None], position: _LogPosition, limit_s: float, idle_s: float
+) -> None:
+    """Let the log stream deliver the executor's last lines once the outcome is known: until
+    it ends, has been quiet for `idle_s`, or `limit_s` has passed (a kubelet ends the stream
+    when the container exits; kwok's log server keeps it open)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + limit_s
+    while not task.done():
+        now = loop.time()
+        if now >= give_up or now - position.last_activity >= idle_s:
+            return
+        await asyncio.wait({task}, timeout=min(0.05, give_up - now))
 
 
 async def _next_events(
