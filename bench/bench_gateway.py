@@ -229,7 +229,9 @@ def main() -> int:
             1 for k in r.scan_iter("buildfleet:build:*", count=1000) if b":events" not in k
         )
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{gateway_port}/metrics").read().decode()
-        superseded = re.search(r"^buildfleet_gateway_superseded_total (\S+)$", metrics, re.MULTILINE)
+        superseded = re.search(
+            r"^buildfleet_gateway_superseded_total (\S+)$", metrics, re.MULTILINE
+        )
 
         print(f"payload: {size} bytes signed GitHub push, {len(REPOS) * len(BRANCHES)} repo/refs")
         print(f"hello-world   : {hello_rate:10.0f} req/s   p99 {hello_p99:7.2f} ms")

@@ -622,7 +622,8 @@ class Gateway:
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         build_id = _build_id(request)
-        after = request.headers.get("Last-Event-ID") or request.query.get("after") or "0-0"
+        # An empty Last-Event-ID is what EventSource means by "none yet" (the spec's words).
+        after = request.headers.get("Last-Event-ID") or request.query.get("after", "0-0")
         if not _STREAM_ID.fullmatch(after):
             return _error(400, f"Last-Event-ID must be a stream id like 1700000000000-0: {after!r}")
         await self.client.get(build_id)  # 404 or 503 before the stream starts
