@@ -198,6 +198,9 @@ def _config_documents(tools: KubeTools, ports: dict[str, int]) -> list[dict[str,
             # etcd 3.4 lacks what streaming lists (WatchList) need: the 1.32 controllers
             # would try them, fail and re-list every few seconds, delaying every event.
             "kubeFeatureGates": "WatchList=false,WatchListClient=false",
+            # kube-controller-manager's default 20 QPS, not the backend, would bound how
+            # fast Jobs run here.
+            "disableQPSLimits": True,
         },
         "componentsPatches": [
             {

@@ -111,6 +111,11 @@ class KanikoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
       temporary failure (and the Job deleted).
     - `pod_labels` / `pod_annotations`: added to the pod template (tests use them to choose
       a kwok outcome).
+    - `log_drain_s` / `log_idle_s`: once the outcome is known, how long the log stream may
+      still deliver lines (at most / after the last line).
+    - `watch_timeout_s`: the server-side timeout of one watch request (then it resumes).
+    - `max_connections`: the API client's connection pool; each build in flight keeps
+      three connections open (two watches, one log stream).
     """
 
     namespace: str = "buildfleet"
@@ -141,6 +146,7 @@ class KanikoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     log_idle_s: float = 0.5
     cancel_wait_s: float = 30.0
     watch_timeout_s: int = 120
+    max_connections: int = 512
 
 
 # --- names and labels -------------------------------------------------------------------
@@ -1100,6 +1106,8 @@ async def _next_events(
 async def load_api_client(settings: KanikoSettings) -> Any:
     """An ApiClient from `settings.kubeconfig`, else in-cluster, else the default kubeconfig."""
     configuration = k8s.Configuration()
+    # Each build in flight holds two watches and a log stream open.
+    configuration.connection_pool_maxsize = settings.max_connections
     try:
         if settings.kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
             load_incluster: Any = k8s_config.load_incluster_config
