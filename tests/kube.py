@@ -24,6 +24,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -152,24 +153,38 @@ def reap_stale_clusters(tools: KubeTools) -> None:
             pid = 0
         if pid and _pid_alive(pid):
             continue
-        name = cluster_dir.name
-        subprocess.run(
-            [
-                str(tools.kwok_bin / "kwokctl"),
-                "--name",
-                name,
-                "delete",
-                "cluster",
-                "--kubeconfig",
-                str(cluster_dir / "kubeconfig.yaml"),
-            ],
-            env={**os.environ, "KWOK_WORKDIR": str(cluster_dir / "kwok")},
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        _kill_components(cluster_dir)
-        shutil.rmtree(cluster_dir, ignore_errors=True)
+        _delete_cluster_dir(tools, cluster_dir)
+
+
+def _delete_cluster_dir(tools: KubeTools, cluster_dir: Path) -> None:
+    subprocess.run(
+        [
+            str(tools.kwok_bin / "kwokctl"),
+            "--name",
+            cluster_dir.name,
+            "delete",
+            "cluster",
+            "--kubeconfig",
+            str(cluster_dir / "kubeconfig.yaml"),
+        ],
+        env={**os.environ, "KWOK_WORKDIR": str(cluster_dir / "kwok")},
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    _kill_components(cluster_dir)
+    shutil.rmtree(cluster_dir, ignore_errors=True)
+
+
+def _watchdog(owner: int, cluster_dir: Path) -> None:
+    """Runs detached next to a cluster: deletes it as soon as its owner process is gone
+    (SIGKILL, a CI timeout), so no control plane outlives the test run."""
+    tools = KubeTools.find()
+    while cluster_dir.exists():
+        if not _pid_alive(owner):
+            _delete_cluster_dir(tools, cluster_dir)
+            return
+        time.sleep(1)
 
 
 def _config_documents(tools: KubeTools, ports: dict[str, int]) -> list[dict[str, Any]]:
@@ -281,6 +296,13 @@ class KubeCluster:
         keys = ["apiserver", "etcd", "etcd_peer", "kcm", "scheduler", "kwok"]
         ports = dict(zip(keys, _free_ports(len(keys)), strict=True))
         cluster = cls(name, cluster_dir, tools, ports, _log_root() / name)
+        subprocess.Popen(
+            [sys.executable, __file__, "--watchdog", str(os.getpid()), str(cluster_dir)],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         config = cluster_dir / "kwokctl.yaml"
         config.write_text(yaml.safe_dump_all(_config_documents(tools, ports), sort_keys=False))
         try:
@@ -413,3 +435,7 @@ def kube_cluster() -> Iterator[KubeCluster]:
 def kubeconfig(kube_cluster: KubeCluster) -> Path:
     """Path of an admin kubeconfig for `kube_cluster`."""
     return kube_cluster.kubeconfig
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--watchdog"]:
+    _watchdog(int(sys.argv[2]), Path(sys.argv[3]))
