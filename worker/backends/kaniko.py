@@ -672,7 +672,7 @@ class _Observed:
             if event == "SYNC":
                 items = cast(list[JSON], payload)
                 self.job = items[0] if items else None
-                self.job_deleted = self.job_seen and not items
+                self.job_deleted = not items  # it was created or adopted before the list
             elif event == "DELETED":
                 self.job, self.job_deleted = None, True
             else:
