@@ -39,6 +39,7 @@ from worker.backends.kaniko import (
     LABEL_MANAGED_BY,
     KanikoBackend,
     KanikoSettings,
+    KanikoStages,
     _LogPosition,
     api_error,
     assess,
@@ -348,6 +349,22 @@ async def test_watch_resumes_after_drop_and_relists_after_410() -> None:
     assert calls == [(False, None), (True, "1"), (True, "2"), (False, None), (True, "5")]
 
 
+def test_kaniko_stages_become_steps() -> None:
+    stages = KanikoStages("b1", 2)
+    assert stages.on_line("INFO[0000] Retrieving image manifest busybox", 1.0) == []
+    (first,) = stages.on_line("INFO[0001] Building stage 'busybox' [idx: '0', base-idx: '-1']", 2.0)
+    assert (first.vertex, first.started, first.completed) == ("stage-0", 2.0, None)
+    assert first.build_id == "b1" and first.attempt == 2
+    done, second = stages.on_line(
+        "INFO[0002] Building stage 'alpine' [idx: '1', base-idx: '0']", 3.0
+    )
+    assert (done.vertex, done.completed, done.error) == ("stage-0", 3.0, None)
+    assert second.name == "stage 1 FROM alpine"
+    (last,) = stages.finish(4.0, "exit 1")
+    assert (last.vertex, last.completed, last.error) == ("stage-1", 4.0, "exit 1")
+    assert stages.finish(5.0, None) == []
+
+
 def test_log_position_skips_replayed_lines() -> None:
     pos = _LogPosition()
     first = ["t1 a", "t2 b", "t2 c"]
@@ -477,6 +494,11 @@ async def test_success_reports_digest_and_streams_logs(
     assert built.digest == digest
     assert "hello from kaniko" in sink.lines
     assert all(e.build_id == request.id and e.attempt == 1 for e in sink.events)
+    steps = [e for e in sink.events if isinstance(e, Step)]
+    assert [(s.vertex, s.completed is not None) for s in steps] == [
+        ("stage-0", False),
+        ("stage-0", True),
+    ]
     (job,) = jobs_of(kube_cluster, namespace, request.id)
     assert job["metadata"]["name"] == job_name(request.id, 1)
     assert job["metadata"]["labels"][LABEL_MANAGED_BY] == "buildfleet"

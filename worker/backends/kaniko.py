@@ -29,6 +29,7 @@ import math
 import os
 import posixpath
 import re
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from producer.contract import BuildRequest, GitSource, LocalSource, Log
+from producer.contract import BuildRequest, GitSource, LocalSource, Log, Step
 from worker.backends.base import BuildJob, Built, ProgressSink
 from worker.errors import BuildError, PermanentBuildError, TemporaryBuildError
 
@@ -583,6 +584,41 @@ def to_result(outcome: Outcome, log_tail: tuple[str, ...] = ()) -> Built | Build
     return PermanentBuildError(message, error_class=outcome.error_class, log_tail=tail)
 
 
+_STAGE_RE: Final = re.compile(r"Building stage '(?P<base>[^']*)' \[idx: '(?P<idx>\d+)'")
+
+
+class KanikoStages:
+    """Kaniko's build stages as `Step` events, read from its log lines (the caller gives
+    the time, so this stays pure): a stage starts at its "Building stage" line and ends
+    when the next one starts or the build ends."""
+
+    def __init__(self, build_id: str, attempt: int) -> None:
+        self.build_id = build_id
+        self.attempt = attempt
+        self._open: Step | None = None
+
+    def on_line(self, text: str, now: float) -> list[Step]:
+        match = _STAGE_RE.search(text)
+        if match is None:
+            return []
+        closed = self.finish(now, None)
+        self._open = Step(
+            build_id=self.build_id,
+            attempt=self.attempt,
+            vertex=f"stage-{match['idx']}",
+            name=f"stage {match['idx']} FROM {match['base']}",
+            started=now,
+        )
+        return [*closed, self._open]
+
+    def finish(self, now: float, error: str | None) -> list[Step]:
+        if self._open is None:
+            return []
+        done = msgspec.structs.replace(self._open, completed=now, error=error)
+        self._open = None
+        return [done]
+
+
 # --- HTTP -> domain errors, in one place ------------------------------------------------
 
 
@@ -858,6 +894,7 @@ class KanikoBackend:
             ),
         ]
         tail: deque[str] = deque(maxlen=settings.log_tail_lines)
+        stages = KanikoStages(job.request.id, job.attempt)
         log_task: asyncio.Task[None] | None = None
         position = _LogPosition()
         state = _Observed()
@@ -883,6 +920,7 @@ class KanikoBackend:
                             tail=tail,
                             state=state,
                             seen=position,
+                            stages=stages,
                         )
                     )
                 outcome = assess(
@@ -896,6 +934,8 @@ class KanikoBackend:
                     continue
                 if log_task is not None:
                     await _drain_logs(log_task, position, settings.log_drain_s, settings.log_idle_s)
+                for step in stages.finish(time.time(), None if outcome.ok else outcome.message):
+                    await progress(step)
                 if outcome.delete_job:
                     await self._delete_job(batch, namespace, name, "Background")
                 result = to_result(outcome, tuple(tail))
@@ -1000,6 +1040,7 @@ class KanikoBackend:
         tail: deque[str],
         state: _Observed,
         seen: _LogPosition,
+        stages: KanikoStages,
     ) -> None:
         """Follow the executor's log into Log events; reconnect (skipping lines already
         sent, by timestamp) while the pod has not ended. Log trouble never fails a build."""
@@ -1023,6 +1064,8 @@ class KanikoBackend:
                         if text is None:
                             continue
                         tail.append(text)
+                        for step in stages.on_line(text, time.time()):
+                            await progress(step)
                         await progress(Log(build_id=job.request.id, attempt=job.attempt, text=text))
                 return
             except asyncio.CancelledError:
