@@ -9,7 +9,7 @@ each in turn with a Lua script that posts realistic, validly signed push payload
 64 repo/branch combinations, a unique X-GitHub-Delivery per request). Prints req/s, p99, the
 ratio to the hello-world, and the wrk command lines that reproduce it (while the servers run).
 
-Internal modes used by the above: `--serve-gateway PORT REDIS_URL`, `--serve-hello PORT`.
+Internal modes used by the above: `--serve-gateway PORT REDIS_URL LOOP`, `--serve-hello PORT`.
 """
 
 from __future__ import annotations
@@ -46,13 +46,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def gateway_settings(port: int) -> object:
+def gateway_settings(port: int, event_loop: str = "auto") -> object:
     from producer.gateway.app import load_gateway_settings
 
     return load_gateway_settings(
         {
             "host": "127.0.0.1",
             "port": port,
+            "event_loop": event_loop,
             "webhook_secrets": [{"repo": "acme/*", "secret": SECRET}],
             "rules": [
                 {
@@ -68,12 +69,12 @@ def gateway_settings(port: int) -> object:
     )
 
 
-def serve_gateway(port: int, redis_url: str) -> None:
+def serve_gateway(port: int, redis_url: str, event_loop: str) -> None:
     from producer.gateway.app import run_gateway
     from producer.gateway.settings import GatewaySettings
     from producer.settings import RedisSettings
 
-    settings = gateway_settings(port)
+    settings = gateway_settings(port, event_loop)
     assert isinstance(settings, GatewaySettings)
     run_gateway(settings, RedisSettings(url=redis_url), on_ready=lambda url: print(url, flush=True))
 
@@ -146,6 +147,15 @@ def wait_http(url: str, timeout: float = 20.0) -> None:
             time.sleep(0.05)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def run_wrk(argv: list[str]) -> tuple[float, float, int, str]:
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -161,11 +171,17 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--serve-gateway", nargs=2, metavar=("PORT", "REDIS_URL"))
+    parser.add_argument(
+        "--event-loop",
+        choices=["auto", "asyncio", "uvloop"],
+        default="auto",
+        help="the gateway's event loop (auto: uvloop when installed); hello-world uses asyncio's",
+    )
+    parser.add_argument("--serve-gateway", nargs=3, metavar=("PORT", "REDIS_URL", "LOOP"))
     parser.add_argument("--serve-hello", metavar="PORT")
     args = parser.parse_args()
     if args.serve_gateway:
-        serve_gateway(int(args.serve_gateway[0]), args.serve_gateway[1])
+        serve_gateway(int(args.serve_gateway[0]), args.serve_gateway[1], args.serve_gateway[2])
         return 0
     if args.serve_hello:
         serve_hello(int(args.serve_hello))
@@ -179,7 +195,10 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     redis_port, gateway_port, hello_port = free_port(), free_port(), free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs.append(
@@ -191,7 +210,9 @@ def main() -> int:
         )  # fmt: skip
         me = [sys.executable, str(Path(__file__).resolve())]
         procs.append(
-            subprocess.Popen([*me, "--serve-gateway", str(gateway_port), redis_url], env=env)
+            subprocess.Popen(
+                [*me, "--serve-gateway", str(gateway_port), redis_url, args.event_loop], env=env
+            )
         )
         procs.append(subprocess.Popen([*me, "--serve-hello", str(hello_port)], env=env))
         wait_http(f"http://127.0.0.1:{gateway_port}/readyz")
@@ -218,8 +239,17 @@ def main() -> int:
             ]
         )
         run_wrk([wrk, "-t1", "-c4", "-d1s", "--latency", f"http://127.0.0.1:{hello_port}/"])
+        gateway_pids = [procs[1].pid]
+        hello_cpu = cpu_seconds([procs[2].pid])
         hello_rate, hello_p99, _, _ = run_wrk(hello_cmd)
+        hello_cpu = cpu_seconds([procs[2].pid]) - hello_cpu
+        gw_cpu = cpu_seconds(gateway_pids)
+        redis_cpu = cpu_seconds([procs[0].pid])
         gw_rate, gw_p99, gw_errors, gw_out = run_wrk(gw_cmd)
+        gw_cpu = cpu_seconds(gateway_pids) - gw_cpu
+        redis_cpu = cpu_seconds([procs[0].pid]) - redis_cpu
+        hello_requests = hello_rate * args.duration
+        gw_requests = gw_rate * args.duration
 
         import redis as sync_redis
 
@@ -233,10 +263,21 @@ def main() -> int:
             r"^buildfleet_gateway_superseded_total (\S+)$", metrics, re.MULTILINE
         )
 
+        from producer.gateway.app import event_loop_factory
+
+        loop = "uvloop" if event_loop_factory(args.event_loop) else "asyncio"
         print(f"payload: {size} bytes signed GitHub push, {len(REPOS) * len(BRANCHES)} repo/refs")
+        print(f"gateway event loop: {loop}; machine load average {os.getloadavg()[0]:.2f}")
         print(f"hello-world   : {hello_rate:10.0f} req/s   p99 {hello_p99:7.2f} ms")
         print(f"gateway /hooks: {gw_rate:10.0f} req/s   p99 {gw_p99:7.2f} ms   non-2xx {gw_errors}")
         print(f"ratio         : {gw_rate / hello_rate:.3f}x  (goal >= 0.15x, p99 < 25 ms)")
+        hello_us = 1e6 * hello_cpu / hello_requests
+        gw_us = 1e6 * gw_cpu / gw_requests
+        print(
+            f"server CPU per request: hello-world {hello_us:.0f} us, gateway {gw_us:.0f} us "
+            f"(+ redis {1e6 * redis_cpu / gw_requests:.0f} us); CPU-bound ratio "
+            f"{hello_us / gw_us:.3f}x  (what an otherwise idle core gives)"
+        )
         print(
             f"builds created: {builds}  still queued: {queued}  "
             f"superseded: {superseded.group(1) if superseded else '?'}"
@@ -244,7 +285,9 @@ def main() -> int:
         print("reproduce (servers as started by this script):")
         print("  " + " ".join(hello_cmd))
         print("  " + " ".join(gw_cmd))
-        print(f"  (python {Path(__file__).name} --serve-gateway PORT REDIS_URL serves the gateway)")
+        print(
+            f"  (python {Path(__file__).name} --serve-gateway PORT REDIS_URL LOOP serves the gateway)"
+        )
         if gw_errors:
             print(gw_out)
         return 0

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import contextlib
 import json
 import logging
+import signal
 import socket
+import subprocess
+import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -38,7 +43,7 @@ from producer.contract import (
     Started,
     Succeeded,
 )
-from producer.gateway.app import GATEWAY, make_app, start_gateway
+from producer.gateway.app import GATEWAY, event_loop_factory, make_app, start_gateway
 from producer.gateway.settings import GatewaySettings
 from producer.store import build_key
 
@@ -807,3 +812,56 @@ async def test_start_gateway_serves_on_a_free_port(fleet: BuildfleetClient) -> N
             assert response.status == 200
     finally:
         await server.aclose()
+
+
+async def test_a_callers_trace_context_reaches_the_build(
+    http: TestClient[web.Request, web.Application], fleet: BuildfleetClient
+) -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    body = body_of(github_push("acme/api"))
+    headers = {**github_headers(body, GH_SECRET), "traceparent": traceparent}
+    reply = await (await http.post("/hooks/github", data=body, headers=headers)).json()
+    state = await fleet.get(reply["builds"][0]["id"])
+    assert state.request is not None
+    assert state.request.trace.traceparent == traceparent
+    headers = {**github_headers(body, GH_SECRET), "traceparent": "garbage"}
+    reply = await (await http.post("/hooks/github", data=body, headers=headers)).json()
+    state = await fleet.get(reply["builds"][0]["id"])
+    assert state.request is not None
+    assert state.request.trace.traceparent is None
+
+
+def test_run_gateway_serves_until_sigterm_then_exits_cleanly(redis_url: str) -> None:
+    port = free_port()
+    script = (
+        "import sys\n"
+        "from producer.gateway.app import load_gateway_settings, run_gateway\n"
+        "from producer.settings import RedisSettings\n"
+        f"settings = load_gateway_settings({{'port': {port}, 'event_loop': 'asyncio'}})\n"
+        f"run_gateway(settings, RedisSettings(url={redis_url!r}),\n"
+        "            on_ready=lambda url: print(url, flush=True))\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as response:
+            assert response.status == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, process.stderr.read() if process.stderr else ""
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_the_event_loop_setting() -> None:
+    assert event_loop_factory("asyncio") is None
+    if importlib.util.find_spec("uvloop") is None:
+        assert event_loop_factory("auto") is None
+        with pytest.raises(ImportError):
+            event_loop_factory("uvloop")
+    else:
+        assert event_loop_factory("auto") is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import importlib
 import logging
 import re
 import signal
@@ -967,7 +968,23 @@ def run_gateway(
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """`buildfleet gateway`: serve until SIGINT or SIGTERM, then drain and stop."""
-    asyncio.run(serve_gateway(settings, redis, queue, on_ready=on_ready))
+    with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
+        runner.run(serve_gateway(settings, redis, queue, on_ready=on_ready))
+
+
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop for `uvloop` (which must be installed) and for `auto` when it is
+    installed; None (asyncio's own) otherwise."""
+    if choice == "asyncio":
+        return None
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 async def serve_gateway(
@@ -986,7 +1003,7 @@ async def serve_gateway(
             loop.add_signal_handler(signum, stop.set)
     try:
         server = await start_gateway(settings, client)
-        log.info("gateway listening on %s", server.url)
+        log.info("gateway listening on %s (%s)", server.url, type(loop).__module__)
         if on_ready is not None:
             on_ready(server.url)
         try:
