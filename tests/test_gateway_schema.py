@@ -77,7 +77,7 @@ def schemathesis_cli() -> str | None:
     return str(beside) if beside.exists() else shutil.which("schemathesis")
 
 
-def test_schemathesis_finds_nothing(gateway_url: str) -> None:
+def test_schemathesis_finds_nothing(gateway_url: str, tmp_path: Path) -> None:
     cli = schemathesis_cli()
     if cli is None:
         pytest.skip("schemathesis is not installed (pip install schemathesis)")
@@ -89,5 +89,7 @@ def test_schemathesis_finds_nothing(gateway_url: str) -> None:
         "--max-examples", "25",
         "--request-timeout", "30",
     ]  # fmt: skip
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=800, check=False)
+    result = subprocess.run(
+        argv, capture_output=True, text=True, timeout=800, check=False, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
