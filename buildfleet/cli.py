@@ -154,6 +154,24 @@ async def _status(config: FleetConfig, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _dlq(config: FleetConfig, args: argparse.Namespace) -> int:
+    async with BuildfleetClient.from_url(config.redis.url, config.queue) as fleet:
+        if args.action == "replay":
+            if not args.build_id:
+                raise UsageError("dlq replay needs the build id")
+            new_id = await fleet.replay(args.build_id)
+            sys.stdout.write(
+                (_json.encode({"id": new_id}).decode() if args.json else new_id) + "\n"
+            )
+            return EXIT_OK
+        for letter in await fleet.dead_letters(count=args.count):
+            if args.json:
+                sys.stdout.write(_json.encode(letter).decode() + "\n")
+            else:
+                sys.stdout.write(f"{letter.build_id}  {letter.reason}\n")
+        return EXIT_OK
+
+
 async def _worker(config: FleetConfig, args: argparse.Namespace) -> int:
     from worker.app import run_worker
 
@@ -161,6 +179,13 @@ async def _worker(config: FleetConfig, args: argparse.Namespace) -> int:
         worker = msgspec.structs.replace(config.worker, concurrency=args.concurrency)
         config = msgspec.structs.replace(config, worker=worker)
     await run_worker(config.for_worker(), burst=args.burst)
+    return EXIT_OK
+
+
+def _gateway(config: FleetConfig, args: argparse.Namespace) -> int:
+    from producer.gateway.app import run_gateway
+
+    run_gateway(config.gateway, config.redis, config.queue)
     return EXIT_OK
 
 
@@ -215,6 +240,9 @@ def make_parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=2)
     up.set_defaults(sync_handler=_up)
 
+    gateway = command("gateway", "the HTTP gateway: webhooks and the REST API")
+    gateway.set_defaults(sync_handler=_gateway)
+
     worker = command("worker", "one worker process")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     worker.add_argument("--concurrency", type=int)
@@ -242,6 +270,11 @@ def make_parser() -> argparse.ArgumentParser:
     events = command("events", "tail the fleet's event stream")
     events.add_argument("--from-start", action="store_true")
     events.set_defaults(handler=_events)
+    dlq = command("dlq", "dead-lettered builds: list them, or replay one")
+    dlq.add_argument("action", choices=("list", "replay"))
+    dlq.add_argument("build_id", nargs="?")
+    dlq.add_argument("--count", type=int, default=50)
+    dlq.set_defaults(handler=_dlq)
     return parser
 
 

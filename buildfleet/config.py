@@ -17,8 +17,10 @@ from typing import Any, Final
 
 import msgspec
 
+from producer.gateway.settings import GatewaySettings
 from producer.settings import QueueSettings, RedisSettings
 from worker.app import WorkerConfig
+from worker.backends.kaniko import KanikoSettings
 from worker.retry import RetrySettings
 from worker.settings import (
     BuildkitSettings,
@@ -42,8 +44,8 @@ class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     buildkit: BuildkitSettings = BuildkitSettings()
     simulate: SimulateSettings = SimulateSettings()
     scheduling: SchedulingSettings = SchedulingSettings()
-    gateway: dict[str, Any] = msgspec.field(default_factory=dict)
-    kaniko: dict[str, Any] = msgspec.field(default_factory=dict)
+    kaniko: KanikoSettings = msgspec.field(default_factory=KanikoSettings)
+    gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
 
     def for_worker(self) -> WorkerConfig:
         return WorkerConfig(
@@ -54,6 +56,7 @@ class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             buildkit=self.buildkit,
             simulate=self.simulate,
             scheduling=self.scheduling,
+            kaniko=self.kaniko,
         )
 
 

@@ -16,9 +16,19 @@ from buildfleet.services import find_tool
 from producer.settings import QueueSettings, RedisSettings
 from worker.app import WorkerConfig, running_worker
 from worker.retry import RetrySettings
-from worker.settings import BuildkitSettings, DaemonSettings, SimulateSettings, WorkerSettings
+from worker.settings import (
+    BuildkitSettings,
+    DaemonSettings,
+    SchedulingSettings,
+    SimulateSettings,
+    WorkerSettings,
+)
 
 FAST_RETRIES = RetrySettings(max_attempts=3, base_delay_s=0.05, max_delay_s=0.2)
+# Short leases, so that recovery after a SIGKILL happens within a test's patience.
+QUICK_RECOVERY = SchedulingSettings(
+    slot_ttl_s=4.0, lease_ttl_s=3.0, reap_interval_s=1.0, health_interval_s=1.0
+)
 INSTANT = SimulateSettings()
 
 
@@ -32,6 +42,7 @@ def worker_config(
     retry: RetrySettings = FAST_RETRIES,
     simulate: SimulateSettings = INSTANT,
     drain_grace_s: float = 0.0,
+    scheduling: SchedulingSettings = QUICK_RECOVERY,
 ) -> WorkerConfig:
     return WorkerConfig(
         redis=RedisSettings(url=redis_url),
@@ -48,6 +59,7 @@ def worker_config(
             buildctl=find_tool("buildctl"),
         ),
         simulate=simulate,
+        scheduling=scheduling,
     )
 
 
@@ -81,6 +93,15 @@ def worker_env(config: WorkerConfig) -> dict[str, str]:
             [{"address": d.address, "max_builds": d.max_builds} for d in config.buildkit.daemons]
         ),
         "BUILDFLEET_SIMULATE_DURATION_S": str(config.simulate.duration_s),
+        **(
+            {"BUILDFLEET_SIMULATE_JOURNAL": config.simulate.journal}
+            if config.simulate.journal
+            else {}
+        ),
+        **{
+            f"BUILDFLEET_SCHEDULING_{name.upper()}": str(getattr(config.scheduling, name))
+            for name in config.scheduling.__struct_fields__
+        },
     }
 
 

@@ -8,6 +8,7 @@ drain (`job_completion_wait`) after which unfinished builds go back to the queue
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,19 +18,23 @@ from typing import Final
 from arq import Worker
 from arq.connections import ArqRedis
 from arq.worker import func
+from redis.exceptions import RedisError
 
 from producer import jobcodec
 from producer.settings import QueueSettings, RedisSettings
 from producer.store import CANCEL_CHANNEL, BuildStore, cancel_notice_decoder
 from worker.backends.base import Backend
 from worker.backends.buildkit import BuildkitBackend
+from worker.backends.kaniko import KanikoBackend, KanikoSettings
 from worker.backends.simulate import SimulateBackend
 from worker.capacity import Capacity, Reaper
+from worker.errors import BuildError
 from worker.retry import RetrySettings
 from worker.runner import BuildRunner
 from worker.scheduling import DaemonHealth, FixedPlacer, LeasedPlacer, Placer
 from worker.settings import (
     BuildkitSettings,
+    DaemonSettings,
     SchedulingSettings,
     SimulateSettings,
     WorkerSettings,
@@ -40,6 +45,7 @@ logger = logging.getLogger("buildfleet.worker")
 # arq's own retry limit and timeout are set out of the way: attempts and timeouts are ours.
 _ARQ_MAX_TRIES: Final = 1_000_000
 _ARQ_TIMEOUT_SLACK_S: Final = 600.0
+_ORPHAN_SWEEP_S: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +59,7 @@ class WorkerConfig:
     buildkit: BuildkitSettings
     simulate: SimulateSettings
     scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
+    kaniko: KanikoSettings = field(default_factory=KanikoSettings)
 
 
 def make_backend(config: WorkerConfig) -> Backend:
@@ -62,14 +69,39 @@ def make_backend(config: WorkerConfig) -> Backend:
         case "simulate":
             return SimulateBackend(config.simulate)
         case "kaniko":
-            raise NotImplementedError("the kaniko backend is wired in by worker.backends.kaniko")
+            return KanikoBackend(config.kaniko)
+
+
+def placement_targets(config: WorkerConfig) -> tuple[DaemonSettings, ...]:
+    """Where builds can go, each with its cap: BuildKit daemons, or the Kaniko namespace."""
+    if config.worker.backend == "kaniko":
+        kaniko = config.kaniko
+        return (DaemonSettings(address=kaniko.namespace, max_builds=kaniko.max_builds),)
+    return config.buildkit.daemons
 
 
 def make_placer(config: WorkerConfig, capacity: Capacity, health: DaemonHealth) -> Placer:
-    """Daemons configured: leased, cache-affine placement; none: builds go nowhere special."""
-    if not config.buildkit.daemons:
+    """Targets configured: leased, cache-affine placement; none: no capacity accounting."""
+    targets = placement_targets(config)
+    if not targets:
         return FixedPlacer(None)
-    return LeasedPlacer(config.buildkit.daemons, capacity, health, config.scheduling)
+    return LeasedPlacer(targets, capacity, health, config.scheduling)
+
+
+async def _reap_orphan_jobs(redis: ArqRedis, queue: str, backend: KanikoBackend) -> None:
+    """Delete Kaniko Jobs whose build is no longer queued, running or waiting to retry.
+
+    A build keeps its arq job in the queue until it ends, so the queue is the set of live
+    builds. A build whose worker died stays live: its re-run adopts the Job.
+    """
+    while True:
+        await asyncio.sleep(_ORPHAN_SWEEP_S)
+        try:
+            live = {member.decode() for member in await redis.zrange(queue, 0, -1)}
+            for name in await backend.reap_orphans(live):
+                logger.info("deleted orphaned Kaniko Job %s", name)
+        except (RedisError, BuildError) as exc:
+            logger.warning("orphaned Job sweep failed: %s", exc)
 
 
 async def _listen_for_cancels(redis: ArqRedis, runner: BuildRunner) -> None:
@@ -127,6 +159,8 @@ async def running_worker(
     if config.worker.backend == "buildkit" and config.buildkit.daemons:
         await health.probe_all()
         chores.append(health.run())
+    if isinstance(backend, KanikoBackend):
+        chores.append(_reap_orphan_jobs(redis, config.queue.name, backend))
     background = [asyncio.create_task(chore) for chore in chores]
     worker = Worker(
         functions=[
@@ -172,4 +206,6 @@ async def run_worker(config: WorkerConfig, *, burst: bool = False) -> None:
             config.worker.concurrency,
             config.queue.name,
         )
-        await worker.async_run()
+        # arq ends its polling task by cancelling it on SIGTERM/SIGINT: a clean stop.
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker.async_run()

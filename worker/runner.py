@@ -163,6 +163,13 @@ class BuildRunner:
             await self._end(current, Cancelled, "cancelled", reason=current.cancel_reason)
         except BuildError as error:
             await self._failed(current, error)
+        except Exception as exc:
+            # A bug or an unforeseen failure must not lose the build: retry, then dead-letter.
+            logger.exception(
+                "build %s: unexpected error in the %s backend", request.id, self.backend.name
+            )
+            unexpected = TemporaryBuildError(f"{type(exc).__name__}: {exc}", error_class="internal")
+            await self._failed(current, unexpected)
         else:
             await self._end(current, Succeeded, "succeeded", digest=built.digest)
 

@@ -22,7 +22,7 @@ import msgspec
 
 from producer.contract import BuildRequest, GitSource, LocalSource
 from worker.backends.base import BuildJob, Built, ProgressSink
-from worker.errors import PermanentBuildError
+from worker.errors import PermanentBuildError, TemporaryBuildError
 from worker.progress import ProgressParser
 from worker.retry import classify
 from worker.settings import BuildkitSettings
@@ -100,7 +100,16 @@ def _check_local_source(request: BuildRequest) -> None:
 
 
 def _read_digest(metadata: Path) -> str | None:
-    return _metadata_decoder.decode(metadata.read_bytes()).digest
+    try:
+        return _metadata_decoder.decode(metadata.read_bytes()).digest
+    except FileNotFoundError as exc:
+        # Seen when buildkitd dies mid-solve: buildctl's status stream ends and it exits 0
+        # without writing the metadata it writes after every export.
+        raise TemporaryBuildError(
+            "buildctl ended without a result: the daemon was lost",
+            error_class="daemon_unreachable",
+            daemon_at_fault=True,
+        ) from exc
 
 
 class BuildkitBackend:
@@ -121,7 +130,7 @@ class BuildkitBackend:
             returncode = await self._run(argv, job.traceparent, parser, progress)
             if returncode != 0:
                 raise self._failure(parser, returncode)
-            return Built(digest=_read_digest(metadata))
+            return Built(digest=_read_digest(metadata) if request.images else None)
 
     def _default_address(self) -> str:
         if not self.settings.daemons:

@@ -33,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal, cast
+from typing import Annotated, Any, Final, Literal, cast
 
 import aiohttp
 import msgspec
@@ -120,6 +120,8 @@ class KanikoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """
 
     namespace: str = "buildfleet"
+    max_builds: Annotated[int, msgspec.Meta(gt=0)] = 20
+    """Jobs at once in the namespace, across the whole fleet (capacity leases)."""
     executor_image: str = DEFAULT_EXECUTOR_IMAGE
     kubeconfig: str | None = None
     context: str | None = None
@@ -765,6 +767,10 @@ class KanikoBackend:
             if self._api is None:
                 self._api = await load_api_client(self.settings)
             return self._api
+
+    async def reap_orphans(self, live_build_ids: set[str]) -> list[str]:
+        """Delete this backend's Jobs whose build has ended or is gone (see reap_orphan_jobs)."""
+        return await reap_orphan_jobs(await self._client(), self.settings.namespace, live_build_ids)
 
     async def aclose(self) -> None:
         if self._api is not None and self._owns_api:
