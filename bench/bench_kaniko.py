@@ -26,11 +26,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from kube import DELAY_ANNOTATION, DIGEST_ANNOTATION, OUTCOME_LABEL, KubeCluster  # noqa: E402
-
 from producer.contract import BuildRequest, GitSource, Log, Step  # noqa: E402
 from worker.backends.base import BuildJob  # noqa: E402
 from worker.backends.kaniko import KanikoBackend, KanikoSettings  # noqa: E402
+
+from kube import DELAY_ANNOTATION, DIGEST_ANNOTATION, OUTCOME_LABEL, KubeCluster  # noqa: E402
 
 DIGEST = "sha256:" + "9" * 64
 

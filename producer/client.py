@@ -24,7 +24,9 @@ from producer.contract import (
     BuildResult,
     BuildState,
     decode_event,
+    decode_request,
     event_kind,
+    new_build_id,
     result_of,
 )
 from producer.settings import QueueSettings, RedisSettings
@@ -46,6 +48,14 @@ class FleetStatus(msgspec.Struct, frozen=True):
     running: int
     workers_alive: int
     dead_letters: int
+
+
+class DeadLetter(msgspec.Struct, frozen=True):
+    build_id: str
+    reason: str
+    at: float
+    request: bytes
+    """The request as it was queued (or the unreadable bytes that were)."""
 
 
 class FleetUnavailable(ConnectionError):
@@ -186,6 +196,36 @@ class BuildfleetClient:
             workers_alive=len(workers),
             dead_letters=dead,
         )
+
+    async def dead_letters(self, count: int = 100) -> list[DeadLetter]:
+        """The newest dead-lettered builds, newest first, with their full requests."""
+        try:
+            entries = await self.redis.xrevrange(DEAD_LETTER_STREAM, count=count)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise FleetUnavailable(f"cannot read dead letters: Redis unreachable ({exc})") from exc
+        return [
+            DeadLetter(
+                build_id=fields[b"build_id"].decode(),
+                reason=fields[b"reason"].decode(errors="replace"),
+                at=float(fields[b"at"]),
+                request=fields[b"request"],
+            )
+            for _entry_id, fields in entries
+        ]
+
+    async def replay(self, build_id: str) -> str:
+        """Submit a dead-lettered build again, as a new build labelled `replay-of`."""
+        for letter in await self.dead_letters(count=10_000):
+            if letter.build_id == build_id:
+                original = decode_request(letter.request)
+                again = msgspec.structs.replace(
+                    original,
+                    id=new_build_id(),
+                    submitted_at=0.0,
+                    labels={**original.labels, "replay-of": build_id},
+                )
+                return await self.submit(again)
+        raise BuildNotFound(build_id)
 
     async def wait(self, build_id: str) -> BuildResult:
         """The result, once the build has ended."""

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from gitrepos import GitServer
 
 from buildfleet import services
 from buildfleet.services import Service
+
+from gitrepos import GitServer
 
 if (Path(__file__).parent / "kube.py").exists():
     pytest_plugins = ["kube"]  # kube_cluster / kubeconfig fixtures (Kaniko backend tests)

@@ -20,16 +20,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-# tests/ is on sys.path (conftest.py loads `kube` as a plugin: the kube_cluster and
-# kubeconfig session fixtures come from there).
-from kube import (
-    DELAY_ANNOTATION,
-    DIGEST_ANNOTATION,
-    FAIL_LOG_NAMESPACE,
-    OUTCOME_LABEL,
-    KubeCluster,
-)
-
 from producer.contract import BuildRequest, CachePolicy, GitSource, LocalSource, Log, Step
 from worker.backends.base import BuildJob
 from worker.backends.kaniko import (
@@ -53,6 +43,16 @@ from worker.backends.kaniko import (
     to_result,
 )
 from worker.errors import PermanentBuildError, TemporaryBuildError
+
+# tests/ is on sys.path (conftest.py loads `kube` as a plugin: the kube_cluster and
+# kubeconfig session fixtures come from there).
+from kube import (
+    DELAY_ANNOTATION,
+    DIGEST_ANNOTATION,
+    FAIL_LOG_NAMESPACE,
+    OUTCOME_LABEL,
+    KubeCluster,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -13,9 +13,6 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 from arq.constants import job_key_prefix
-from fleet import worker_config, worker_in_task, worker_processes
-from gitrepos import GitServer
-from registry import served_digest
 
 from producer.client import BuildfleetClient
 from producer.contract import (
@@ -35,6 +32,10 @@ from producer.contract import (
 )
 from producer.store import EVENT_FIELD, EVENTS_STREAM
 from worker.settings import SimulateSettings
+
+from fleet import worker_config, worker_in_task, worker_processes
+from gitrepos import GitServer
+from registry import served_digest
 
 pytestmark = pytest.mark.timeout(600)
 

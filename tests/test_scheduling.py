@@ -17,7 +17,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from buildfleet import services
-from fleet import QUICK_RECOVERY, worker_config, worker_in_task, worker_processes
 from producer.client import BuildfleetClient
 from producer.contract import (
     BuildRequest,
@@ -30,10 +29,13 @@ from producer.contract import (
 )
 from producer.settings import QueueSettings
 from producer.store import EVENT_FIELD, EVENTS_STREAM
+from worker.app import WorkerConfig
 from worker.capacity import Capacity
 from worker.routing import rank
 from worker.scheduling import DaemonHealth, LeasedPlacer
 from worker.settings import DaemonSettings, SimulateSettings
+
+from fleet import QUICK_RECOVERY, worker_config, worker_in_task, worker_processes
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -130,7 +132,7 @@ async def test_a_dead_holders_slot_frees_itself(redis: aioredis.Redis, tmp_path:
     assert await Capacity(redis, settings).acquire("other", [(DAEMONS[0], 1)]) == DAEMONS[0]
 
 
-def _fleet_config(redis_url: str, journal: Path, duration: float = 0.3):
+def _fleet_config(redis_url: str, journal: Path, duration: float = 0.3) -> WorkerConfig:
     return worker_config(
         redis_url,
         backend="simulate",

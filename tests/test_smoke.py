@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from gitrepos import GitServer
 
 from buildfleet import services
+
+from gitrepos import GitServer
 
 STEP = re.compile(r"^\[\d+/\d+\] ")
 MANIFEST_TYPES = ", ".join(
