@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Final, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 import msgspec
 from aiohttp import web
@@ -256,12 +256,16 @@ class Coalescer(Generic[_In, _Out]):
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def __call__(self, item: _In) -> _Out:
+        return await self.enqueue(item)
+
+    def enqueue(self, item: _In) -> asyncio.Future[_Out]:
+        """Queue `item` for this turn's batch; the future holds its output."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_Out] = loop.create_future()
         self._pending.append((item, future))
         if len(self._pending) == 1:
             loop.call_soon(self._flush)
-        return await future
+        return future
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
@@ -332,6 +336,7 @@ class Gateway:
         )
         self._latest: Coalescer[list[str], list[Any]] = Coalescer(self._latest_batch)
         self._cancels: Coalescer[tuple[str, str], CancelOutcome] = Coalescer(self._cancel_batch)
+        self._cancels_many = isinstance(client.store, _CancelsMany)
         self._swap = self.redis.register_script(_SWAP)
         self._build_key_prefix = build_key("")
 
@@ -389,9 +394,7 @@ class Gateway:
                 replaced = await self._swap_latest(requests, running_too)
                 superseded = await self._cancel_replaced(replaced)
             else:
-                superseded, _ = await asyncio.gather(
-                    self._cancel_replaced(replaced), self._cancel_if_overtaken(requests)
-                )
+                superseded = await self._cancel_replaced(replaced, overtaken_check=requests)
             self.metrics.builds.inc("webhook", amount=len(requests))
         self.metrics.enqueue.observe(time.perf_counter() - started)
         self.metrics.webhooks.inc(forge, "push" if requests else "no_build")
@@ -504,45 +507,48 @@ class Gateway:
         )
         return _replaced(keyed, reply)
 
-    async def _cancel_replaced(self, replaced: Sequence[_Replaced]) -> list[_Superseded]:
-        """Cancel the builds the new ones replace: queued ones, running ones if so asked."""
+    async def _cancel_replaced(
+        self,
+        replaced: Sequence[_Replaced],
+        overtaken_check: Sequence[BuildRequest] = (),
+    ) -> list[_Superseded]:
+        """Cancel the builds the new ones replace: queued ones, running ones if so asked.
+        With `overtaken_check`, also cancel those of these (just enqueued) builds that a
+        newer push has replaced meanwhile; both go out in the same round trip."""
         cancels = [
             r
             for r in replaced
             if r.status in _QUEUED_STATUSES or (r.cancel_running and r.status == "running")
         ]
-        if not cancels:
-            return []
-        outcomes = await asyncio.gather(*(self._supersede_one(r) for r in cancels))
+        keyed = [r for r in overtaken_check if r.supersede_key]
+        latest = (
+            self._latest.enqueue([f"{SUPERSEDE_PREFIX}{r.supersede_key}" for r in keyed])
+            if keyed and self.settings.supersede.enabled
+            else None
+        )
+        outcomes = await asyncio.gather(
+            *(self._cancels.enqueue((r.old_id, f"superseded by {r.new_id}")) for r in cancels)
+        )
         done = []
         for r, outcome in zip(cancels, outcomes, strict=True):
             if outcome in (CancelOutcome.CANCELLED, CancelOutcome.SIGNALLED):
                 self.metrics.superseded.inc()
                 done.append(_Superseded(r.old_id, r.new_id, outcome.value))
+        if latest is not None:
+            await self._cancel_overtaken(keyed, await latest)
         return done
 
-    async def _supersede_one(self, replaced: _Replaced) -> CancelOutcome:
-        # A build whose status is '' is not enqueued yet: a push still on its way recorded
-        # it. That push cancels its own build when it finds it was overtaken.
-        return await self._cancel_quietly(replaced.old_id, f"superseded by {replaced.new_id}")
-
-    async def _cancel_if_overtaken(self, requests: Sequence[BuildRequest]) -> None:
-        """After enqueuing builds recorded as latest before they existed: cancel each one a
-        newer push has replaced meanwhile (that push could not cancel it: it was not there).
-        With this, one of the two always cancels the older build, whatever the interleaving."""
-        keyed = [r for r in requests if r.supersede_key] if self.settings.supersede.enabled else []
-        if not keyed:
-            return
-        latest = await self._latest([f"{SUPERSEDE_PREFIX}{r.supersede_key}" for r in keyed])
-        overtaken = [
-            (r.id, _text(now)) for r, now in zip(keyed, latest, strict=True) if _text(now) != r.id
-        ]
-        for old_id, new_id in overtaken:
-            if new_id and await self._cancel_quietly(old_id, f"superseded by {new_id}") in (
-                CancelOutcome.CANCELLED,
-                CancelOutcome.SIGNALLED,
-            ):
-                self.metrics.superseded.inc()
+    async def _cancel_overtaken(self, keyed: Sequence[BuildRequest], latest: Sequence[Any]) -> None:
+        """Builds recorded as latest before they were enqueued may have been replaced by a
+        newer push meanwhile, which could not cancel them (they were not there yet): they
+        cancel themselves. With this, one of the two always cancels the older build,
+        whatever the interleaving."""
+        for request, now in zip(keyed, latest, strict=True):
+            newer = _text(now)
+            if newer and newer != request.id:
+                outcome = await self._cancel_quietly(request.id, f"superseded by {newer}")
+                if outcome in (CancelOutcome.CANCELLED, CancelOutcome.SIGNALLED):
+                    self.metrics.superseded.inc()
 
     async def _cancel_quietly(self, build_id: str, reason: str) -> CancelOutcome:
         """Cancel, batched with the other cancels of this event-loop turn."""
@@ -551,8 +557,8 @@ class Gateway:
     async def _cancel_batch(self, items: list[tuple[str, str]]) -> list[CancelOutcome]:
         store = self.client.store
         try:
-            if isinstance(store, _CancelsMany):  # one pipeline for them all
-                return list(await store.cancel_many(items))
+            if self._cancels_many:  # one pipeline for them all
+                return list(await cast(_CancelsMany, store).cancel_many(items))
             return list(await asyncio.gather(*(store.cancel(i, reason) for i, reason in items)))
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise FleetUnavailable(f"cannot cancel: Redis unreachable ({exc})") from exc
