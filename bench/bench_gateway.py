@@ -9,7 +9,7 @@ each in turn with a Lua script that posts realistic, validly signed push payload
 64 repo/branch combinations, a unique X-GitHub-Delivery per request). Prints req/s, p99, the
 ratio to the hello-world, and the wrk command lines that reproduce it (while the servers run).
 
-Internal modes used by the above: `--serve-gateway PORT REDIS_URL LOOP`, `--serve-hello PORT`.
+Internal modes used by the above: `--serve-gateway PORT REDIS_URL LOOP on|off`, `--serve-hello PORT`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def gateway_settings(port: int, event_loop: str = "auto") -> object:
+def gateway_settings(port: int, event_loop: str = "auto", supersede: bool = True) -> object:
     from producer.gateway.app import load_gateway_settings
 
     return load_gateway_settings(
@@ -54,6 +54,7 @@ def gateway_settings(port: int, event_loop: str = "auto") -> object:
             "host": "127.0.0.1",
             "port": port,
             "event_loop": event_loop,
+            "supersede": {"enabled": supersede},
             "webhook_secrets": [{"repo": "acme/*", "secret": SECRET}],
             "rules": [
                 {
@@ -69,12 +70,12 @@ def gateway_settings(port: int, event_loop: str = "auto") -> object:
     )
 
 
-def serve_gateway(port: int, redis_url: str, event_loop: str) -> None:
+def serve_gateway(port: int, redis_url: str, event_loop: str, supersede: bool) -> None:
     from producer.gateway.app import run_gateway
     from producer.gateway.settings import GatewaySettings
     from producer.settings import RedisSettings
 
-    settings = gateway_settings(port, event_loop)
+    settings = gateway_settings(port, event_loop, supersede)
     assert isinstance(settings, GatewaySettings)
     run_gateway(settings, RedisSettings(url=redis_url), on_ready=lambda url: print(url, flush=True))
 
@@ -177,11 +178,19 @@ def main() -> int:
         default="auto",
         help="the gateway's event loop (auto: uvloop when installed); hello-world uses asyncio's",
     )
-    parser.add_argument("--serve-gateway", nargs=3, metavar=("PORT", "REDIS_URL", "LOOP"))
+    parser.add_argument(
+        "--no-supersede",
+        action="store_true",
+        help="turn supersede off: pushes only enqueue (no cancel of the older queued build)",
+    )
+    parser.add_argument(
+        "--serve-gateway", nargs=4, metavar=("PORT", "REDIS_URL", "LOOP", "SUPERSEDE")
+    )
     parser.add_argument("--serve-hello", metavar="PORT")
     args = parser.parse_args()
     if args.serve_gateway:
-        serve_gateway(int(args.serve_gateway[0]), args.serve_gateway[1], args.serve_gateway[2])
+        port, url, loop, supersede = args.serve_gateway
+        serve_gateway(int(port), url, loop, supersede == "on")
         return 0
     if args.serve_hello:
         serve_hello(int(args.serve_hello))
@@ -211,7 +220,15 @@ def main() -> int:
         me = [sys.executable, str(Path(__file__).resolve())]
         procs.append(
             subprocess.Popen(
-                [*me, "--serve-gateway", str(gateway_port), redis_url, args.event_loop], env=env
+                [
+                    *me,
+                    "--serve-gateway",
+                    str(gateway_port),
+                    redis_url,
+                    args.event_loop,
+                    "off" if args.no_supersede else "on",
+                ],
+                env=env,
             )
         )
         procs.append(subprocess.Popen([*me, "--serve-hello", str(hello_port)], env=env))
@@ -267,7 +284,10 @@ def main() -> int:
 
         loop = "uvloop" if event_loop_factory(args.event_loop) else "asyncio"
         print(f"payload: {size} bytes signed GitHub push, {len(REPOS) * len(BRANCHES)} repo/refs")
-        print(f"gateway event loop: {loop}; machine load average {os.getloadavg()[0]:.2f}")
+        print(
+            f"gateway event loop: {loop}; supersede {'off' if args.no_supersede else 'on'}; "
+            f"machine load average {os.getloadavg()[0]:.2f}"
+        )
         print(f"hello-world   : {hello_rate:10.0f} req/s   p99 {hello_p99:7.2f} ms")
         print(f"gateway /hooks: {gw_rate:10.0f} req/s   p99 {gw_p99:7.2f} ms   non-2xx {gw_errors}")
         print(f"ratio         : {gw_rate / hello_rate:.3f}x  (goal >= 0.15x, p99 < 25 ms)")
@@ -280,13 +300,13 @@ def main() -> int:
         )
         print(
             f"builds created: {builds}  still queued: {queued}  "
-            f"superseded: {superseded.group(1) if superseded else '?'}"
+            f"superseded: {superseded.group(1) if superseded else 0}"
         )
         print("reproduce (servers as started by this script):")
         print("  " + " ".join(hello_cmd))
         print("  " + " ".join(gw_cmd))
         print(
-            f"  (python {Path(__file__).name} --serve-gateway PORT REDIS_URL LOOP serves the gateway)"
+            f"  (python {Path(__file__).name} --serve-gateway PORT REDIS_URL LOOP on|off serves the gateway)"
         )
         if gw_errors:
             print(gw_out)
