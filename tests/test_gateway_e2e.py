@@ -13,15 +13,16 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 from arq.constants import in_progress_key_prefix
-from fleet import worker_config, worker_in_task
-from gitrepos import GitServer
-from registry import served_digest
 from test_gateway_payloads import body_of, github_headers, github_push
 
 from producer.client import BuildfleetClient
 from producer.gateway.app import make_app
 from producer.gateway.settings import GatewaySettings
 from producer.settings import QueueSettings
+
+from fleet import worker_config, worker_in_task
+from gitrepos import GitServer
+from registry import served_digest
 
 pytestmark = pytest.mark.timeout(600)
 

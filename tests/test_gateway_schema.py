@@ -19,11 +19,12 @@ from typing import Any
 
 import msgspec
 import pytest
-from fleet import worker_config, worker_in_task
 
 from producer.client import BuildfleetClient
 from producer.gateway.app import GatewayServer, start_gateway
 from producer.gateway.settings import GatewaySettings
+
+from fleet import worker_config, worker_in_task
 
 pytestmark = pytest.mark.timeout(900)
 TOKEN = "schema-token"
