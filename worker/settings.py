@@ -66,5 +66,10 @@ class SchedulingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     reap_interval_s: PositiveFloat = 2.0
     health_interval_s: PositiveFloat = 5.0
     probe_timeout_s: PositiveFloat = 5.0
-    capacity_poll_max_s: PositiveFloat = 1.0
+    capacity_poll_max_s: PositiveFloat = 0.25
     """Longest pause between two tries for a slot while every daemon is full."""
+    affinity_patience_s: NonNegativeFloat = 60.0
+    """While every daemon is full, how long a build waits for a slot on one of the daemons
+    holding its cache before it takes a slot anywhere. (With room anywhere it never waits.)"""
+    affinity_width: PositiveInt = 2
+    """How many daemons, first in rank, count as holding a repository's cache."""
