@@ -245,6 +245,8 @@ def _decode(decoder: msgspec.json.Decoder[_T], data: bytes | str, what: str) -> 
         return decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise ContractError(f"invalid {what}: {exc}") from exc
+    except RecursionError as exc:
+        raise ContractError(f"invalid {what}: JSON nested too deeply") from exc
 
 
 class _Kind(msgspec.Struct):

@@ -20,6 +20,8 @@ from typing import Any, Final, cast
 import msgspec
 from arq.constants import job_key_prefix
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from producer import jobcodec
 from producer.contract import (
@@ -96,16 +98,17 @@ return 1
 """
 )
 
-# ARGV: id, cancelled event, result, ttl, maxlen, cancel notice. A build still waiting in
-# the queue ends here; a running one is flagged and its worker told on the cancel channel.
+# ARGV: id, cancelled event, result, ttl, maxlen, cancel notice, only-queued flag. A build
+# still waiting in the queue ends here; a running one is flagged and its worker told on the
+# cancel channel (or, with only-queued, left alone).
 _CANCEL: Final = (
     _TERMINAL_LUA
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'unknown' end
 if terminal[status] then return 'ended' end
-redis.call('HSET', KEYS[1], 'cancel', '1')
-if (status == 'queued' or status == 'retrying') and redis.call('ZREM', KEYS[4], ARGV[1]) == 1 then
+local waiting = status == 'queued' or status == 'retrying'
+if waiting and redis.call('ZREM', KEYS[4], ARGV[1]) == 1 then
   redis.call('DEL', KEYS[5])
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'result', ARGV[3])
   redis.call('XADD', KEYS[2], '*', 'event', ARGV[2])
@@ -114,6 +117,8 @@ if (status == 'queued' or status == 'retrying') and redis.call('ZREM', KEYS[4], 
   redis.call('EXPIRE', KEYS[2], ARGV[4])
   return 'cancelled'
 end
+if ARGV[7] == '1' then return 'left_running' end
+redis.call('HSET', KEYS[1], 'cancel', '1')
 redis.call('PUBLISH', KEYS[6], ARGV[6])
 return 'signalled'
 """
@@ -138,6 +143,8 @@ return 1
 
 _DEAD_LETTERS_MAXLEN: Final = 10_000
 
+ScriptCall = tuple[AsyncScript, list[str], list[Any]]
+
 
 class CancelOutcome(Enum):
     CANCELLED = "cancelled"
@@ -146,6 +153,8 @@ class CancelOutcome(Enum):
     """It is running; its worker stops it and publishes Cancelled."""
     ENDED = "ended"
     """It had already ended; nothing changed."""
+    LEFT_RUNNING = "left_running"
+    """It had started, and only queued builds were to be cancelled."""
     UNKNOWN = "unknown"
 
 
@@ -195,6 +204,7 @@ class BuildStore:
         self._publish = redis.register_script(_PUBLISH)
         self._cancel = redis.register_script(_CANCEL)
         self._reschedule = redis.register_script(_RESCHEDULE)
+        self._scripts_loaded = False
         self._pending: list[tuple[list[str], list[Any], asyncio.Future[PublishOutcome] | None]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -203,36 +213,57 @@ class BuildStore:
             return now_ms - int(self.queue.interactive_head_start_s * 1000)
         return now_ms
 
+    async def _run_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Run many script calls in one pipelined round trip, by sha.
+
+        (redis-py's Script objects in a pipeline cost an extra SCRIPT EXISTS round trip per
+        pipeline; here scripts are loaded once, and again only if Redis lost them.)
+        """
+        for _ in range(2):
+            if not self._scripts_loaded:
+                for script in (self._submit, self._publish, self._cancel, self._reschedule):
+                    await self.redis.script_load(script.script)
+                self._scripts_loaded = True
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for script, keys, args in calls:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if not any(isinstance(reply, NoScriptError) for reply in replies):
+                for reply in replies:
+                    if isinstance(reply, Exception):
+                        raise reply
+                return replies
+            self._scripts_loaded = False  # Redis restarted or flushed its scripts
+        raise AssertionError("unreachable: scripts were just loaded")
+
     async def submit_many(self, requests: Sequence[BuildRequest]) -> list[Submission]:
         """Enqueue every request in one round trip; an id that exists already is left as is."""
         now = time.time()
         now_ms = int(now * 1000)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for request in requests:
-                stamped = request if request.submitted_at else _with_submitted_at(request, now)
-                request_json = encode(stamped)
-                queued = Queued(build_id=request.id, at=now, priority=request.priority)
-                await self._submit(
-                    keys=[
-                        build_key(request.id),
-                        events_key(request.id),
-                        EVENTS_STREAM,
-                        job_key_prefix + request.id,
-                        self.queue.name,
-                    ],
-                    args=[
-                        request.id,
-                        request_json,
-                        encode(queued),
-                        jobcodec.build_envelope(request_json, now_ms),
-                        self._score_ms(request, now_ms),
-                        _PENDING_TTL_S * 1000,
-                        _PENDING_TTL_S,
-                        self.queue.events_maxlen,
-                    ],
-                    client=pipe,
-                )
-            created = await pipe.execute()
+        calls: list[ScriptCall] = []
+        for request in requests:
+            stamped = request if request.submitted_at else _with_submitted_at(request, now)
+            request_json = encode(stamped)
+            queued = Queued(build_id=request.id, at=now, priority=request.priority)
+            keys = [
+                build_key(request.id),
+                events_key(request.id),
+                EVENTS_STREAM,
+                job_key_prefix + request.id,
+                self.queue.name,
+            ]
+            args = [
+                request.id,
+                request_json,
+                encode(queued),
+                jobcodec.build_envelope(request_json, now_ms),
+                self._score_ms(request, now_ms),
+                _PENDING_TTL_S * 1000,
+                _PENDING_TTL_S,
+                self.queue.events_maxlen,
+            ]
+            calls.append((self._submit, keys, args))
+        created = await self._run_scripts(calls)
         return [
             Submission(request.id, bool(flag))
             for request, flag in zip(requests, created, strict=True)
@@ -299,10 +330,9 @@ class BuildStore:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for keys, args, _ in batch:
-                        await self._publish(keys=keys, args=args, client=pipe)
-                    replies = await pipe.execute()
+                replies = await self._run_scripts(
+                    [(self._publish, keys, args) for keys, args, _ in batch]
+                )
             except Exception as exc:  # handed to every publisher waiting on this batch
                 logger.warning("publishing %d events failed: %s", len(batch), exc)
                 for _, _, outcome in batch:
@@ -353,29 +383,42 @@ class BuildStore:
         )
 
     async def cancel(self, build_id: str, reason: str) -> CancelOutcome:
-        result = BuildResult(
-            build_id=build_id, status="cancelled", error=reason, finished_at=time.time()
-        )
-        event = Cancelled(build_id=build_id, result=result, reason=reason)
-        outcome = await self._cancel(
-            keys=[
+        [outcome] = await self.cancel_many([(build_id, reason)])
+        return outcome
+
+    async def cancel_many(
+        self, cancels: Sequence[tuple[str, str]], *, only_queued: bool = False
+    ) -> list[CancelOutcome]:
+        """Cancel (build id, reason) pairs in one round trip. With `only_queued`, a build
+        that has started is left running (CancelOutcome.LEFT_RUNNING)."""
+        calls: list[ScriptCall] = []
+        for build_id, reason in cancels:
+            result = BuildResult(
+                build_id=build_id, status="cancelled", error=reason, finished_at=time.time()
+            )
+            event = Cancelled(build_id=build_id, result=result, reason=reason)
+            keys = [
                 build_key(build_id),
                 events_key(build_id),
                 EVENTS_STREAM,
                 self.queue.name,
                 job_key_prefix + build_id,
                 CANCEL_CHANNEL,
-            ],
-            args=[
+            ]
+            args = [
                 build_id,
                 encode(event),
                 encode(result),
                 self.queue.result_ttl_s,
                 self.queue.events_maxlen,
                 encode(CancelNotice(build_id=build_id, reason=reason)),
-            ],
-        )
-        return CancelOutcome(outcome.decode() if isinstance(outcome, bytes) else outcome)
+                "1" if only_queued else "",
+            ]
+            calls.append((self._cancel, keys, args))
+        return [
+            CancelOutcome(reply.decode() if isinstance(reply, bytes) else reply)
+            for reply in await self._run_scripts(calls)
+        ]
 
     async def state(self, build_id: str) -> BuildState | None:
         fields: list[bytes | None] = await self.redis.hmget(  # type: ignore[misc]

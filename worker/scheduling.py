@@ -3,8 +3,9 @@
 `LeasedPlacer` ranks the healthy daemons for the build's cache key (worker.routing), takes
 the first free slot in that order (worker.capacity, atomic in Redis), and waits with
 backoff while every daemon is full: for a while only for the daemons that hold its cache,
-since a warm build after a short wait beats a cold one elsewhere. `DaemonHealth` probes each daemon with `buildctl debug
-workers`; a daemon that fails is left out until a probe succeeds again.
+since a warm build after a short wait beats a cold one elsewhere. `DaemonHealth` probes
+each daemon with `buildctl debug workers`; a daemon that fails is left out until a probe
+succeeds again.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Generic, Protocol, TypeVar, cast, runtime_checkable
+from typing import Any, Final, Generic, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -230,13 +230,6 @@ class _Superseded:
     outcome: str
 
 
-@runtime_checkable
-class _CancelsMany(Protocol):
-    """`BuildStore.cancel_many`, once the store has it: many cancels in one round trip."""
-
-    async def cancel_many(self, items: Sequence[tuple[str, str]]) -> Sequence[CancelOutcome]: ...
-
-
 _In = TypeVar("_In")
 _Out = TypeVar("_Out")
 
@@ -336,7 +329,6 @@ class Gateway:
         )
         self._latest: Coalescer[list[str], list[Any]] = Coalescer(self._latest_batch)
         self._cancels: Coalescer[tuple[str, str], CancelOutcome] = Coalescer(self._cancel_batch)
-        self._cancels_many = isinstance(client.store, _CancelsMany)
         self._swap = self.redis.register_script(_SWAP)
         self._build_key_prefix = build_key("")
 
@@ -555,11 +547,8 @@ class Gateway:
         return await self._cancels((build_id, reason))
 
     async def _cancel_batch(self, items: list[tuple[str, str]]) -> list[CancelOutcome]:
-        store = self.client.store
         try:
-            if self._cancels_many:  # one pipeline for them all
-                return list(await cast(_CancelsMany, store).cancel_many(items))
-            return list(await asyncio.gather(*(store.cancel(i, reason) for i, reason in items)))
+            return await self.client.store.cancel_many(items)  # one round trip for them all
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise FleetUnavailable(f"cannot cancel: Redis unreachable ({exc})") from exc
 
