@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import statistics
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from producer.contract import BuildRequest, LocalSource
 from producer.settings import QueueSettings, RedisSettings
 from worker.app import WorkerConfig, running_worker
 from worker.retry import RetrySettings
-from worker.settings import BuildkitSettings, SimulateSettings, WorkerSettings
+from worker.settings import BuildkitSettings, DaemonSettings, SimulateSettings, WorkerSettings
 
 POLL_DELAY_S = 0.01
 MAX_JOBS = 100
@@ -56,13 +57,20 @@ async def drain_bare_arq(redis_url: str) -> float:
     return elapsed
 
 
-async def drain_buildfleet(redis_url: str) -> float:
+async def drain_buildfleet(redis_url: str, leased: bool = False) -> float:
+    """Simulated builds; `leased` adds capacity slots and routing over two (fake) daemons
+    with room to spare, to measure what they cost."""
+    daemons = (
+        tuple(DaemonSettings(address=f"tcp://daemon-{n}:1234", max_builds=MAX_JOBS) for n in (1, 2))
+        if leased
+        else ()
+    )
     config = WorkerConfig(
         redis=RedisSettings(url=redis_url),
         queue=QueueSettings(),
         worker=WorkerSettings(backend="simulate", concurrency=MAX_JOBS, poll_delay_s=POLL_DELAY_S),
         retry=RetrySettings(),
-        buildkit=BuildkitSettings(),
+        buildkit=BuildkitSettings(daemons=daemons),
         simulate=SimulateSettings(duration_s=0.0),
     )
     async with running_worker(config, burst=True) as worker:
@@ -111,18 +119,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--child", choices=["arq", "buildfleet"])
+    parser.add_argument("--child", choices=["arq", "buildfleet", "buildfleet-leased"])
     parser.add_argument("--redis-url")
     args = parser.parse_args()
     if args.child:
-        drain = drain_bare_arq if args.child == "arq" else drain_buildfleet
-        print(asyncio.run(drain(args.redis_url)))
+        drains = {
+            "arq": drain_bare_arq,
+            "buildfleet": drain_buildfleet,
+            "buildfleet-leased": functools.partial(drain_buildfleet, leased=True),
+        }
+        print(asyncio.run(drains[args.child](args.redis_url)))
         return
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-dispatch-"))
     redis = start_redis(workdir)
     arq_runs: list[float] = []
     fleet_runs: list[float] = []
+    leased_runs: list[float] = []
     try:
         url = redis.address
         # Alternate the two, so that a noisy neighbour slows both alike.
@@ -135,10 +148,14 @@ def main() -> None:
             fleet_runs.append(run_child("buildfleet", url))
             events = asyncio.run(count_terminal(url))
             assert events == 3 * args.jobs, f"expected {3 * args.jobs} events, saw {events}"
+            subprocess.run(["redis-cli", "-u", url, "FLUSHALL"], check=True, capture_output=True)
+            asyncio.run(fill_buildfleet(url, args.jobs))
+            leased_runs.append(run_child("buildfleet-leased", url))
     finally:
         redis.stop()
     arq_s, fleet_s = statistics.median(arq_runs), statistics.median(fleet_runs)
-    arq_rate, fleet_rate = args.jobs / arq_s, args.jobs / fleet_s
+    leased_s = statistics.median(leased_runs)
+    arq_rate, fleet_rate, leased_rate = args.jobs / arq_s, args.jobs / fleet_s, args.jobs / leased_s
     print(
         f"jobs: {args.jobs} x {args.rounds} rounds (medians), one worker process, "
         f"poll_delay {POLL_DELAY_S}s, max_jobs {MAX_JOBS}"
@@ -146,6 +163,8 @@ def main() -> None:
     print(f"bare arq no-op jobs:        {arq_rate:8.0f} jobs/s  ({arq_s:.2f} s)")
     print(f"buildfleet simulate builds: {fleet_rate:8.0f} builds/s ({fleet_s:.2f} s)")
     print(f"ratio buildfleet / arq:     {fleet_rate / arq_rate:8.2f}  (goal >= 0.75)")
+    print(f"with capacity and routing:  {leased_rate:8.0f} builds/s ({leased_s:.2f} s)")
+    print(f"ratio with / without them:  {leased_rate / fleet_rate:8.2f}  (goal >= 0.8)")
     print("each build: Queued, Started and Succeeded events, result stored")
     print(
         f"reproduce: .venv/bin/python bench/bench_dispatch.py --jobs {args.jobs} --rounds {args.rounds}"
