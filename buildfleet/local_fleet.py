@@ -1,20 +1,30 @@
 """`buildfleet up`: a whole fleet on this machine, stopped cleanly by Ctrl-C.
 
 Real services on free loopback ports (Redis unless `BUILDFLEET_REDIS_URL` names one, a
-registry, buildkitd, a git daemon, a base image), then worker processes pointed at them.
+registry, buildkitd, a git daemon, a base image), then worker processes and the HTTP
+gateway pointed at them. The gateway's API token is made up for this fleet and printed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 from buildfleet.config import FleetConfig
-from buildfleet.services import LocalFleetServices, Service, find_tool, spawn
+from buildfleet.services import (
+    LocalFleetServices,
+    Service,
+    find_tool,
+    free_port,
+    spawn,
+    wait_ready,
+)
 
 
 def _worker_env(fleet: LocalFleetServices, redis_url: str) -> dict[str, str]:
@@ -36,6 +46,31 @@ def _start_workers(fleet: LocalFleetServices, redis_url: str, count: int) -> lis
     ]
 
 
+def _start_gateway(fleet: LocalFleetServices, redis_url: str, token: str) -> Service:
+    port = free_port()
+    env = {
+        **os.environ,
+        "BUILDFLEET_REDIS_URL": redis_url,
+        "BUILDFLEET_GATEWAY_PORT": str(port),
+        "BUILDFLEET_GATEWAY_API_TOKENS": json.dumps([token]),
+    }
+    address = f"http://127.0.0.1:{port}"
+    gateway = spawn(
+        "gateway",
+        [sys.executable, "-m", "buildfleet.cli", "gateway"],
+        fleet.workdir / "logs" / "gateway.log",
+        address,
+        env=env,
+    )
+    wait_ready(gateway, lambda: _http_ok(f"{address}/readyz"), timeout=30)
+    return gateway
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - our loopback URL
+        return bool(response.status == 200)
+
+
 def _wait_for_stop_signal() -> None:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -50,7 +85,15 @@ def run_local_fleet(config: FleetConfig, *, workers: int, as_json: bool) -> int:
     with LocalFleetServices(workdir, redis=own_redis) as fleet:
         redis_url = fleet.redis_url or config.redis.url
         fleet_workers = _start_workers(fleet, redis_url, workers)
-        addresses = {**fleet.addresses(), "redis_url": redis_url, "workers": workers}
+        token = secrets.token_urlsafe(24)
+        gateway = _start_gateway(fleet, redis_url, token)
+        addresses = {
+            **fleet.addresses(),
+            "redis_url": redis_url,
+            "workers": workers,
+            "gateway": gateway.address,
+            "api_token": token,
+        }
         if as_json:
             print(json.dumps(addresses), flush=True)
         else:
@@ -58,6 +101,7 @@ def run_local_fleet(config: FleetConfig, *, workers: int, as_json: bool) -> int:
                 f"buildfleet is up: {workers} workers, buildkitd at {fleet.buildkitd_addrs[0]}\n"
                 f"  redis     {redis_url}\n"
                 f"  registry  {fleet.registry}   (base image {fleet.base_image})\n"
+                f"  gateway   {gateway.address}   (API token {token})\n"
                 f"  logs      {workdir / 'logs'}\n"
                 f"Submit a build from another shell:\n"
                 f"  export BUILDFLEET_REDIS_URL={redis_url}\n"
@@ -69,6 +113,7 @@ def run_local_fleet(config: FleetConfig, *, workers: int, as_json: bool) -> int:
         try:
             _wait_for_stop_signal()
         finally:
+            gateway.stop(grace=config.gateway.shutdown_timeout_s + 5)
             for worker in fleet_workers:
                 worker.stop(grace=config.worker.drain_grace_s + 5)
     return 0
