@@ -174,7 +174,9 @@ async def _dlq(config: FleetConfig, args: argparse.Namespace) -> int:
 
 async def _worker(config: FleetConfig, args: argparse.Namespace) -> int:
     from worker.app import run_worker
+    from worker.telemetry import configure_from_environment
 
+    configure_from_environment()
     if args.concurrency:
         worker = msgspec.structs.replace(config.worker, concurrency=args.concurrency)
         config = msgspec.structs.replace(config, worker=worker)

@@ -45,6 +45,7 @@ from worker.progress import LogBudget
 from worker.retry import RetrySettings, decide
 from worker.scheduling import Placer
 from worker.settings import SchedulingSettings, WorkerSettings
+from worker.telemetry import AttemptTrace, Telemetry
 
 logger = logging.getLogger("buildfleet.worker")
 
@@ -63,6 +64,7 @@ class _Attempt:
     placement: str | None = None
     capacity_wait_s: float = 0.0
     avoid: tuple[str, ...] = ()
+    trace: AttemptTrace | None = None
 
     def result(self, status: Status, **fields: Any) -> BuildResult:
         now = time.time()
@@ -90,6 +92,7 @@ class BuildRunner:
     settings: WorkerSettings
     retry: RetrySettings
     scheduling: SchedulingSettings
+    telemetry: Telemetry = field(default_factory=Telemetry)
     _attempts: dict[str, _Attempt] = field(default_factory=dict)
 
     @property
@@ -145,6 +148,13 @@ class BuildRunner:
             case PublishOutcome.CANCEL_REQUESTED:
                 await self._end(current, Cancelled, "cancelled", reason="cancelled before start")
                 return
+        with self.telemetry.attempt(request, current.number, self.settings.name) as traced:
+            current.trace = traced
+            await self._attempt(current)
+
+    async def _attempt(self, current: _Attempt) -> None:
+        """Build, and end the attempt in exactly one way."""
+        request = current.request
         timeout = request.timeout_s or self.settings.default_timeout_s
         try:
             async with asyncio.timeout(timeout):
@@ -182,6 +192,8 @@ class BuildRunner:
                 self.store.publish_soon(admitted)
             elif isinstance(event, Step):
                 self.store.publish_soon(event)
+                if current.trace is not None:
+                    self.telemetry.step(current.trace, event)
 
         waiting_since = time.monotonic()
         async with self.placer.place(request, current.avoid) as placement:
@@ -191,7 +203,7 @@ class BuildRunner:
                 request=request,
                 attempt=current.number,
                 placement=placement,
-                traceparent=request.trace.traceparent,
+                traceparent=current.trace.traceparent if current.trace else None,
             )
             current.task = asyncio.create_task(self.backend.build(job, progress))
             if current.cancel_reason is not None:
@@ -232,6 +244,8 @@ class BuildRunner:
             error_class=error.error_class,
             next_attempt_at=time.time() + delay_s,
         )
+        if current.trace is not None:
+            self.telemetry.retried(current.trace, error.error_class)
         outcome = await self.store.reschedule(event, request, next_attempt, current.avoid)
         if outcome is PublishOutcome.PUBLISHED:
             raise Retry(defer=delay_s)
@@ -254,6 +268,8 @@ class BuildRunner:
             result=result,
             reason=reason or "",
         )
+        if current.trace is not None:
+            self.telemetry.ended(current.trace, result)
         await self._publish_terminal(event, status, result, current.request)
 
     async def _publish_started(self, started: Started) -> PublishOutcome:

@@ -40,12 +40,15 @@ class SimulateBackend:
         duration = float(labels.get("simulate.duration_s", self.settings.duration_s))
         outcome = labels.get("simulate.outcome", self.settings.outcome)
         for index in range(self.settings.steps):
+            now = time.time()
             await progress(
                 Step(
                     build_id=job.request.id,
                     attempt=job.attempt,
                     vertex=f"sha256:{index:064x}",
                     name=f"[{index + 1}/{self.settings.steps}] simulated step",
+                    started=now,
+                    completed=now,
                 )
             )
         began = time.time()
