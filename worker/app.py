@@ -39,6 +39,7 @@ from worker.settings import (
     SimulateSettings,
     WorkerSettings,
 )
+from worker.telemetry import Telemetry
 
 logger = logging.getLogger("buildfleet.worker")
 
@@ -46,6 +47,7 @@ logger = logging.getLogger("buildfleet.worker")
 _ARQ_MAX_TRIES: Final = 1_000_000
 _ARQ_TIMEOUT_SLACK_S: Final = 600.0
 _ORPHAN_SWEEP_S: Final = 60.0
+_QUEUE_SAMPLE_S: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,13 @@ def make_placer(config: WorkerConfig, capacity: Capacity, health: DaemonHealth) 
     if not targets:
         return FixedPlacer(None)
     return LeasedPlacer(targets, capacity, health, config.scheduling)
+
+
+async def _sample_queue_depth(redis: ArqRedis, queue: str, telemetry: Telemetry) -> None:
+    while True:
+        with contextlib.suppress(RedisError):
+            telemetry.queue_depth = int(await redis.zcard(queue))
+        await asyncio.sleep(_QUEUE_SAMPLE_S)
 
 
 async def _reap_orphan_jobs(redis: ArqRedis, queue: str, backend: KanikoBackend) -> None:
@@ -142,6 +151,7 @@ async def running_worker(
     backend = backend or make_backend(config)
     capacity = Capacity(redis, config.scheduling)
     health = DaemonHealth(config.buildkit.buildctl, config.buildkit.daemons, config.scheduling)
+    telemetry = Telemetry()
     runner = BuildRunner(
         store=BuildStore(redis, config.queue),
         backend=backend,
@@ -150,8 +160,10 @@ async def running_worker(
         settings=config.worker,
         retry=config.retry,
         scheduling=config.scheduling,
+        telemetry=telemetry,
     )
     chores = [
+        _sample_queue_depth(redis, config.queue.name, telemetry),
         _listen_for_cancels(redis, runner),
         capacity.heartbeat(),
         Reaper(redis, config.scheduling).run(),

@@ -208,7 +208,8 @@ class BuildRunner:
             current.task = asyncio.create_task(self.backend.build(job, progress))
             if current.cancel_reason is not None:
                 current.task.cancel()
-            return await current.task
+            with self.telemetry.holding_slot(placement):
+                return await current.task
 
     async def _failed(self, current: _Attempt, error: BuildError) -> None:
         decision = decide(error, current.number, self.retry)

@@ -62,6 +62,18 @@ class Telemetry:
         self.retries = meter.create_counter(
             "buildfleet_build_retries", description="Attempts that failed and were retried"
         )
+        self.failures = meter.create_counter(
+            "buildfleet_build_failures", description="Builds that did not succeed, by class"
+        )
+        self.in_flight = meter.create_up_down_counter(
+            "buildfleet_builds_in_flight", description="Builds holding a slot, per daemon"
+        )
+        self.queue_depth = 0
+        meter.create_observable_gauge(
+            "buildfleet_queue_depth",
+            callbacks=[lambda _options: [metrics.Observation(self.queue_depth)]],
+            description="Builds in the queue (waiting, running or waiting to retry)",
+        )
 
     @contextmanager
     def attempt(self, request: BuildRequest, attempt: int, worker: str) -> Iterator[AttemptTrace]:
@@ -102,6 +114,15 @@ class Telemetry:
         span.end(end_time=int(step.completed * 1e9))
         self.step_duration.record(step.completed - step.started, {"cached": step.cached})
 
+    @contextmanager
+    def holding_slot(self, daemon: str | None) -> Iterator[None]:
+        labels = {"daemon": daemon or ""}
+        self.in_flight.add(1, labels)
+        try:
+            yield
+        finally:
+            self.in_flight.add(-1, labels)
+
     def retried(self, attempt: AttemptTrace, error_class: str) -> None:
         attempt.span.set_attribute("buildfleet.error_class", error_class)
         attempt.span.set_status(Status(StatusCode.ERROR, f"retrying: {error_class}"))
@@ -119,9 +140,13 @@ class Telemetry:
             span.set_status(Status(StatusCode.ERROR, result.error or result.status))
         labels = {"status": result.status, "error_class": result.error_class or ""}
         self.builds.add(1, labels)
+        if not result.ok:
+            self.failures.add(1, {"error_class": result.error_class or "", "kind": result.status})
         self.queue_wait.record(result.queue_wait_s)
-        self.capacity_wait.record(result.capacity_wait_s)
-        self.duration.record(result.build_s, {"status": result.status})
+        self.capacity_wait.record(result.capacity_wait_s, {"daemon": result.daemon or ""})
+        self.duration.record(
+            result.build_s, {"status": result.status, "backend": result.backend or ""}
+        )
 
 
 def configure_from_environment() -> None:
