@@ -60,49 +60,46 @@ _TRACESTATE: Final = re.compile(r"^[\x20-\x7e]{0,512}$")
 _QUEUED_STATUSES: Final = frozenset({"queued", "retrying"})
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
+# Records each new build id as the latest of its supersede key, returning per key the id it
+# replaced and that build's status ('' and '' when there was none).
+_SWAP_FUNCTION: Final = """
+local function swap(first_key, ttl, prefix, first_id)
+  local out = {}
+  for i = first_key, #KEYS do
+    local new = ARGV[first_id + i - first_key]
+    local old = redis.call('SET', KEYS[i], new, 'GET', 'EX', ttl)
+    if old and old ~= new then
+      out[#out + 1] = old
+      out[#out + 1] = redis.call('HGET', prefix .. old, 'status') or ''
+    else
+      out[#out + 1] = ''
+      out[#out + 1] = ''
+    end
+  end
+  return out
+end
+"""
+
 # A new delivery, in one round trip: record it and, for each supersede key, record its new
 # build as the latest and return the build it replaces with that build's status.
 # KEYS: delivery key, then supersede keys. ARGV: build ids (JSON), delivery ttl, supersede
 # ttl, build-key prefix, then the new build id of each supersede key.
 # Returns {0, recorded ids} for a repeated delivery (nothing changed), else {1, old, status,
 # old, status, ...} ('' and '' where nothing was replaced).
-_CLAIM: Final = """
+_CLAIM: Final = (
+    _SWAP_FUNCTION
+    + """
 local previous = redis.call('GET', KEYS[1])
 if previous then return {0, previous} end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-local out = {1}
-for i = 2, #KEYS do
-  local new = ARGV[i + 3]
-  local old = redis.call('SET', KEYS[i], new, 'GET', 'EX', ARGV[3])
-  if old and old ~= new then
-    out[#out + 1] = old
-    out[#out + 1] = redis.call('HGET', ARGV[4] .. old, 'status') or ''
-  else
-    out[#out + 1] = ''
-    out[#out + 1] = ''
-  end
-end
+local out = swap(2, ARGV[3], ARGV[4], 5)
+table.insert(out, 1, 1)
 return out
 """
+)
 
-# KEYS: supersede keys; ARGV: ttl, build-key prefix, then one new build id per key. Records
-# each new id as the latest of its key; returns, per key, the id it replaced and that
-# build's status ('' and '' when there was none).
-_SWAP: Final = """
-local out = {}
-for i = 1, #KEYS do
-  local new = ARGV[i + 2]
-  local old = redis.call('SET', KEYS[i], new, 'GET', 'EX', ARGV[1])
-  if old and old ~= new then
-    out[#out + 1] = old
-    out[#out + 1] = redis.call('HGET', ARGV[2] .. old, 'status') or ''
-  else
-    out[#out + 1] = ''
-    out[#out + 1] = ''
-  end
-end
-return out
-"""
+# KEYS: supersede keys; ARGV: ttl, build-key prefix, then one new build id per key.
+_SWAP: Final = _SWAP_FUNCTION + "\nreturn swap(1, ARGV[1], ARGV[2], 3)\n"
 
 _json: Final = msgspec.json.Encoder()
 _json_list: Final = msgspec.json.Decoder(list[str])
