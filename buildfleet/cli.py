@@ -154,6 +154,19 @@ async def _status(config: FleetConfig, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _rebuild(config: FleetConfig, args: argparse.Namespace) -> int:
+    from buildfleet.rebuild import run_rebuild
+
+    if args.rate <= 0:
+        raise UsageError("--rate must be positive")
+    async with BuildfleetClient.from_url(config.redis.url, config.queue) as fleet:
+        results = await run_rebuild(fleet, args.manifest, args.rate)
+    if args.json:
+        for result in results:
+            sys.stdout.write(_json.encode(result).decode() + "\n")
+    return EXIT_OK if all(result.ok for result in results) else EXIT_BUILD_FAILED
+
+
 async def _dlq(config: FleetConfig, args: argparse.Namespace) -> int:
     async with BuildfleetClient.from_url(config.redis.url, config.queue) as fleet:
         if args.action == "replay":
@@ -272,6 +285,11 @@ def make_parser() -> argparse.ArgumentParser:
     events = command("events", "tail the fleet's event stream")
     events.add_argument("--from-start", action="store_true")
     events.set_defaults(handler=_events)
+    rebuild = command("rebuild", "a batch: many images from a manifest, rate-limited")
+    rebuild.add_argument("manifest", type=Path, help="TOML: [defaults] and [[build]] tables")
+    rebuild.add_argument("--rate", type=float, default=20.0, help="submissions per second")
+    rebuild.set_defaults(handler=_rebuild)
+
     dlq = command("dlq", "dead-lettered builds: list them, or replay one")
     dlq.add_argument("action", choices=("list", "replay"))
     dlq.add_argument("build_id", nargs="?")

@@ -165,9 +165,12 @@ class BuildfleetClient:
         async for _entry_id, event in self.watch_entries(build_id):
             yield event
 
-    async def tail(self, *, from_start: bool = False) -> AsyncIterator[BuildEvent]:
-        """The fleet-wide event stream, live (from its oldest kept event with `from_start`)."""
-        last_id = "0-0" if from_start else "$"
+    async def tail(
+        self, *, from_start: bool = False, after: str | None = None
+    ) -> AsyncIterator[BuildEvent]:
+        """The fleet-wide event stream, live: from now, from its oldest kept event
+        (`from_start`), or from just after the entry `after` (see `last_event_id`)."""
+        last_id = after or ("0-0" if from_start else "$")
         while True:
             try:
                 response = await self.redis.xread({EVENTS_STREAM: last_id}, block=_BLOCK_MS)
@@ -177,6 +180,14 @@ class BuildfleetClient:
                 for entry_id, fields in entries:
                     last_id = entry_id
                     yield decode_event(fields[EVENT_FIELD])
+
+    async def last_event_id(self) -> str:
+        """Where the fleet-wide stream ends now: `tail(after=...)` misses nothing after it."""
+        try:
+            newest = await self.redis.xrevrange(EVENTS_STREAM, count=1)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise FleetUnavailable(f"cannot read events: Redis unreachable ({exc})") from exc
+        return newest[0][0].decode() if newest else "0-0"
 
     async def status(self) -> FleetStatus:
         """Queue depth, builds running, workers alive, dead letters kept."""

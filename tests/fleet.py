@@ -27,7 +27,7 @@ from worker.settings import (
 FAST_RETRIES = RetrySettings(max_attempts=3, base_delay_s=0.05, max_delay_s=0.2)
 # Short leases, so that recovery after a SIGKILL happens within a test's patience.
 QUICK_RECOVERY = SchedulingSettings(
-    slot_ttl_s=4.0, lease_ttl_s=3.0, reap_interval_s=1.0, health_interval_s=1.0
+    slot_ttl_s=4.0, lease_ttl_s=3.0, reap_interval_s=1.0, health_interval_s=1.0, spill_after_s=0.3
 )
 INSTANT = SimulateSettings()
 

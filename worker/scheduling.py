@@ -1,9 +1,9 @@
 """Where a build runs: the placer picks a daemon and holds one of its capacity slots.
 
 `LeasedPlacer` ranks the healthy daemons for the build's cache key (worker.routing), takes
-the first free slot in that order (worker.capacity, atomic in Redis), and waits with
-backoff while every daemon is full: for a while only for the daemons that hold its cache,
-since a warm build after a short wait beats a cold one elsewhere. `DaemonHealth` probes
+a slot in that order (worker.capacity, atomic in Redis): on the daemon holding its cache
+if one frees within `spill_after_s`, else on the first with room (the load bound), waiting
+with backoff while every daemon is full. `DaemonHealth` probes
 each daemon with `buildctl debug workers`; a daemon that fails is left out until a probe
 succeeds again.
 """
@@ -148,23 +148,23 @@ class LeasedPlacer:
             await asyncio.shield(self.capacity.release(request.id))
 
     async def _wait_for_slot(self, request: BuildRequest, avoid: Sequence[str]) -> str:
-        """A free slot in rank order; while every daemon is full, hold out for one of the
-        first `affinity_width` in rank (where the cache is) for `affinity_patience_s`, then
-        take any. A width of two keeps a repository's cache warm on at most two daemons while
-        no daemon idles because too many repositories happen to rank it first."""
+        """A slot on one of the first `affinity_width` daemons in rank (where the build's
+        cache is); when they stay full for `spill_after_s`, the first with room in rank.
+
+        A cold build elsewhere costs the whole slow part of the build again, a short wait
+        for a warm daemon usually costs less; past the wait, the load bound wins.
+        """
         pause = 0.02
-        patient_until = time.monotonic() + self.settings.affinity_patience_s
-        first_try = True
+        spill_at = time.monotonic() + self.settings.spill_after_s
         while True:
             candidates = self.candidates(request, avoid)
-            if not first_try and time.monotonic() < patient_until:
+            if time.monotonic() < spill_at:
                 candidates = candidates[: self.settings.affinity_width]
             daemon = await self.capacity.acquire(
                 request.id, [(d, self.limits[d]) for d in candidates]
             )
             if daemon is not None:
                 return daemon
-            first_try = False
             # Full jitter, so that waiting workers do not retry in lockstep.
             await asyncio.sleep(random.uniform(0, pause))  # noqa: S311
             pause = min(pause * 2, self.settings.capacity_poll_max_s)

@@ -68,8 +68,8 @@ class SchedulingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     probe_timeout_s: PositiveFloat = 5.0
     capacity_poll_max_s: PositiveFloat = 0.25
     """Longest pause between two tries for a slot while every daemon is full."""
-    affinity_patience_s: NonNegativeFloat = 60.0
-    """While every daemon is full, how long a build waits for a slot on one of the daemons
-    holding its cache before it takes a slot anywhere. (With room anywhere it never waits.)"""
-    affinity_width: PositiveInt = 2
+    spill_after_s: NonNegativeFloat = 3.0
+    """How long a build waits for a slot on the daemon holding its cache before it takes
+    one on the next daemon in rank with room (0: spill at once)."""
+    affinity_width: PositiveInt = 1
     """How many daemons, first in rank, count as holding a repository's cache."""
