@@ -313,3 +313,32 @@ async def test_dead_letters_are_listed_and_replayed(
     assert replayed.request.labels["replay-of"] == failing.id
     assert replayed.request.source == failing.source
     assert time.time() - (replayed.request.submitted_at or 0) < 60
+
+
+async def test_no_buildctl_outlives_a_sigkilled_worker(
+    fleet: BuildfleetClient, redis_url: str, buildkitd: str, base_image: str, tmp_path: Path
+) -> None:
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo sleeping; sleep 120\n")
+    config = worker_config(redis_url, daemons=[buildkitd])
+    request = BuildRequest(source=LocalSource(path=str(context)), push=False)
+    with worker_processes(config, count=1, logs=tmp_path) as [victim]:
+        await fleet.submit(request)
+        async for event in fleet.watch(request.id):
+            if getattr(event, "text", "").startswith("sleeping"):
+                break
+        assert _buildctl_pids(context)  # the build is running under this worker
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        for _ in range(100):  # parent-death signal, or its progress pipe breaking: prompt
+            if not _buildctl_pids(context):
+                break
+            await asyncio.sleep(0.05)
+        assert _buildctl_pids(context) == []
+        await fleet.cancel(request.id)  # the build itself is re-run later; not this test's
+
+
+def _buildctl_pids(context: Path) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", f"buildctl.*{context}"], capture_output=True, text=True)
+    return found.stdout.split()
