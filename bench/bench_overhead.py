@@ -25,7 +25,7 @@ from worker.backends.buildkit import buildctl_argv
 
 
 def direct_build(buildctl: str, daemon: str, request: BuildRequest, scratch: Path) -> float:
-    argv = buildctl_argv(buildctl, daemon, request, scratch / "metadata.json")
+    argv = buildctl_argv([buildctl, "--addr", daemon], request, scratch / "metadata.json")
     began = time.perf_counter()
     subprocess.run(argv, check=True, capture_output=True)
     return time.perf_counter() - began

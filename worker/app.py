@@ -150,7 +150,7 @@ async def running_worker(
     )
     backend = backend or make_backend(config)
     capacity = Capacity(redis, config.scheduling)
-    health = DaemonHealth(config.buildkit.buildctl, config.buildkit.daemons, config.scheduling)
+    health = DaemonHealth(config.buildkit, config.scheduling)
     telemetry = Telemetry()
     runner = BuildRunner(
         store=BuildStore(redis, config.queue),

@@ -22,7 +22,7 @@ from typing import Protocol
 from producer.contract import BuildRequest
 from worker.capacity import Capacity
 from worker.routing import rank
-from worker.settings import DaemonSettings, SchedulingSettings
+from worker.settings import BuildkitSettings, DaemonSettings, SchedulingSettings
 
 logger = logging.getLogger("buildfleet.scheduling")
 
@@ -62,11 +62,9 @@ class FixedPlacer:
 class DaemonHealth:
     """Which daemons answer `buildctl debug workers`, probed in the background."""
 
-    def __init__(
-        self, buildctl: str, daemons: Sequence[DaemonSettings], settings: SchedulingSettings
-    ) -> None:
-        self.buildctl = buildctl
-        self.addresses = [daemon.address for daemon in daemons]
+    def __init__(self, buildkit: BuildkitSettings, settings: SchedulingSettings) -> None:
+        self.buildkit = buildkit
+        self.addresses = [daemon.address for daemon in buildkit.daemons]
         self.settings = settings
         self._down: set[str] = set()
 
@@ -81,7 +79,7 @@ class DaemonHealth:
 
     async def probe(self, address: str) -> bool:
         process = await asyncio.create_subprocess_exec(
-            self.buildctl, "--addr", address, "debug", "workers",
+            *self.buildkit.connection(address), "debug", "workers",
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,

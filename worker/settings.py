@@ -41,6 +41,14 @@ class BuildkitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     buildctl: str = "buildctl"
     cancel_grace_s: PositiveFloat = 1.0
     """After SIGINT asks buildctl to cancel the solve, how long until SIGKILL."""
+    tls_dir: str | None = None
+    """mTLS to the daemons: a directory with ca.pem, cert.pem, key.pem (or ca.crt, tls.crt,
+    tls.key), handed to buildctl as --tlsdir for builds and health probes."""
+
+    def connection(self, address: str) -> list[str]:
+        """buildctl and its connection flags, ready for a subcommand."""
+        tls = ["--tlsdir", self.tls_dir] if self.tls_dir else []
+        return [self.buildctl, "--addr", address, *tls]
 
 
 class SimulateSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -42,10 +42,11 @@ def _csv_field(field: str) -> str:
     return f'"{field}"' if "," in field else field
 
 
-def buildctl_argv(buildctl: str, address: str, request: BuildRequest, metadata: Path) -> list[str]:
-    """The buildctl command for one request. Pure, so it is tested without a daemon."""
+def buildctl_argv(connection: list[str], request: BuildRequest, metadata: Path) -> list[str]:
+    """The buildctl command for one request, after `connection` (buildctl and its address and
+    TLS flags). Pure, so it is tested without a daemon."""
     argv = [
-        buildctl, "--addr", address, "build",
+        *connection, "build",
         "--frontend", "dockerfile.v0",
         "--progress", "rawjson",
         "--metadata-file", str(metadata),
@@ -125,7 +126,7 @@ class BuildkitBackend:
         _check_local_source(request)
         with tempfile.TemporaryDirectory(prefix="buildfleet-") as scratch:
             metadata = Path(scratch, "metadata.json")
-            argv = buildctl_argv(self.settings.buildctl, address, request, metadata)
+            argv = buildctl_argv(self.settings.connection(address), request, metadata)
             parser = ProgressParser(request.id, job.attempt, tail_lines=self.tail_lines)
             returncode = await self._run(argv, job.traceparent, parser, progress)
             if returncode != 0:
