@@ -342,3 +342,25 @@ async def test_no_buildctl_outlives_a_sigkilled_worker(
 def _buildctl_pids(context: Path) -> list[str]:
     found = subprocess.run(["pgrep", "-f", f"buildctl.*{context}"], capture_output=True, text=True)
     return found.stdout.split()
+
+
+async def test_a_build_waiting_for_capacity_is_cancelled_at_once(
+    fleet: BuildfleetClient, redis_url: str, tmp_path: Path
+) -> None:
+    config = worker_config(
+        redis_url, backend="simulate", daemons=DAEMONS[:1], max_builds=1, concurrency=2
+    )
+    occupying = simulated(tmp_path, repo="a", **{"simulate.duration_s": "30"})
+    waiting = simulated(tmp_path, repo="b")
+    async with worker_in_task(config):
+        await fleet.submit(occupying)
+        while (await fleet.get(occupying.id)).status != "running":
+            await asyncio.sleep(0.05)
+        await fleet.submit(waiting)
+        while (await fleet.get(waiting.id)).status != "running":  # started, no slot yet
+            await asyncio.sleep(0.05)
+        await fleet.cancel(waiting.id, reason="not needed")
+        result = await fleet.wait(waiting.id)
+        assert (await fleet.get(occupying.id)).status == "running"  # still holding the slot
+        await fleet.cancel(occupying.id)
+    assert (result.status, result.error, result.daemon) == ("cancelled", "not needed", None)

@@ -60,6 +60,7 @@ class _Attempt:
     number: int
     started_at: float
     task: asyncio.Task[Built] | None = None
+    """Placement and build: what a cancel stops."""
     cancel_reason: str | None = None
     placement: str | None = None
     capacity_wait_s: float = 0.0
@@ -158,7 +159,11 @@ class BuildRunner:
         timeout = request.timeout_s or self.settings.default_timeout_s
         try:
             async with asyncio.timeout(timeout):
-                built = await self._build(current)
+                # Its own task, so that a cancel stops it while it waits for a slot too.
+                current.task = asyncio.create_task(self._build(current))
+                if current.cancel_reason is not None:
+                    current.task.cancel()
+                built = await current.task
         except TimeoutError:
             await self._end(
                 current,
@@ -205,11 +210,8 @@ class BuildRunner:
                 placement=placement,
                 traceparent=current.trace.traceparent if current.trace else None,
             )
-            current.task = asyncio.create_task(self.backend.build(job, progress))
-            if current.cancel_reason is not None:
-                current.task.cancel()
             with self.telemetry.holding_slot(placement):
-                return await current.task
+                return await self.backend.build(job, progress)
 
     async def _failed(self, current: _Attempt, error: BuildError) -> None:
         decision = decide(error, current.number, self.retry)
