@@ -20,7 +20,7 @@ from buildfleet.services import LocalFleetServices, find_tool
 from producer.client import BuildfleetClient
 from producer.contract import BuildRequest, BuildResult, LocalSource
 from producer.settings import QueueSettings, RedisSettings
-from worker.app import WorkerConfig, running_worker
+from worker.app import running_worker
 from worker.retry import RetrySettings
 from worker.routing import Strategy
 from worker.settings import (
@@ -28,6 +28,7 @@ from worker.settings import (
     DaemonSettings,
     SchedulingSettings,
     SimulateSettings,
+    WorkerConfig,
     WorkerSettings,
 )
 

@@ -27,9 +27,15 @@ from buildfleet.services import start_redis
 from producer.client import BuildfleetClient
 from producer.contract import BuildRequest, LocalSource
 from producer.settings import QueueSettings, RedisSettings
-from worker.app import WorkerConfig, running_worker
+from worker.app import running_worker
 from worker.retry import RetrySettings
-from worker.settings import BuildkitSettings, DaemonSettings, SimulateSettings, WorkerSettings
+from worker.settings import (
+    BuildkitSettings,
+    DaemonSettings,
+    SimulateSettings,
+    WorkerConfig,
+    WorkerSettings,
+)
 
 POLL_DELAY_S = 0.01
 MAX_JOBS = 100

@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from producer.contract import BuildRequest, GitSource, Log, Step  # noqa: E402
 from worker.backends.base import BuildJob  # noqa: E402
-from worker.backends.kaniko import KanikoBackend, KanikoSettings  # noqa: E402
+from worker.backends.kaniko import KanikoBackend  # noqa: E402
+from worker.settings import KanikoSettings  # noqa: E402
 
 from kube import DELAY_ANNOTATION, DIGEST_ANNOTATION, OUTCOME_LABEL, KubeCluster  # noqa: E402
 

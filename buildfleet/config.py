@@ -19,13 +19,13 @@ import msgspec
 
 from producer.gateway.settings import GatewaySettings
 from producer.settings import QueueSettings, RedisSettings
-from worker.app import WorkerConfig
-from worker.backends.kaniko import KanikoSettings
 from worker.retry import RetrySettings
 from worker.settings import (
     BuildkitSettings,
+    KanikoSettings,
     SchedulingSettings,
     SimulateSettings,
+    WorkerConfig,
     WorkerSettings,
 )
 

@@ -14,13 +14,14 @@ from pathlib import Path
 
 from buildfleet.services import find_tool
 from producer.settings import QueueSettings, RedisSettings
-from worker.app import WorkerConfig, running_worker
+from worker.app import running_worker
 from worker.retry import RetrySettings
 from worker.settings import (
     BuildkitSettings,
     DaemonSettings,
     SchedulingSettings,
     SimulateSettings,
+    WorkerConfig,
     WorkerSettings,
 )
 

@@ -629,7 +629,8 @@ ORPHAN_WORKER = textwrap.dedent("""
     import msgspec
     from producer.contract import BuildRequest, decode_request
     from worker.backends.base import BuildJob
-    from worker.backends.kaniko import KanikoBackend, KanikoSettings
+    from worker.backends.kaniko import KanikoBackend
+    from worker.settings import KanikoSettings
 
     async def main():
         settings = msgspec.json.decode(sys.argv[1], type=KanikoSettings)

@@ -29,11 +29,10 @@ from producer.contract import (
 )
 from producer.settings import QueueSettings
 from producer.store import EVENT_FIELD, EVENTS_STREAM
-from worker.app import WorkerConfig
 from worker.capacity import Capacity
 from worker.routing import rank
 from worker.scheduling import DaemonHealth, LeasedPlacer
-from worker.settings import BuildkitSettings, DaemonSettings, SimulateSettings
+from worker.settings import BuildkitSettings, DaemonSettings, SimulateSettings, WorkerConfig
 
 from fleet import QUICK_RECOVERY, worker_config, worker_in_task, worker_processes
 

@@ -12,7 +12,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Final
 
 from arq import Worker
@@ -21,23 +20,18 @@ from arq.worker import func
 from redis.exceptions import RedisError
 
 from producer import jobcodec
-from producer.settings import QueueSettings, RedisSettings
 from producer.store import CANCEL_CHANNEL, BuildStore, cancel_notice_decoder
 from worker.backends.base import Backend
 from worker.backends.buildkit import BuildkitBackend
-from worker.backends.kaniko import KanikoBackend, KanikoSettings
+from worker.backends.kaniko import KanikoBackend
 from worker.backends.simulate import SimulateBackend
 from worker.capacity import Capacity, Reaper
 from worker.errors import BuildError
-from worker.retry import RetrySettings
 from worker.runner import BuildRunner
 from worker.scheduling import DaemonHealth, FixedPlacer, LeasedPlacer, Placer
 from worker.settings import (
-    BuildkitSettings,
     DaemonSettings,
-    SchedulingSettings,
-    SimulateSettings,
-    WorkerSettings,
+    WorkerConfig,
 )
 from worker.telemetry import Telemetry
 
@@ -48,20 +42,6 @@ _ARQ_MAX_TRIES: Final = 1_000_000
 _ARQ_TIMEOUT_SLACK_S: Final = 600.0
 _ORPHAN_SWEEP_S: Final = 60.0
 _QUEUE_SAMPLE_S: Final = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerConfig:
-    """Everything one worker process needs, grouped by concern."""
-
-    redis: RedisSettings
-    queue: QueueSettings
-    worker: WorkerSettings
-    retry: RetrySettings
-    buildkit: BuildkitSettings
-    simulate: SimulateSettings
-    scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
-    kaniko: KanikoSettings = field(default_factory=KanikoSettings)
 
 
 def make_backend(config: WorkerConfig) -> Backend:

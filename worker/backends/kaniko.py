@@ -33,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal, cast
+from typing import Any, Final, Literal, cast
 
 import aiohttp
 import msgspec
@@ -44,14 +44,11 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from producer.contract import BuildRequest, GitSource, LocalSource, Log, Step
 from worker.backends.base import BuildJob, Built, ProgressSink
 from worker.errors import BuildError, PermanentBuildError, TemporaryBuildError
+from worker.settings import KanikoSettings
 
 JSON = dict[str, Any]
 log = logging.getLogger(__name__)
 
-DEFAULT_EXECUTOR_IMAGE: Final = (
-    "ghcr.io/osscontainertools/kaniko:v1.28.2"
-    "@sha256:4ea0e7301e3f6806de15150e4982c73018351e28c1dca6947bd3b4afb5ae3c60"
-)
 CONTAINER: Final = "kaniko"
 LABEL_BUILD_ID: Final = "buildfleet.io/build-id"
 LABEL_ATTEMPT: Final = "buildfleet.io/attempt"
@@ -59,18 +56,6 @@ LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "buildfleet"
 ANNOTATION_BUILD_ID: Final = "buildfleet.io/build-id"
 """The full build id (a label value is capped at 63 characters, a build id at 128)."""
-KANIKO_CAPABILITIES: Final = (
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "FOWNER",
-    "FSETID",
-    "SETUID",
-    "SETGID",
-    "SETFCAP",
-    "KILL",
-)
-"""What the executor needs as root in its container: unpack layers with their owners and
-modes, and run RUN steps as other users. Everything else is dropped."""
 
 _DIGEST_RE: Final = re.compile(r"sha256:[0-9a-f]{64}")
 _LABEL_VALUE_RE: Final = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
@@ -88,68 +73,6 @@ _EVICTION_REASONS: Final = frozenset(
     {"TerminationByKubelet", "EvictionByEvictionAPI", "PreemptionByScheduler"}
 )
 _NODE_LOST_REASONS: Final = frozenset({"DeletionByTaintManager", "DeletionByPodGC"})
-
-
-class KanikoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """How the kaniko backend creates and follows its Jobs.
-
-    The default `executor_image` is the osscontainertools/kaniko fork
-    (github.com/osscontainertools/kaniko, published as ghcr.io/osscontainertools/kaniko),
-    pinned by the digest of its v1.28.2 index. GoogleContainerTools/kaniko was archived
-    on 2025-06-03; of its forks, osscontainertools keeps fixing bugs (chainguard-forks only
-    bumps dependencies). Always pin by digest; check a new one with `crane digest IMAGE:TAG`.
-
-    - `namespace`: where Jobs go when the scheduler's placement names none.
-    - `kubeconfig` / `context`: a kubeconfig file (and context); when unset, the in-cluster
-      config if running in a pod, else the default kubeconfig ($KUBECONFIG, ~/.kube/config).
-    - `service_account`: the build pod's ServiceAccount (its token is never mounted).
-    - `registry_secret`: a `kubernetes.io/dockerconfigjson` Secret in the namespace, mounted
-      as /kaniko/.docker/config.json for pushing and pulling.
-    - `cache_repo`: `--cache=true --cache-repo=` when the request names no cache export ref.
-    - `cpu_*`/`memory_*`: the executor's resources (the OOM message names `memory_limit`).
-    - `unschedulable_timeout_s` / `image_pull_timeout_s`: how long a pod may stay
-      unschedulable / unable to pull the executor image before the attempt is given up as a
-      temporary failure (and the Job deleted).
-    - `pod_labels` / `pod_annotations`: added to the pod template (tests use them to choose
-      a kwok outcome).
-    - `log_drain_s` / `log_idle_s`: once the outcome is known, how long the log stream may
-      still deliver lines (at most / after the last line).
-    - `watch_timeout_s`: the server-side timeout of one watch request (then it resumes).
-    - `max_connections`: the API client's connection pool; each build in flight keeps
-      three connections open (two watches, one log stream).
-    """
-
-    namespace: str = "buildfleet"
-    max_builds: Annotated[int, msgspec.Meta(gt=0)] = 20
-    """Jobs at once in the namespace, across the whole fleet (capacity leases)."""
-    executor_image: str = DEFAULT_EXECUTOR_IMAGE
-    kubeconfig: str | None = None
-    context: str | None = None
-    service_account: str | None = None
-    registry_secret: str | None = None
-    cache_repo: str | None = None
-    snapshot_mode: Literal["redo", "full", "time"] = "redo"
-    push_retry: int = 3
-    extra_args: tuple[str, ...] = ()
-    cpu_request: str | None = "500m"
-    memory_request: str | None = "1Gi"
-    cpu_limit: str | None = None
-    memory_limit: str | None = "4Gi"
-    node_selector: dict[str, str] = msgspec.field(default_factory=dict)
-    tolerations: tuple[dict[str, Any], ...] = ()
-    capabilities: tuple[str, ...] = KANIKO_CAPABILITIES
-    pod_labels: dict[str, str] = msgspec.field(default_factory=dict)
-    pod_annotations: dict[str, str] = msgspec.field(default_factory=dict)
-    default_timeout_s: float = 3600.0
-    ttl_seconds_after_finished: int = 600
-    unschedulable_timeout_s: float = 300.0
-    image_pull_timeout_s: float = 120.0
-    log_tail_lines: int = 50
-    log_drain_s: float = 5.0
-    log_idle_s: float = 0.5
-    cancel_wait_s: float = 30.0
-    watch_timeout_s: int = 120
-    max_connections: int = 512
 
 
 # --- names and labels -------------------------------------------------------------------
