@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import functools
 import json
 import os
@@ -30,11 +29,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from worker.subprocesses import die_with_this_process
+
 BUILDKIT_VERSION = "v0.26.3"
 BASE_IMAGE_NAME = "base/busybox"
 DEFAULT_PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-_PR_SET_PDEATHSIG = 1
 _PORT_RETRIES = 3
 
 
@@ -70,15 +70,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the forked child must not dlopen
-
-
-def _die_with_parent(parent: int) -> None:  # runs in the child between fork and exec
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 @dataclass(frozen=True)
@@ -176,7 +167,7 @@ def spawn(
             cwd=cwd,
             env=env,
             start_new_session=True,
-            preexec_fn=functools.partial(_die_with_parent, os.getpid()),  # noqa: PLW1509
+            preexec_fn=die_with_this_process(),  # noqa: PLW1509 - prctl only
         )
     service = Service(name=name, process=process, log_path=log_path, address=address)
     with _LIVE_LOCK:

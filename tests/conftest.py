@@ -9,6 +9,7 @@ Session fixtures (each starts its service on first use and stops it at session e
     base_image      str        REGISTRY/base/busybox:latest, built FROM scratch
 Function fixture:
     redis           redis.asyncio.Redis (bytes), the server FLUSHALLed before the test
+    fleet           BuildfleetClient on that same (flushed) server
 
 When a test fails, the logs of the services it used are attached to its report.
 """
@@ -23,6 +24,7 @@ import redis.asyncio as aioredis
 
 from buildfleet import services
 from buildfleet.services import Service
+from producer.client import BuildfleetClient
 
 from gitrepos import GitServer
 
@@ -167,3 +169,9 @@ def pytest_runtest_makereport(
                 body = _log_since(service, offsets.get(service.log_path, 0))
                 report.sections.append((title, body))
     return report
+
+
+@pytest.fixture
+async def fleet(redis: aioredis.Redis, redis_url: str) -> AsyncIterator[BuildfleetClient]:
+    async with BuildfleetClient.from_url(redis_url) as client:
+        yield client

@@ -93,15 +93,6 @@ def make_settings(**overrides: Any) -> GatewaySettings:
     return msgspec.convert(data, GatewaySettings)
 
 
-@pytest.fixture
-async def fleet(redis: aioredis.Redis, redis_url: str) -> AsyncIterator[BuildfleetClient]:
-    client = BuildfleetClient.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
 @contextlib.asynccontextmanager
 async def gateway(
     client: BuildfleetClient, settings: GatewaySettings | None = None

@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 import pytest
-import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 from test_gateway_payloads import body_of, github_headers, github_push
 
@@ -25,12 +23,6 @@ pytestmark = pytest.mark.timeout(600)
 
 SECRET = "e2e-secret"
 TOKEN = "e2e-token"
-
-
-@pytest.fixture
-async def fleet(redis: aioredis.Redis, redis_url: str) -> AsyncIterator[BuildfleetClient]:
-    async with BuildfleetClient.from_url(redis_url) as client:
-        yield client
 
 
 async def sse_events(http: TestClient[Any, Any], build_id: str) -> list[dict[str, Any]]:

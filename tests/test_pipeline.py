@@ -6,7 +6,6 @@ import asyncio
 import collections
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -38,12 +37,6 @@ from gitrepos import GitServer
 from registry import served_digest
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture
-async def fleet(redis: aioredis.Redis, redis_url: str) -> AsyncIterator[BuildfleetClient]:
-    async with BuildfleetClient.from_url(redis_url) as client:
-        yield client
 
 
 def dockerfile(base_image: str, *run: str) -> str:

@@ -35,6 +35,12 @@ from worker.retry import RetrySettings, classify, decide
             "daemon_unreachable",
             True,
         ),
+        # buildctl's words when buildkitd dies in the middle of a solve
+        (
+            "failed to solve: Unavailable: error reading from server: EOF",
+            "daemon_unreachable",
+            True,
+        ),
         (
             "failed to push 127.0.0.1:5000/app: 503 Service Unavailable",
             "registry_unavailable",

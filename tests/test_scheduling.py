@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -39,12 +38,6 @@ from fleet import QUICK_RECOVERY, worker_config, worker_in_task, worker_processe
 pytestmark = pytest.mark.timeout(600)
 
 DAEMONS = ["tcp://daemon-a:1234", "tcp://daemon-b:1234"]
-
-
-@pytest.fixture
-async def fleet(redis: aioredis.Redis, redis_url: str) -> AsyncIterator[BuildfleetClient]:
-    async with BuildfleetClient.from_url(redis_url) as client:
-        yield client
 
 
 def simulated(tmp_path: Path, repo: str = "repo", **labels: str) -> BuildRequest:
@@ -194,9 +187,9 @@ async def _wait_until_running_on(redis: aioredis.Redis, pid: int) -> None:
 async def test_sigterm_drains_finishing_builds_and_requeues_the_rest_without_an_attempt(
     fleet: BuildfleetClient, redis: aioredis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
-    config = worker_config(redis_url, backend="simulate", concurrency=2, drain_grace_s=2.0)
-    short = simulated(tmp_path, **{"simulate.duration_s": "1"})
-    long = simulated(tmp_path, **{"simulate.duration_s": "6"})
+    config = worker_config(redis_url, backend="simulate", concurrency=2, drain_grace_s=4.0)
+    short = simulated(tmp_path, **{"simulate.duration_s": "0.5"})
+    long = simulated(tmp_path, **{"simulate.duration_s": "8"})
     with worker_processes(config, count=1, logs=tmp_path) as [draining]:
         await fleet.submit_many([short, long])
         await _wait_until_running_on(redis, draining.pid)
@@ -269,9 +262,10 @@ async def test_a_real_daemon_killed_mid_build_sends_the_build_to_the_other_daemo
             result = await fleet.wait(build_id)
     finally:
         doomed.stop(grace=0)
-    assert result.status == "succeeded", result
-    assert (result.attempts, result.daemon) == (2, buildkitd)
     events = [event async for event in fleet.watch(build_id)]
+    assert result.status == "succeeded", result
+    retries = [(e.error_class, e.reason) for e in events if isinstance(e, Retrying)]
+    assert (result.attempts, result.daemon) == (2, buildkitd), retries
     [retrying] = [e for e in events if isinstance(e, Retrying)]
     assert retrying.error_class in {"daemon_unreachable", "connection_lost"}
     assert isinstance(events[-1], Succeeded)

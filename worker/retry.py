@@ -73,7 +73,8 @@ CLASSIFICATION: Final[tuple[Rule, ...]] = (
         temporary=False,
     ),
     _rule(
-        r"failed to dial grpc|error while dialing|code = unavailable|transport is closing"
+        r"failed to dial grpc|error while dialing|code = unavailable|\bunavailable: "
+        r"|error reading from server|transport is closing"
         r"|listing workers|failed to get status|connection closed before server preface",
         "daemon_unreachable",
         temporary=True,

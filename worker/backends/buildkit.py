@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import tempfile
@@ -26,15 +25,9 @@ from worker.errors import PermanentBuildError, TemporaryBuildError
 from worker.progress import ProgressParser
 from worker.retry import classify
 from worker.settings import BuildkitSettings
+from worker.subprocesses import die_with_this_process
 
 _STDERR_LINE_LIMIT: Final = 16 << 20
-_PR_SET_PDEATHSIG: Final = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL it when the worker dies, however it dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _csv_field(field: str) -> str:
@@ -158,7 +151,7 @@ class BuildkitBackend:
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 limit=_STDERR_LINE_LIMIT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_this_process(),
             )
         except OSError as exc:
             raise PermanentBuildError(
