@@ -617,6 +617,12 @@ async def test_events_stream_live_until_the_build_ends_and_resume(
 
     bad = await http.get("/v1/builds/sse-1/events", headers={**AUTH, "Last-Event-ID": "x"})
     assert bad.status == 400
+    # A malformed `after` is refused even when a valid Last-Event-ID would win over it.
+    both = await http.get(
+        "/v1/builds/sse-1/events?after=%0Bm", headers={**AUTH, "Last-Event-ID": events[1]["id"]}
+    )
+    assert both.status == 400
+    assert "after" in (await both.json())["error"]
 
 
 async def test_an_idle_stream_gets_heartbeats_and_ends_on_shutdown(

@@ -615,10 +615,14 @@ class Gateway:
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         build_id = _build_id(request)
-        # An empty Last-Event-ID is what EventSource means by "none yet" (the spec's words).
-        after = request.headers.get("Last-Event-ID") or request.query.get("after", "0-0")
-        if not _STREAM_ID.fullmatch(after):
-            return _error(400, f"Last-Event-ID must be a stream id like 1700000000000-0: {after!r}")
+        # Both are checked, whichever wins: a malformed one is an error, not ignored. An empty
+        # Last-Event-ID is what EventSource means by "none yet" (the spec's words).
+        header = request.headers.get("Last-Event-ID", "")
+        query = request.query.get("after", "0-0")
+        for name, value in (("Last-Event-ID", header or "0-0"), ("after", query)):
+            if not _STREAM_ID.fullmatch(value):
+                return _error(400, f"{name} must be a stream id like 1700000000000-0: {value!r}")
+        after = header or query
         await self.client.get(build_id)  # 404 or 503 before the stream starts
         response = web.StreamResponse(
             headers={
