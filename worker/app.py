@@ -42,6 +42,7 @@ _ARQ_MAX_TRIES: Final = 1_000_000
 _ARQ_TIMEOUT_SLACK_S: Final = 600.0
 _ORPHAN_SWEEP_S: Final = 60.0
 _QUEUE_SAMPLE_S: Final = 5.0
+_RESUBSCRIBE_S: Final = 1.0
 
 
 def make_backend(config: WorkerConfig) -> Backend:
@@ -94,14 +95,20 @@ async def _reap_orphan_jobs(redis: ArqRedis, queue: str, backend: KanikoBackend)
 
 
 async def _listen_for_cancels(redis: ArqRedis, runner: BuildRunner) -> None:
-    """Cancel requests for running builds arrive on a pub/sub channel."""
-    async with redis.pubsub() as pubsub:
-        await pubsub.subscribe(CANCEL_CHANNEL)
-        async for message in pubsub.listen():
-            if message.get("type") == "message":
-                notice = cancel_notice_decoder.decode(message["data"])
-                if runner.cancel(notice.build_id, notice.reason):
-                    logger.info("cancelling build %s: %s", notice.build_id, notice.reason)
+    """Cancel requests for running builds arrive on a pub/sub channel; resubscribe after
+    Redis goes away (a notice sent meanwhile is missed: cancelling again works)."""
+    while True:
+        try:
+            async with redis.pubsub() as pubsub:
+                await pubsub.subscribe(CANCEL_CHANNEL)
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        notice = cancel_notice_decoder.decode(message["data"])
+                        if runner.cancel(notice.build_id, notice.reason):
+                            logger.info("cancelling %s: %s", notice.build_id, notice.reason)
+        except RedisError as exc:
+            logger.warning("cancel channel lost (%s); resubscribing", exc)
+            await asyncio.sleep(_RESUBSCRIBE_S)
 
 
 async def _settle_jobs(worker: Worker, grace_s: float = 5.0) -> None:
