@@ -118,7 +118,7 @@ if waiting and redis.call('ZREM', KEYS[4], ARGV[1]) == 1 then
   return 'cancelled'
 end
 if ARGV[7] == '1' then return 'left_running' end
-redis.call('HSET', KEYS[1], 'cancel', '1')
+redis.call('HSET', KEYS[1], 'cancel', ARGV[6])
 redis.call('PUBLISH', KEYS[6], ARGV[6])
 return 'signalled'
 """
@@ -419,6 +419,14 @@ class BuildStore:
             CancelOutcome(reply.decode() if isinstance(reply, bytes) else reply)
             for reply in await self._run_scripts(calls)
         ]
+
+    async def cancel_requests(self, build_ids: Sequence[str]) -> list[CancelNotice]:
+        """The cancels recorded for these builds (what a worker missed on the channel)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for build_id in build_ids:
+                pipe.hget(build_key(build_id), "cancel")
+            flags: list[bytes | None] = await pipe.execute()
+        return [cancel_notice_decoder.decode(flag) for flag in flags if flag]
 
     async def state(self, build_id: str) -> BuildState | None:
         fields: list[bytes | None] = await self.redis.hmget(  # type: ignore[misc]

@@ -29,7 +29,7 @@ from producer.contract import (
     decode_event,
     is_terminal,
 )
-from producer.store import EVENT_FIELD, EVENTS_STREAM
+from producer.store import EVENT_FIELD, EVENTS_STREAM, CancelNotice, build_key
 from worker.settings import SimulateSettings
 
 from fleet import worker_config, worker_in_task, worker_processes
@@ -290,3 +290,21 @@ async def test_twenty_builds_on_two_worker_processes_end_exactly_once(
         if isinstance(event := decode_event(fields[EVENT_FIELD]), Started)
     }
     assert len(workers) == 2  # each process took builds
+
+
+async def test_a_cancel_whose_notice_was_missed_still_stops_the_build(
+    fleet: BuildfleetClient, redis: aioredis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    request = BuildRequest(
+        source=LocalSource(path=str(tmp_path)), push=False, labels={"simulate.duration_s": "60"}
+    )
+    async with worker_in_task(worker_config(redis_url, backend="simulate")):
+        await fleet.submit(request)
+        while (await fleet.get(request.id)).status != "running":
+            await asyncio.sleep(0.05)
+        # What the cancel script records, without the pub/sub notice (as if the worker's
+        # channel had been down when it was sent).
+        notice = msgspec.json.encode(CancelNotice(build_id=request.id, reason="missed notice"))
+        await redis.hset(build_key(request.id), "cancel", notice)
+        result = await fleet.wait(request.id)
+    assert (result.status, result.error) == ("cancelled", "missed notice")

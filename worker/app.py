@@ -43,6 +43,7 @@ _ARQ_TIMEOUT_SLACK_S: Final = 600.0
 _ORPHAN_SWEEP_S: Final = 60.0
 _QUEUE_SAMPLE_S: Final = 5.0
 _RESUBSCRIBE_S: Final = 1.0
+_CANCEL_SWEEP_S: Final = 2.0
 
 
 def make_backend(config: WorkerConfig) -> Backend:
@@ -111,6 +112,21 @@ async def _listen_for_cancels(redis: ArqRedis, runner: BuildRunner) -> None:
             await asyncio.sleep(_RESUBSCRIBE_S)
 
 
+async def _sweep_cancels(store: BuildStore, runner: BuildRunner) -> None:
+    """Catch cancels whose notice this worker missed (its channel was down): the build
+    record keeps every cancel request."""
+    while True:
+        await asyncio.sleep(_CANCEL_SWEEP_S)
+        if not (running := runner.running):
+            continue
+        try:
+            for notice in await store.cancel_requests(running):
+                if runner.cancel(notice.build_id, notice.reason):
+                    logger.info("cancelling %s: %s", notice.build_id, notice.reason)
+        except RedisError as exc:
+            logger.warning("cancel sweep failed: %s", exc)
+
+
 async def _settle_jobs(worker: Worker, grace_s: float = 5.0) -> None:
     """Let jobs finishing their bookkeeping finish, cancel the rest (they go back to the
     queue), and forget them: arq's close() would re-raise each one's CancelledError."""
@@ -139,8 +155,9 @@ async def running_worker(
     capacity = Capacity(redis, config.scheduling)
     health = DaemonHealth(config.buildkit, config.scheduling)
     telemetry = Telemetry()
+    store = BuildStore(redis, config.queue)
     runner = BuildRunner(
-        store=BuildStore(redis, config.queue),
+        store=store,
         backend=backend,
         placer=make_placer(config, capacity, health),
         capacity=capacity,
@@ -152,6 +169,7 @@ async def running_worker(
     chores = [
         _sample_queue_depth(redis, config.queue.name, telemetry),
         _listen_for_cancels(redis, runner),
+        _sweep_cancels(store, runner),
         capacity.heartbeat(),
         Reaper(redis, config.scheduling).run(),
     ]

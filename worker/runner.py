@@ -97,13 +97,14 @@ class BuildRunner:
     _attempts: dict[str, _Attempt] = field(default_factory=dict)
 
     @property
-    def running(self) -> int:
-        return len(self._attempts)
+    def running(self) -> list[str]:
+        """The builds this worker is running (or placing) now."""
+        return list(self._attempts)
 
     def cancel(self, build_id: str, reason: str) -> bool:
         """Stop a build this worker runs; its runner then publishes Cancelled."""
         attempt = self._attempts.get(build_id)
-        if attempt is None:
+        if attempt is None or attempt.cancel_reason is not None:
             return False
         attempt.cancel_reason = reason
         if attempt.task is not None:
