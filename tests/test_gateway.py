@@ -451,9 +451,11 @@ async def test_a_running_build_is_not_superseded_unless_the_rule_says_so(
     # stops); rule 1 does not, so its running build is left alone.
     assert second["builds"][0]["superseded"] == ids[0]
     assert "superseded" not in second["builds"][1]
-    for build_id, flag in zip(ids, [b"1", None], strict=True):
-        fields: Any = await redis.hmget(build_key(build_id), ["cancel"])  # type: ignore[misc]
-        assert fields == [flag]
+    recorded = [await fleet.store.cancel_requests([build_id]) for build_id in ids]
+    assert [[notice.reason for notice in notices] for notices in recorded] == [
+        [f"superseded by {second['builds'][0]['id']}"],
+        [],
+    ]
 
 
 # --- REST API ---------------------------------------------------------------------------------
