@@ -14,7 +14,7 @@
 # credentials and BuildKit client certificates all come from the environment or mounted
 # Secrets at run time (see deploy/README.md).
 
-ARG BUILDKIT_VERSION=v0.26.3
+ARG BUILDKIT_VERSION=v0.34.2
 
 # --- buildctl, built from the Go module proxy exactly as scripts/lib.sh does ----------------
 FROM golang:1.24-bookworm AS buildctl

@@ -31,7 +31,7 @@ from typing import Self
 
 from worker.subprocesses import die_with_this_process
 
-BUILDKIT_VERSION = "v0.26.3"
+BUILDKIT_VERSION = "v0.34.2"
 BASE_IMAGE_NAME = "base/busybox"
 DEFAULT_PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

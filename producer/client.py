@@ -29,16 +29,16 @@ from producer.contract import (
     new_build_id,
     result_of,
 )
-from producer.settings import QueueSettings, RedisSettings
-from producer.store import (
+from producer.keys import (
+    ARQ_HEALTH_CHECK_SUFFIX,
+    ARQ_IN_PROGRESS_PREFIX,
     DEAD_LETTER_STREAM,
     EVENT_FIELD,
     EVENTS_STREAM,
-    BuildStore,
-    CancelOutcome,
-    Submission,
     events_key,
 )
+from producer.settings import QueueSettings, RedisSettings
+from producer.store import BuildStore, CancelOutcome, Submission
 
 _BLOCK_MS: Final = 5_000
 
@@ -197,8 +197,13 @@ class BuildfleetClient:
                 pipe.zcard(queue)
                 pipe.xlen(DEAD_LETTER_STREAM)
                 depth, dead = await pipe.execute()
-            running = [key async for key in self.redis.scan_iter(match="arq:in-progress:*")]
-            workers = [key async for key in self.redis.scan_iter(match=f"{queue}:health-check*")]
+            running = [
+                key async for key in self.redis.scan_iter(match=f"{ARQ_IN_PROGRESS_PREFIX}*")
+            ]
+            workers = [
+                key
+                async for key in self.redis.scan_iter(match=f"{queue}{ARQ_HEALTH_CHECK_SUFFIX}*")
+            ]
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise FleetUnavailable(f"cannot read status: Redis unreachable ({exc})") from exc
         return FleetStatus(

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import msgspec
 
+from producer.keys import DEFAULT_QUEUE
+
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -20,7 +22,7 @@ class RedisSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class QueueSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How builds wait and how long their traces are kept."""
 
-    name: str = "buildfleet:queue"
+    name: str = DEFAULT_QUEUE
     result_ttl_s: PositiveInt = 7 * 24 * 3600
     """How long a finished build's result and its own events stay readable."""
     events_maxlen: PositiveInt = 100_000

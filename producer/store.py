@@ -18,7 +18,6 @@ from enum import Enum
 from typing import Any, Final, cast
 
 import msgspec
-from arq.constants import job_key_prefix
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
@@ -39,14 +38,18 @@ from producer.contract import (
     encode,
     is_terminal,
 )
+from producer.keys import (
+    CANCEL_CHANNEL,
+    DEAD_LETTER_STREAM,
+    EVENTS_STREAM,
+    build_key,
+    events_key,
+    job_key,
+    lease_key,
+)
 from producer.settings import QueueSettings
 
 logger = logging.getLogger("buildfleet.store")
-
-EVENTS_STREAM: Final = "buildfleet:events"
-CANCEL_CHANNEL: Final = "buildfleet:cancel"
-DEAD_LETTER_STREAM: Final = "buildfleet:dead-letters"
-EVENT_FIELD: Final = b"event"
 
 # A record outlives its build's longest plausible wait in the queue; it is shortened to the
 # result TTL when the build ends.
@@ -164,19 +167,6 @@ class PublishOutcome(Enum):
     CANCEL_REQUESTED = -1
 
 
-def build_key(build_id: str) -> str:
-    return f"buildfleet:build:{build_id}"
-
-
-def events_key(build_id: str) -> str:
-    return f"buildfleet:build:{build_id}:events"
-
-
-def lease_key(build_id: str) -> str:
-    """Held by the worker running the build; gone means the build needs a new worker."""
-    return f"buildfleet:build:{build_id}:lease"
-
-
 class CancelNotice(msgspec.Struct, frozen=True):
     """What workers hear on the cancel channel."""
 
@@ -249,7 +239,7 @@ class BuildStore:
                 build_key(request.id),
                 events_key(request.id),
                 EVENTS_STREAM,
-                job_key_prefix + request.id,
+                job_key(request.id),
                 self.queue.name,
             ]
             args = [
@@ -359,7 +349,7 @@ class BuildStore:
                 build_key(event.build_id),
                 events_key(event.build_id),
                 EVENTS_STREAM,
-                job_key_prefix + event.build_id,
+                job_key(event.build_id),
                 lease_key(event.build_id),
             ],
             args=[encode(event), next_attempt, envelope, self.queue.events_maxlen],
@@ -402,7 +392,7 @@ class BuildStore:
                 events_key(build_id),
                 EVENTS_STREAM,
                 self.queue.name,
-                job_key_prefix + build_id,
+                job_key(build_id),
                 CANCEL_CHANNEL,
             ]
             args = [

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Shared helpers for scripts/setup and scripts/test. Source it; do not run it.
 
-BUILDKIT_VERSION="v0.26.3"
+BUILDKIT_VERSION="v0.34.2"
 BUILDKIT_MODULE="github.com/moby/buildkit"
 export PATH="/usr/local/go/bin:${PATH}"
 BUILDFLEET_TOOLS="${BUILDFLEET_TOOLS:-${HOME}/.cache/buildfleet/tools}"

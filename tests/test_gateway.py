@@ -45,7 +45,7 @@ from producer.contract import (
 )
 from producer.gateway.app import GATEWAY, event_loop_factory, make_app, start_gateway
 from producer.gateway.settings import GatewaySettings
-from producer.store import build_key
+from producer.keys import DEFAULT_QUEUE, build_key
 
 GH_SECRET = "gh-secret-value-1234"
 OWNER_SECRET = "owner-wide-secret-5678"
@@ -53,7 +53,7 @@ GL_TOKEN = "gitlab-token-abcdef"
 GT_SECRET = "gitea-secret-ffff"
 TOKEN = "api-bearer-token-0001"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-QUEUE = "buildfleet:queue"
+QUEUE = DEFAULT_QUEUE
 REGISTRY = "registry.local:5000"
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import msgspec
 import pytest
 import redis.asyncio as aioredis
-from arq.constants import job_key_prefix
 
 from producer.client import BuildfleetClient
 from producer.contract import (
@@ -29,7 +28,15 @@ from producer.contract import (
     decode_event,
     is_terminal,
 )
-from producer.store import EVENT_FIELD, EVENTS_STREAM, CancelNotice, build_key
+from producer.keys import (
+    DEAD_LETTER_STREAM,
+    DEFAULT_QUEUE,
+    EVENT_FIELD,
+    EVENTS_STREAM,
+    build_key,
+    job_key,
+)
+from producer.store import CancelNotice
 from worker.settings import SimulateSettings
 
 from fleet import worker_config, worker_in_task, worker_processes
@@ -190,8 +197,8 @@ async def test_a_queued_build_is_cancelled_without_running(
     await fleet.cancel(build_id)
     events = await events_of(fleet, build_id)
     assert [type(e) for e in events] == [type(events[0]), Cancelled]
-    assert await redis.zcard("buildfleet:queue") == 0
-    assert not await redis.exists(job_key_prefix + build_id)
+    assert await redis.zcard(DEFAULT_QUEUE) == 0
+    assert not await redis.exists(job_key(build_id))
 
 
 async def test_a_build_that_exceeds_its_timeout_fails_as_timeout(
@@ -235,14 +242,14 @@ async def test_a_bad_request_is_refused_at_submit_and_nothing_is_enqueued(
     )
     assert refused.returncode == 2
     assert "$.images[0]" in refused.stderr
-    assert await redis.zcard("buildfleet:queue") == 0
+    assert await redis.zcard(DEFAULT_QUEUE) == 0
 
 
 async def test_garbage_on_the_queue_is_dead_lettered_and_the_worker_keeps_going(
     fleet: BuildfleetClient, redis: aioredis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
-    await redis.set(job_key_prefix + "garbage-1", b"\x80\x04\x95not msgpack at all")
-    await redis.zadd("buildfleet:queue", {"garbage-1": 1})
+    await redis.set(job_key("garbage-1"), b"\x80\x04\x95not msgpack at all")
+    await redis.zadd(DEFAULT_QUEUE, {"garbage-1": 1})
     config = worker_config(redis_url, backend="simulate")
     async with worker_in_task(config):
         good = await fleet.submit(BuildRequest(source=LocalSource(path=str(tmp_path)), push=False))
@@ -250,7 +257,7 @@ async def test_garbage_on_the_queue_is_dead_lettered_and_the_worker_keeps_going(
         garbage = await fleet.wait("garbage-1")
     assert garbage.status == "dead_lettered"
     assert garbage.error is not None and "invalid build request" in garbage.error
-    [(_, fields)] = await redis.xrange("buildfleet:dead-letters")
+    [(_, fields)] = await redis.xrange(DEAD_LETTER_STREAM)
     assert fields[b"build_id"] == b"garbage-1"
 
 

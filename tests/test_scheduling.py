@@ -26,8 +26,8 @@ from producer.contract import (
     decode_event,
     is_terminal,
 )
+from producer.keys import EVENT_FIELD, EVENTS_STREAM
 from producer.settings import QueueSettings
-from producer.store import EVENT_FIELD, EVENTS_STREAM
 from worker.capacity import Capacity
 from worker.routing import rank
 from worker.scheduling import DaemonHealth, LeasedPlacer

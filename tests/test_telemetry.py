@@ -14,7 +14,7 @@ from opentelemetry.trace import StatusCode
 from producer.client import BuildfleetClient
 from producer.contract import BuildRequest, LocalSource, TraceContext
 from producer.store import BuildStore
-from worker.app import make_backend
+from worker.backends.factory import make_backend
 from worker.capacity import Capacity
 from worker.runner import BuildRunner
 from worker.scheduling import FixedPlacer

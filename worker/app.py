@@ -20,17 +20,16 @@ from arq.worker import func
 from redis.exceptions import RedisError
 
 from producer import jobcodec
-from producer.store import CANCEL_CHANNEL, BuildStore, cancel_notice_decoder
+from producer.keys import CANCEL_CHANNEL
+from producer.store import BuildStore, cancel_notice_decoder
 from worker.backends.base import Backend
-from worker.backends.buildkit import BuildkitBackend
+from worker.backends.factory import make_backend, placement_targets
 from worker.backends.kaniko import KanikoBackend
-from worker.backends.simulate import SimulateBackend
 from worker.capacity import Capacity, Reaper
 from worker.errors import BuildError
 from worker.runner import BuildRunner
 from worker.scheduling import DaemonHealth, FixedPlacer, LeasedPlacer, Placer
 from worker.settings import (
-    DaemonSettings,
     WorkerConfig,
 )
 from worker.telemetry import Telemetry
@@ -44,24 +43,6 @@ _ORPHAN_SWEEP_S: Final = 60.0
 _QUEUE_SAMPLE_S: Final = 5.0
 _RESUBSCRIBE_S: Final = 1.0
 _CANCEL_SWEEP_S: Final = 2.0
-
-
-def make_backend(config: WorkerConfig) -> Backend:
-    match config.worker.backend:
-        case "buildkit":
-            return BuildkitBackend(config.buildkit, tail_lines=config.worker.log_tail_lines)
-        case "simulate":
-            return SimulateBackend(config.simulate)
-        case "kaniko":
-            return KanikoBackend(config.kaniko)
-
-
-def placement_targets(config: WorkerConfig) -> tuple[DaemonSettings, ...]:
-    """Where builds can go, each with its cap: BuildKit daemons, or the Kaniko namespace."""
-    if config.worker.backend == "kaniko":
-        kaniko = config.kaniko
-        return (DaemonSettings(address=kaniko.namespace, max_builds=kaniko.max_builds),)
-    return config.buildkit.daemons
 
 
 def make_placer(config: WorkerConfig, capacity: Capacity, health: DaemonHealth) -> Placer:

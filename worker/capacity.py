@@ -16,11 +16,10 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
-from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from producer.store import lease_key
+from producer.keys import ARQ_IN_PROGRESS_PREFIX, in_progress_key, lease_key, slot_key
 from worker.settings import SchedulingSettings
 
 logger = logging.getLogger("buildfleet.capacity")
@@ -45,10 +44,6 @@ if redis.call('EXISTS', KEYS[2]) == 0 and redis.call('EXISTS', KEYS[1]) == 1 the
 end
 return 0
 """
-
-
-def slot_key(daemon: str) -> str:
-    return f"buildfleet:slots:{daemon}"
 
 
 class Capacity:
@@ -134,8 +129,8 @@ class Reaper:
     async def scan(self) -> list[str]:
         """One pass; returns the builds handed back to the queue."""
         claimed = [
-            key.decode().removeprefix(in_progress_key_prefix)
-            async for key in self.redis.scan_iter(match=f"{in_progress_key_prefix}*", count=1000)
+            key.decode().removeprefix(ARQ_IN_PROGRESS_PREFIX)
+            async for key in self.redis.scan_iter(match=f"{ARQ_IN_PROGRESS_PREFIX}*", count=1000)
         ]
         if not claimed:
             self._suspects.clear()
@@ -150,7 +145,7 @@ class Reaper:
         reaped = []
         for build_id, first_seen in list(self._suspects.items()):
             if now - first_seen >= self.settings.reap_interval_s:
-                keys = [in_progress_key_prefix + build_id, lease_key(build_id)]
+                keys = [in_progress_key(build_id), lease_key(build_id)]
                 if await self._reap(keys=keys):
                     reaped.append(build_id)
                 del self._suspects[build_id]

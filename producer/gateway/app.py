@@ -44,13 +44,12 @@ from producer.gateway import rules as rules_mod
 from producer.gateway.openapi import STREAM_ID_PATTERN, openapi_document
 from producer.gateway.settings import Forge, GatewaySettings
 from producer.gateway.webhooks import PARSERS, Delivery, Ignored, Ping, Push, WebhookError
+from producer.keys import BUILD_PREFIX, build_key, delivery_key, supersede_record_key
 from producer.settings import QueueSettings, RedisSettings
-from producer.store import CancelOutcome, Submission, build_key
+from producer.store import CancelOutcome, Submission
 
 log = logging.getLogger("buildfleet.gateway")
 
-DELIVERY_PREFIX: Final = "buildfleet:delivery:"
-SUPERSEDE_PREFIX: Final = "buildfleet:supersede:"
 ENQUEUE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 _BUILD_ID: Final = re.compile(BUILD_ID_PATTERN)
@@ -299,6 +298,11 @@ class _Resubmit:
     requests: list[BuildRequest]
 
 
+def _supersede_record(request: BuildRequest) -> str:
+    """The record of the latest build for a request's supersede key (callers filter on it)."""
+    return supersede_record_key(request.supersede_key or "")
+
+
 def _replaced(keyed: Sequence[tuple[BuildRequest, bool]], reply: Sequence[Any]) -> list[_Replaced]:
     out = []
     for index, (request, running_too) in enumerate(keyed):
@@ -327,7 +331,7 @@ class Gateway:
         self._latest: Coalescer[list[str], list[Any]] = Coalescer(self._latest_batch)
         self._cancels: Coalescer[tuple[str, str], CancelOutcome] = Coalescer(self._cancel_batch)
         self._swap = self.redis.register_script(_SWAP)
-        self._build_key_prefix = build_key("")
+        self._build_key_prefix = BUILD_PREFIX
 
     # --- webhooks ------------------------------------------------------------------------
 
@@ -377,7 +381,7 @@ class Gateway:
             except FleetUnavailable:
                 if delivery.delivery_id is not None and not duplicate:
                     with contextlib.suppress(RedisError):
-                        await self.redis.delete(f"{DELIVERY_PREFIX}{forge}:{delivery.delivery_id}")
+                        await self.redis.delete(delivery_key(forge, delivery.delivery_id))
                 raise
             if replaced is None:
                 replaced = await self._swap_latest(requests, running_too)
@@ -413,11 +417,11 @@ class Gateway:
         """Record a new delivery and swap its supersede records (what it replaces is
         returned); for a repeated one, the answer to give, or the requests to enqueue again
         under the ids its first arrival recorded but never enqueued (Redis went away)."""
-        key = f"{DELIVERY_PREFIX}{delivery.forge}:{delivery.delivery_id}"
+        key = delivery_key(delivery.forge, delivery.delivery_id or "")
         keyed = self._supersedable(requests, running_too)
         reply = await self._claims(
             (
-                [key, *(f"{SUPERSEDE_PREFIX}{r.supersede_key}" for r, _ in keyed)],
+                [key, *(_supersede_record(r) for r, _ in keyed)],
                 [
                     _json.encode([r.id for r in requests]),
                     self.settings.delivery_ttl_s,
@@ -487,7 +491,7 @@ class Gateway:
         if not keyed:
             return []
         reply = await self._swap(
-            keys=[f"{SUPERSEDE_PREFIX}{r.supersede_key}" for r, _ in keyed],
+            keys=[_supersede_record(r) for r, _ in keyed],
             args=[
                 self.settings.supersede.record_ttl_s,
                 self._build_key_prefix,
@@ -511,7 +515,7 @@ class Gateway:
         ]
         keyed = [r for r in overtaken_check if r.supersede_key]
         latest = (
-            self._latest.enqueue([f"{SUPERSEDE_PREFIX}{r.supersede_key}" for r in keyed])
+            self._latest.enqueue([_supersede_record(r) for r in keyed])
             if keyed and self.settings.supersede.enabled
             else None
         )

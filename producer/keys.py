@@ -1,0 +1,78 @@
+"""Every Redis key, stream and channel name the fleet uses, and the arq internals it relies on.
+
+One module says how the fleet's data is laid out in Redis (as arq's `constants.py` does
+for arq), so a reader finds every name here and a change of layout is one edit. Every name
+of the fleet's own starts with `buildfleet:`; arq's are copied here rather than imported
+(the client must not import arq) and pinned to arq's own by a test.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PREFIX: Final = "buildfleet:"
+
+DEFAULT_QUEUE: Final = "buildfleet:queue"
+"""arq's queue: a sorted set of build ids scored by when each may run."""
+EVENTS_STREAM: Final = "buildfleet:events"
+"""Every build's events, capped (`queue.events_maxlen`): what `buildfleet events` tails."""
+CANCEL_CHANNEL: Final = "buildfleet:cancel"
+"""Pub/sub: a cancel for a running build, heard by the worker running it."""
+DEAD_LETTER_STREAM: Final = "buildfleet:dead-letters"
+"""The full requests of dead-lettered builds, for inspection and replay."""
+
+BUILD_PREFIX: Final = "buildfleet:build:"
+"""Build records: `{BUILD_PREFIX}{id}` (Lua scripts that read a build's status take it)."""
+_SLOTS: Final = "buildfleet:slots:"
+_DELIVERY: Final = "buildfleet:delivery:"
+_SUPERSEDE: Final = "buildfleet:supersede:"
+
+EVENT_FIELD: Final = b"event"
+"""The one field of an entry in an event stream: the encoded event."""
+
+# --- arq's internals (pinned to arq.constants by tests/test_keys.py) -----------------------
+ARQ_JOB_PREFIX: Final = "arq:job:"
+"""arq:job:{id} holds a queued job's envelope."""
+ARQ_IN_PROGRESS_PREFIX: Final = "arq:in-progress:"
+"""arq:in-progress:{id} is a worker's claim on a job while it runs."""
+ARQ_RETRY_PREFIX: Final = "arq:retry:"
+ARQ_RESULT_PREFIX: Final = "arq:result:"
+ARQ_HEALTH_CHECK_SUFFIX: Final = ":health-check"
+
+
+def build_key(build_id: str) -> str:
+    """Hash: the build's request, status, attempt, result, cancel flag."""
+    return f"{BUILD_PREFIX}{build_id}"
+
+
+def events_key(build_id: str) -> str:
+    """Stream: the build's own events, replayed by `watch`."""
+    return f"{BUILD_PREFIX}{build_id}:events"
+
+
+def lease_key(build_id: str) -> str:
+    """Held by the worker running the build; gone means the build needs a new worker."""
+    return f"{BUILD_PREFIX}{build_id}:lease"
+
+
+def slot_key(daemon: str) -> str:
+    """Sorted set: holders of a daemon's capacity slots, scored by expiry."""
+    return f"{_SLOTS}{daemon}"
+
+
+def delivery_key(forge: str, delivery_id: str) -> str:
+    """The build ids one webhook delivery made, so a redelivery makes no second build."""
+    return f"{_DELIVERY}{forge}:{delivery_id}"
+
+
+def supersede_record_key(key: str) -> str:
+    """The latest build of one repository + ref + image, which a newer push replaces."""
+    return f"{_SUPERSEDE}{key}"
+
+
+def job_key(build_id: str) -> str:
+    return f"{ARQ_JOB_PREFIX}{build_id}"
+
+
+def in_progress_key(build_id: str) -> str:
+    return f"{ARQ_IN_PROGRESS_PREFIX}{build_id}"
