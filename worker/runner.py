@@ -157,7 +157,7 @@ class BuildRunner:
     async def _attempt(self, current: _Attempt) -> None:
         """Build, and end the attempt in exactly one way."""
         request = current.request
-        timeout = request.timeout_s or self.settings.default_timeout_s
+        timeout = self.settings.timeout_for(request)
         try:
             async with asyncio.timeout(timeout):
                 # Its own task, so that a cancel stops it while it waits for a slot too.
@@ -208,6 +208,7 @@ class BuildRunner:
             job = BuildJob(
                 request=request,
                 attempt=current.number,
+                timeout_s=self.settings.timeout_for(request),
                 placement=placement,
                 traceparent=current.trace.traceparent if current.trace else None,
             )

@@ -9,8 +9,12 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
+from producer.contract import BuildRequest
 from producer.settings import QueueSettings, RedisSettings
 from worker.retry import RetrySettings
+
+DEFAULT_BUILD_TIMEOUT_S: Final = 3600.0
+"""How long a build attempt may take when its request names no timeout."""
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -25,13 +29,17 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Builds this process runs at once (arq's `max_jobs`)."""
     name: str = msgspec.field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     poll_delay_s: PositiveFloat = 0.005
-    default_timeout_s: PositiveFloat = 3600.0
+    default_timeout_s: PositiveFloat = DEFAULT_BUILD_TIMEOUT_S
     """A build's timeout when its request names none."""
     drain_grace_s: NonNegativeFloat = 60.0
     """On SIGTERM, how long in-flight builds may go on before they are re-queued."""
     log_cap_bytes: PositiveInt = 1 << 20
     """Log bytes kept per build attempt; past it one marker says how much was dropped."""
     log_tail_lines: PositiveInt = 20
+
+    def timeout_for(self, request: BuildRequest) -> float:
+        """The one build deadline: the request's own timeout, else the default."""
+        return request.timeout_s or self.default_timeout_s
 
 
 class DaemonSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

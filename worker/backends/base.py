@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from producer.contract import BuildRequest, Log, Step
+from worker.settings import DEFAULT_BUILD_TIMEOUT_S
 
 ProgressSink = Callable[[Step | Log], Awaitable[None]]
 """Where a backend sends what it sees while building; the worker stamps, caps and publishes."""
@@ -18,6 +19,10 @@ class BuildJob:
 
     request: BuildRequest
     attempt: int
+    timeout_s: float = DEFAULT_BUILD_TIMEOUT_S
+    """How long this attempt may take: the request's timeout, or the worker's default. The
+    runner enforces it; a backend that hands the build to another system (a Kubernetes
+    Job's deadline) passes it on."""
     placement: str | None = None
     """Where to build: a BuildKit daemon address, or a Kubernetes namespace."""
     traceparent: str | None = None
