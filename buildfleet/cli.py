@@ -17,7 +17,7 @@ from typing import Any, Final
 import msgspec
 
 from buildfleet.config import ConfigError, FleetConfig, load_config
-from buildfleet.display import describe, follow
+from buildfleet.display import describe, follow, status_lines
 from producer.client import BuildfleetClient, BuildNotFound, FleetUnavailable
 from producer.contract import (
     BuildRequest,
@@ -90,7 +90,7 @@ def _print_result(result: BuildResult, as_json: bool) -> int:
 
 async def _submit(config: FleetConfig, args: argparse.Namespace) -> int:
     request = request_from_args(args)
-    async with BuildfleetClient.from_url(config.redis.url, config.queue) as fleet:
+    async with BuildfleetClient.connect(config.redis, config.queue) as fleet:
         build_id = await fleet.submit(request)
         if not args.wait:
             sys.stdout.write(_json.encode({"id": build_id}).decode() if args.json else build_id)
@@ -105,7 +105,7 @@ async def _submit(config: FleetConfig, args: argparse.Namespace) -> int:
 
 
 async def _watch(config: FleetConfig, args: argparse.Namespace) -> int:
-    async with BuildfleetClient.from_url(config.redis.url, config.queue) as fleet:
+    async with BuildfleetClient.connect(config.redis, config.queue) as fleet:
         if args.json:
             result = None
             async for event in fleet.watch(args.build_id):
@@ -120,21 +120,21 @@ async def _watch(config: FleetConfig, args: argparse.Namespace) -> int:
 
 
 async def _get(config: FleetConfig, args: argparse.Namespace) -> int:
-    async with BuildfleetClient.from_url(config.redis.url, config.queue) as fleet:
+    async with BuildfleetClient.connect(config.redis, config.queue) as fleet:
         state = await fleet.get(args.build_id)
         sys.stdout.write(_json.encode(state).decode() + "\n")
         return EXIT_OK
 
 
 async def _cancel(config: FleetConfig, args: argparse.Namespace) -> int:
-    async with BuildfleetClient.from_url(config.redis.url, config.queue) as fleet:
+    async with BuildfleetClient.connect(config.redis, config.queue) as fleet:
         outcome = await fleet.cancel(args.build_id, reason=args.reason)
         sys.stdout.write(f"{args.build_id}: {outcome.value}\n")
         return EXIT_OK
 
 
 async def _events(config: FleetConfig, args: argparse.Namespace) -> int:
-    async with BuildfleetClient.from_url(config.redis.url, config.queue) as fleet:
+    async with BuildfleetClient.connect(config.redis, config.queue) as fleet:
         async for event in fleet.tail(from_start=args.from_start):
             line = _json.encode(event).decode() if args.json else describe(event)
             sys.stdout.write(line if args.json else f"[{event.build_id}] {line}")
@@ -144,13 +144,12 @@ async def _events(config: FleetConfig, args: argparse.Namespace) -> int:
 
 
 async def _status(config: FleetConfig, args: argparse.Namespace) -> int:
-    async with BuildfleetClient.from_url(config.redis.url, config.queue) as fleet:
+    async with BuildfleetClient.connect(config.redis, config.queue) as fleet:
         status = await fleet.status()
     if args.json:
         sys.stdout.write(_json.encode(status).decode() + "\n")
     else:
-        for field in status.__struct_fields__:
-            sys.stdout.write(f"{field:>14}: {getattr(status, field)}\n")
+        sys.stdout.write("\n".join(status_lines(status)) + "\n")
     return EXIT_OK
 
 
@@ -159,7 +158,7 @@ async def _rebuild(config: FleetConfig, args: argparse.Namespace) -> int:
 
     if args.rate <= 0:
         raise UsageError("--rate must be positive")
-    async with BuildfleetClient.from_url(config.redis.url, config.queue) as fleet:
+    async with BuildfleetClient.connect(config.redis, config.queue) as fleet:
         results = await run_rebuild(fleet, args.manifest, args.rate)
     if args.json:
         for result in results:
@@ -168,7 +167,7 @@ async def _rebuild(config: FleetConfig, args: argparse.Namespace) -> int:
 
 
 async def _dlq(config: FleetConfig, args: argparse.Namespace) -> int:
-    async with BuildfleetClient.from_url(config.redis.url, config.queue) as fleet:
+    async with BuildfleetClient.connect(config.redis, config.queue) as fleet:
         if args.action == "replay":
             if not args.build_id:
                 raise UsageError("dlq replay needs the build id")

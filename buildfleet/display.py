@@ -12,6 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from producer.client import FleetStatus
 from producer.contract import (
     BuildEvent,
     BuildResult,
@@ -127,3 +128,26 @@ async def follow(
     if sys.stdout.isatty():
         return await follow_rich(build_id, events, Console())
     return await follow_plain(build_id, events, sys.stdout, logs=logs)
+
+
+def status_lines(status: FleetStatus) -> list[str]:
+    """`buildfleet status` for people."""
+    waiting = ", ".join(f"{priority} {count}" for priority, count in status.waiting.items())
+    lines = [
+        f"waiting       {waiting}",
+        f"running       {status.running}",
+        f"dead letters  {status.dead_letters}",
+        f"workers       {len(status.workers)} alive",
+    ]
+    for worker in status.workers:
+        lines.append(
+            f"  {worker.name:<28} heartbeat {worker.heartbeat_age_s:5.1f}s ago  "
+            f"{len(worker.builds)}/{worker.concurrency} builds  {worker.backend}"
+        )
+    lines.append(f"daemons       {len(status.daemons)}")
+    for daemon in status.daemons:
+        health = "healthy" if daemon.healthy else "DOWN"
+        lines.append(
+            f"  {daemon.address:<28} {health:<8} {daemon.in_flight}/{daemon.capacity} in flight"
+        )
+    return lines

@@ -8,6 +8,7 @@ async with BuildfleetClient.from_url("redis://127.0.0.1:6379/0") as fleet:
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Final, Self
@@ -17,6 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from producer.connection import connect
 from producer.contract import (
     TERMINAL_STATUSES,
     BuildEvent,
@@ -30,23 +32,43 @@ from producer.contract import (
     result_of,
 )
 from producer.keys import (
-    ARQ_HEALTH_CHECK_SUFFIX,
-    ARQ_IN_PROGRESS_PREFIX,
     DEAD_LETTER_STREAM,
     EVENT_FIELD,
     EVENTS_STREAM,
+    WORKERS,
     events_key,
+    slot_key,
+    waiting_key,
 )
 from producer.settings import QueueSettings, RedisSettings
-from producer.store import BuildStore, CancelOutcome, Submission
+from producer.store import PRIORITIES, BuildStore, CancelOutcome, Submission
+from producer.workers import WORKER_STALE_S, DaemonBeat, WorkerBeat, worker_beat_decoder
 
 _BLOCK_MS: Final = 5_000
 
 
+class WorkerStatus(msgspec.Struct, frozen=True):
+    name: str
+    heartbeat_age_s: float
+    builds: tuple[str, ...]
+    backend: str
+    concurrency: int
+
+
+class DaemonStatus(msgspec.Struct, frozen=True):
+    address: str
+    healthy: bool
+    """As the freshest worker that places builds on it last saw it."""
+    in_flight: int
+    capacity: int
+
+
 class FleetStatus(msgspec.Struct, frozen=True):
-    queued: int
+    waiting: dict[str, int]
+    """Builds waiting to start (or to retry), by priority."""
     running: int
-    workers_alive: int
+    workers: tuple[WorkerStatus, ...]
+    daemons: tuple[DaemonStatus, ...]
     dead_letters: int
 
 
@@ -68,23 +90,19 @@ class BuildNotFound(LookupError):
         self.build_id = build_id
 
 
-def connect(settings: RedisSettings) -> Redis:
-    redis: Redis = Redis.from_url(
-        settings.url,
-        socket_connect_timeout=settings.connect_timeout_s,
-        health_check_interval=30,
-    )
-    return redis
-
-
 class BuildfleetClient:
     def __init__(self, redis: Redis, queue: QueueSettings | None = None) -> None:
         self.redis = redis
         self.store = BuildStore(redis, queue or QueueSettings())
 
     @classmethod
+    def connect(cls, redis: RedisSettings, queue: QueueSettings | None = None) -> Self:
+        """A client of the fleet configured by `redis` (URL, password, timeouts, Sentinel)."""
+        return cls(connect(redis, Redis), queue)
+
+    @classmethod
     def from_url(cls, url: str, queue: QueueSettings | None = None) -> Self:
-        return cls(connect(RedisSettings(url=url)), queue)
+        return cls.connect(RedisSettings(url=url), queue)
 
     async def __aenter__(self) -> Self:
         return self
@@ -189,27 +207,47 @@ class BuildfleetClient:
             raise FleetUnavailable(f"cannot read events: Redis unreachable ({exc})") from exc
         return newest[0][0].decode() if newest else "0-0"
 
-    async def status(self) -> FleetStatus:
-        """Queue depth, builds running, workers alive, dead letters kept."""
-        queue = self.store.queue.name
+    async def status(self, *, stale_after_s: float = WORKER_STALE_S) -> FleetStatus:
+        """Builds waiting by priority and running, the live workers (a worker whose last
+        heartbeat is older than `stale_after_s` is left out), the daemons with their
+        health and load against capacity, and the dead letters kept."""
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zcard(queue)
+                for priority in PRIORITIES:
+                    pipe.zcard(waiting_key(priority))
+                pipe.hgetall(WORKERS)
                 pipe.xlen(DEAD_LETTER_STREAM)
-                depth, dead = await pipe.execute()
-            running = [
-                key async for key in self.redis.scan_iter(match=f"{ARQ_IN_PROGRESS_PREFIX}*")
+                *waiting, beats, dead = await pipe.execute()
+            now = time.time()
+            fresh = [
+                beat
+                for raw in beats.values()
+                if now - (beat := worker_beat_decoder.decode(raw)).at <= stale_after_s
             ]
-            workers = [
-                key
-                async for key in self.redis.scan_iter(match=f"{queue}{ARQ_HEALTH_CHECK_SUFFIX}*")
-            ]
+            daemons = _daemons(fresh)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for address in daemons:
+                    pipe.zcount(slot_key(address), int(now * 1000), "+inf")
+                loads = await pipe.execute()
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise FleetUnavailable(f"cannot read status: Redis unreachable ({exc})") from exc
         return FleetStatus(
-            queued=depth - len(running),
-            running=len(running),
-            workers_alive=len(workers),
+            waiting=dict(zip(PRIORITIES, waiting, strict=True)),
+            running=sum(len(beat.builds) for beat in fresh),
+            workers=tuple(
+                WorkerStatus(
+                    name=beat.name,
+                    heartbeat_age_s=round(max(0.0, now - beat.at), 3),
+                    builds=beat.builds,
+                    backend=beat.backend,
+                    concurrency=beat.concurrency,
+                )
+                for beat in sorted(fresh, key=lambda beat: beat.name)
+            ),
+            daemons=tuple(
+                DaemonStatus(address, daemon.healthy, load, daemon.capacity)
+                for (address, daemon), load in zip(daemons.items(), loads, strict=True)
+            ),
             dead_letters=dead,
         )
 
@@ -251,3 +289,11 @@ class BuildfleetClient:
                 assert result is not None
                 return result
         raise BuildNotFound(build_id)
+
+
+def _daemons(beats: Sequence[WorkerBeat]) -> dict[str, DaemonBeat]:
+    """Every daemon the workers place builds on, as the freshest heartbeat naming it says."""
+    daemons: dict[str, DaemonBeat] = {}
+    for beat in sorted(beats, key=lambda beat: beat.at):
+        daemons.update(beat.daemons)
+    return dict(sorted(daemons.items()))

@@ -36,15 +36,20 @@ def deserialize(data: bytes) -> dict[str, Any]:
 
 
 def build_envelope(
-    request_json: bytes, enqueue_time_ms: int, attempt: int = 1, avoid: Sequence[str] = ()
+    request_json: bytes,
+    enqueue_time_ms: int,
+    attempt: int = 1,
+    avoid: Sequence[str] = (),
+    retry_since: float = 0.0,
 ) -> bytes:
-    """The job for one attempt: the build function's arguments are (request, attempt, avoid),
-    `avoid` naming daemons that failed this build before."""
+    """The job for one attempt: the build function's arguments are (request, attempt, avoid,
+    retry_since), `avoid` naming daemons that failed this build before and `retry_since`
+    when its first temporary failure happened (0: none yet; the retry budget runs from it)."""
     return serialize(
         {
             "t": None,
             "f": BUILD_FUNCTION,
-            "a": [request_json, attempt, list(avoid)],
+            "a": [request_json, attempt, list(avoid), retry_since],
             "k": {},
             "et": enqueue_time_ms,
         }

@@ -20,10 +20,16 @@ CANCEL_CHANNEL: Final = "buildfleet:cancel"
 """Pub/sub: a cancel for a running build, heard by the worker running it."""
 DEAD_LETTER_STREAM: Final = "buildfleet:dead-letters"
 """The full requests of dead-lettered builds, for inspection and replay."""
+ACTIVE_BUILDS: Final = "buildfleet:active"
+"""Sorted set of the builds that have not ended, scored by submit time: what the watchdog
+walks to find a build whose job was lost."""
+WORKERS: Final = "buildfleet:workers"
+"""Hash: each live worker's name -> its heartbeat (what `buildfleet status` reports)."""
 
 BUILD_PREFIX: Final = "buildfleet:build:"
 """Build records: `{BUILD_PREFIX}{id}` (Lua scripts that read a build's status take it)."""
 _SLOTS: Final = "buildfleet:slots:"
+_WAITING: Final = "buildfleet:waiting:"
 _DELIVERY: Final = "buildfleet:delivery:"
 _SUPERSEDE: Final = "buildfleet:supersede:"
 
@@ -53,6 +59,11 @@ def events_key(build_id: str) -> str:
 def lease_key(build_id: str) -> str:
     """Held by the worker running the build; gone means the build needs a new worker."""
     return f"{BUILD_PREFIX}{build_id}:lease"
+
+
+def waiting_key(priority: str) -> str:
+    """Sorted set: the builds of one priority waiting to (re)start, scored as in the queue."""
+    return f"{_WAITING}{priority}"
 
 
 def slot_key(daemon: str) -> str:

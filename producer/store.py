@@ -1,10 +1,18 @@
 """Every build's record in Redis, and the only code that changes it.
 
-Per build: a hash `buildfleet:build:{id}` (request, status, attempt, result) and a stream
-`buildfleet:build:{id}:events` that `watch` replays; fleet-wide: the capped stream
-`buildfleet:events`. Each transition is one Lua script, so a status change and its event
-are written together, and a build that has ended refuses every later event: that is what
-makes "exactly one terminal event" hold when a cancel, a timeout and a worker race.
+Per build: a hash `buildfleet:build:{id}` (request, status, attempt, lease generation,
+result, cancel request) and a stream `buildfleet:build:{id}:events` that `watch` replays;
+fleet-wide: the capped stream `buildfleet:events` and the index of builds that have not
+ended. Each transition is one Lua script (producer/lua/), so a status change and its event
+are written together. Invariants:
+
+- A build that has ended refuses every later event: exactly one terminal event, whatever
+  races (a cancel, a timeout, a worker coming back from a pause).
+- Each attempt starts by taking a new lease generation; its token (build id, attempt,
+  generation) goes with everything it publishes, and a token that is not the record's
+  current one is refused (FENCED): a worker that lost its lease can change nothing.
+- A terminal event drops the lease and frees the attempt's capacity slot in the same
+  step, so a slot is never held by a build that has ended.
 """
 
 from __future__ import annotations
@@ -15,30 +23,32 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Final, cast
+from typing import Final, cast
 
 import msgspec
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
-from producer import jobcodec
+from producer import jobcodec, scripts
 from producer.contract import (
     BuildEvent,
     BuildRequest,
     BuildResult,
     BuildState,
     Cancelled,
+    ContractError,
     DeadLettered,
+    Priority,
     Queued,
     Retrying,
+    Started,
     Status,
     decode_request,
     decode_result,
     encode,
-    is_terminal,
+    result_of,
 )
 from producer.keys import (
+    ACTIVE_BUILDS,
     CANCEL_CHANNEL,
     DEAD_LETTER_STREAM,
     EVENTS_STREAM,
@@ -46,107 +56,19 @@ from producer.keys import (
     events_key,
     job_key,
     lease_key,
+    waiting_key,
 )
+from producer.scripts import Arg, Call, ScriptRunner
 from producer.settings import QueueSettings
 
 logger = logging.getLogger("buildfleet.store")
 
 # A record outlives its build's longest plausible wait in the queue; it is shortened to the
 # result TTL when the build ends.
-_PENDING_TTL_S: Final = 30 * 24 * 3600
-
-_TERMINAL_LUA: Final = """
-local terminal = {succeeded=true, failed=true, cancelled=true, dead_lettered=true}
-"""
-
-_SUBMIT: Final = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'request', ARGV[2], 'status', 'queued', 'attempt', '1')
-redis.call('EXPIRE', KEYS[1], ARGV[7])
-redis.call('XADD', KEYS[2], '*', 'event', ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[7])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'event', ARGV[3])
-redis.call('SET', KEYS[4], ARGV[4], 'PX', ARGV[6])
-redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
-return 1
-"""
-
-# KEYS: record, build stream, fleet stream, lease. ARGV: event, status ('' keeps it),
-# attempt ('' keeps it), result ('' none), ttl, maxlen, lease ms and holder (with 'running').
-# Returns 1 when published, 0 when the build had already ended, -1 when a build about to
-# start was cancelled meanwhile.
-_PUBLISH: Final = (
-    _TERMINAL_LUA
-    + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status and terminal[status] then return 0 end
-if ARGV[2] == 'running' and redis.call('HGET', KEYS[1], 'cancel') then return -1 end
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'status', ARGV[2]) end
-if ARGV[2] == 'running' and ARGV[7] ~= '' then
-  redis.call('SET', KEYS[4], ARGV[8], 'PX', ARGV[7])
-end
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'attempt', ARGV[3]) end
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[4]) end
-redis.call('XADD', KEYS[2], '*', 'event', ARGV[1])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[1])
-if terminal[ARGV[2]] then
-  redis.call('DEL', KEYS[4])
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
-elseif not status then
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
-end
-return 1
-"""
-)
-
-# ARGV: id, cancelled event, result, ttl, maxlen, cancel notice, only-queued flag. A build
-# still waiting in the queue ends here; a running one is flagged and its worker told on the
-# cancel channel (or, with only-queued, left alone).
-_CANCEL: Final = (
-    _TERMINAL_LUA
-    + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'unknown' end
-if terminal[status] then return 'ended' end
-local waiting = status == 'queued' or status == 'retrying'
-if waiting and redis.call('ZREM', KEYS[4], ARGV[1]) == 1 then
-  redis.call('DEL', KEYS[5])
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'result', ARGV[3])
-  redis.call('XADD', KEYS[2], '*', 'event', ARGV[2])
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2])
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
-  return 'cancelled'
-end
-if ARGV[7] == '1' then return 'left_running' end
-redis.call('HSET', KEYS[1], 'cancel', ARGV[6])
-redis.call('PUBLISH', KEYS[6], ARGV[6])
-return 'signalled'
-"""
-)
-
-
-# ARGV: retrying event, next attempt, job envelope for it, maxlen. The job keeps its place in
-# arq's queue; the worker then raises arq's Retry, which defers it.
-_RESCHEDULE: Final = (
-    _TERMINAL_LUA
-    + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status and terminal[status] then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'retrying', 'attempt', ARGV[2])
-redis.call('DEL', KEYS[5])
-redis.call('XADD', KEYS[2], '*', 'event', ARGV[1])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[1])
-redis.call('SET', KEYS[4], ARGV[3], 'KEEPTTL')
-return 1
-"""
-)
-
-_DEAD_LETTERS_MAXLEN: Final = 10_000
-
-ScriptCall = tuple[AsyncScript, list[str], list[Any]]
+PENDING_TTL_S: Final = 30 * 24 * 3600
+DEAD_LETTERS_MAXLEN: Final = 10_000
+PRIORITIES: Final[tuple[Priority, ...]] = ("interactive", "batch")
+_WAITING_KEYS: Final = tuple(waiting_key(priority) for priority in PRIORITIES)
 
 
 class CancelOutcome(Enum):
@@ -165,10 +87,36 @@ class PublishOutcome(Enum):
     PUBLISHED = 1
     ALREADY_ENDED = 0
     CANCEL_REQUESTED = -1
+    """(starting only) A cancel was recorded before the attempt could start."""
+    FENCED = -2
+    """A newer attempt of the build has started: this one may change nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptToken:
+    """An attempt's right to change its build: the lease generation its start took."""
+
+    build_id: str
+    attempt: int
+    generation: int
+
+    @property
+    def holder(self) -> str:
+        """What holds the attempt's capacity slot: two attempts never share or free one."""
+        return f"{self.build_id}#{self.generation}"
+
+
+@dataclass(frozen=True, slots=True)
+class Begun:
+    """An attempt has started: its token, and which of the offered slot sets it holds a
+    slot on (0: none offered had room)."""
+
+    token: AttemptToken
+    slot: int
 
 
 class CancelNotice(msgspec.Struct, frozen=True):
-    """What workers hear on the cancel channel."""
+    """What workers hear on the cancel channel, and what the record keeps."""
 
     build_id: str
     reason: str
@@ -184,53 +132,54 @@ class Submission:
     """False when a build with this id already existed: submitting is idempotent."""
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetterEntry:
+    """A dead letter to keep with a terminal DeadLettered event (the request as queued, or
+    the unreadable bytes that were)."""
+
+    request: bytes
+
+
+@dataclass
+class _Pending:
+    call: Call
+    outcome: asyncio.Future[PublishOutcome] | None
+
+
 class BuildStore:
     """Reads and writes build records; shared by producers and workers."""
 
-    def __init__(self, redis: Redis, queue: QueueSettings) -> None:
+    def __init__(
+        self, redis: Redis, queue: QueueSettings, runner: ScriptRunner | None = None
+    ) -> None:
         self.redis = redis
         self.queue = queue
-        self._submit = redis.register_script(_SUBMIT)
-        self._publish = redis.register_script(_PUBLISH)
-        self._cancel = redis.register_script(_CANCEL)
-        self._reschedule = redis.register_script(_RESCHEDULE)
-        self._scripts_loaded = False
-        self._pending: list[tuple[list[str], list[Any], asyncio.Future[PublishOutcome] | None]] = []
+        self.scripts = runner or ScriptRunner(redis)
+        self._pending: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    def _score_ms(self, request: BuildRequest, now_ms: int) -> int:
+    # --- producers -------------------------------------------------------------------
+
+    def score_ms(self, request: BuildRequest, now_ms: int) -> int:
+        """Where a request goes in the queue: interactive builds get a head start."""
         if request.priority == "interactive":
             return now_ms - int(self.queue.interactive_head_start_s * 1000)
         return now_ms
 
-    async def _run_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
-        """Run many script calls in one pipelined round trip, by sha.
-
-        (redis-py's Script objects in a pipeline cost an extra SCRIPT EXISTS round trip per
-        pipeline; here scripts are loaded once, and again only if Redis lost them.)
-        """
-        for _ in range(2):
-            if not self._scripts_loaded:
-                for script in (self._submit, self._publish, self._cancel, self._reschedule):
-                    await self.redis.script_load(script.script)
-                self._scripts_loaded = True
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for script, keys, args in calls:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
-            if not any(isinstance(reply, NoScriptError) for reply in replies):
-                for reply in replies:
-                    if isinstance(reply, Exception):
-                        raise reply
-                return replies
-            self._scripts_loaded = False  # Redis restarted or flushed its scripts
-        raise AssertionError("unreachable: scripts were just loaded")
-
     async def submit_many(self, requests: Sequence[BuildRequest]) -> list[Submission]:
-        """Enqueue every request in one round trip; an id that exists already is left as is."""
+        """Enqueue every request in one round trip; an id that exists already is left as is.
+
+        A request asking for a timeout beyond the fleet's maximum is refused (ContractError)
+        before anything is written."""
+        for request in requests:
+            if request.timeout_s is not None and request.timeout_s > self.queue.max_timeout_s:
+                raise ContractError(
+                    f"invalid build request: timeout_s {request.timeout_s:g} is above the "
+                    f"fleet's maximum of {self.queue.max_timeout_s:g} seconds - at `$.timeout_s`"
+                )
         now = time.time()
         now_ms = int(now * 1000)
-        calls: list[ScriptCall] = []
+        calls = []
         for request in requests:
             stamped = request if request.submitted_at else _with_submitted_at(request, now)
             request_json = encode(stamped)
@@ -241,136 +190,25 @@ class BuildStore:
                 EVENTS_STREAM,
                 job_key(request.id),
                 self.queue.name,
+                ACTIVE_BUILDS,
+                waiting_key(request.priority),
             ]
-            args = [
+            args: list[Arg] = [
                 request.id,
                 request_json,
                 encode(queued),
                 jobcodec.build_envelope(request_json, now_ms),
-                self._score_ms(request, now_ms),
-                _PENDING_TTL_S * 1000,
-                _PENDING_TTL_S,
+                self.score_ms(request, now_ms),
+                PENDING_TTL_S * 1000,
+                PENDING_TTL_S,
                 self.queue.events_maxlen,
             ]
-            calls.append((self._submit, keys, args))
-        created = await self._run_scripts(calls)
+            calls.append(Call(scripts.SUBMIT, keys, args))
+        created = await self.scripts.run_many(calls)
         return [
             Submission(request.id, bool(flag))
             for request, flag in zip(requests, created, strict=True)
         ]
-
-    async def publish(
-        self,
-        event: BuildEvent,
-        *,
-        status: str = "",
-        attempt: int | None = None,
-        result: BuildResult | None = None,
-        lease: tuple[str, float] | None = None,
-    ) -> PublishOutcome:
-        """Append an event to the build's stream and the fleet's, moving its status.
-
-        With status "running", `lease` (holder, seconds) takes the build's lease; a terminal
-        status drops it.
-
-        Publishes issued while a round trip is under way go together in the next one, in
-        order: a worker running many builds pays one round trip per batch, not per event.
-        """
-        outcome: asyncio.Future[PublishOutcome] = asyncio.get_running_loop().create_future()
-        self._enqueue(event, status, attempt, result, outcome, lease)
-        return await outcome
-
-    def publish_soon(self, event: BuildEvent) -> None:
-        """Queue a progress event without waiting for it; it still lands before anything the
-        same process publishes after it. A failure is logged: progress is not worth a stall."""
-        self._enqueue(event, "", None, None, None)
-
-    def _enqueue(  # noqa: PLR0917 - private; each caller names what it passes
-        self,
-        event: BuildEvent,
-        status: str,
-        attempt: int | None,
-        result: BuildResult | None,
-        outcome: asyncio.Future[PublishOutcome] | None,
-        lease: tuple[str, float] | None = None,
-    ) -> None:
-        ttl = self.queue.result_ttl_s if is_terminal(event) else _PENDING_TTL_S
-        keys = [
-            build_key(event.build_id),
-            events_key(event.build_id),
-            EVENTS_STREAM,
-            lease_key(event.build_id),
-        ]
-        holder, lease_s = lease or ("", 0.0)
-        args = [
-            encode(event),
-            status,
-            "" if attempt is None else attempt,
-            b"" if result is None else encode(result),
-            ttl,
-            self.queue.events_maxlen,
-            int(lease_s * 1000) if lease else "",
-            holder,
-        ]
-        self._pending.append((keys, args, outcome))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                replies = await self._run_scripts(
-                    [(self._publish, keys, args) for keys, args, _ in batch]
-                )
-            except Exception as exc:  # handed to every publisher waiting on this batch
-                logger.warning("publishing %d events failed: %s", len(batch), exc)
-                for _, _, outcome in batch:
-                    if outcome is not None and not outcome.done():
-                        outcome.set_exception(exc)
-                continue
-            for (_, _, outcome), reply in zip(batch, replies, strict=True):
-                if outcome is not None and not outcome.done():
-                    outcome.set_result(PublishOutcome(int(reply)))
-
-    async def reschedule(
-        self,
-        event: Retrying,
-        request: BuildRequest,
-        next_attempt: int,
-        avoid: Sequence[str] = (),
-    ) -> PublishOutcome:
-        """Publish Retrying and rewrite the queued job so that it runs as `next_attempt`,
-        away from the daemons in `avoid` when others are available."""
-        now_ms = int(time.time() * 1000)
-        envelope = jobcodec.build_envelope(encode(request), now_ms, next_attempt, avoid)
-        outcome = await self._reschedule(
-            keys=[
-                build_key(event.build_id),
-                events_key(event.build_id),
-                EVENTS_STREAM,
-                job_key(event.build_id),
-                lease_key(event.build_id),
-            ],
-            args=[encode(event), next_attempt, envelope, self.queue.events_maxlen],
-        )
-        return PublishOutcome(int(outcome))
-
-    async def keep_dead_letter(
-        self, event: DeadLettered, request: BuildRequest | None, *, raw: bytes = b""
-    ) -> None:
-        """Keep the full request of a dead-lettered build, for inspection and replay."""
-        await self.redis.xadd(
-            DEAD_LETTER_STREAM,
-            {
-                "build_id": event.build_id,
-                "reason": event.reason,
-                "request": encode(request) if request is not None else raw,
-                "at": str(event.at),
-            },
-            maxlen=_DEAD_LETTERS_MAXLEN,
-            approximate=True,
-        )
 
     async def cancel(self, build_id: str, reason: str) -> CancelOutcome:
         [outcome] = await self.cancel_many([(build_id, reason)])
@@ -381,7 +219,7 @@ class BuildStore:
     ) -> list[CancelOutcome]:
         """Cancel (build id, reason) pairs in one round trip. With `only_queued`, a build
         that has started is left running (CancelOutcome.LEFT_RUNNING)."""
-        calls: list[ScriptCall] = []
+        calls = []
         for build_id, reason in cancels:
             result = BuildResult(
                 build_id=build_id, status="cancelled", error=reason, finished_at=time.time()
@@ -394,8 +232,10 @@ class BuildStore:
                 self.queue.name,
                 job_key(build_id),
                 CANCEL_CHANNEL,
+                ACTIVE_BUILDS,
+                *_WAITING_KEYS,
             ]
-            args = [
+            args: list[Arg] = [
                 build_id,
                 encode(event),
                 encode(result),
@@ -404,14 +244,11 @@ class BuildStore:
                 encode(CancelNotice(build_id=build_id, reason=reason)),
                 "1" if only_queued else "",
             ]
-            calls.append((self._cancel, keys, args))
-        return [
-            CancelOutcome(reply.decode() if isinstance(reply, bytes) else reply)
-            for reply in await self._run_scripts(calls)
-        ]
+            calls.append(Call(scripts.CANCEL, keys, args))
+        return [CancelOutcome(_text(reply)) for reply in await self.scripts.run_many(calls)]
 
     async def cancel_requests(self, build_ids: Sequence[str]) -> list[CancelNotice]:
-        """The cancels recorded for these builds (what a worker missed on the channel)."""
+        """The cancels recorded for these builds."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for build_id in build_ids:
                 pipe.hget(build_key(build_id), "cancel")
@@ -433,6 +270,236 @@ class BuildStore:
             result=decode_result(result) if result else None,
         )
 
+    # --- workers ---------------------------------------------------------------------
+
+    async def start(
+        self,
+        started: Started,
+        priority: Priority,
+        *,
+        lease_s: float,
+        slots: Sequence[tuple[str, int]] = (),
+        slot_ttl_s: float = 0.0,
+    ) -> Begun | PublishOutcome:
+        """Start an attempt: a new lease generation, the lease, status running, Started;
+        and a capacity slot on the first of `slots` (slot set, limit) with room.
+
+        Returns the attempt's token, or ALREADY_ENDED / CANCEL_REQUESTED (nothing changed).
+        """
+        now_ms = int(time.time() * 1000)
+        keys = [
+            build_key(started.build_id),
+            events_key(started.build_id),
+            EVENTS_STREAM,
+            lease_key(started.build_id),
+            waiting_key(priority),
+            *(key for key, _ in slots),
+        ]
+        args: list[Arg] = [
+            started.build_id,
+            encode(started),
+            started.attempt,
+            started.worker,
+            int(lease_s * 1000),
+            self.queue.events_maxlen,
+            PENDING_TTL_S,
+            now_ms,
+            now_ms + int(slot_ttl_s * 1000),
+            *(limit for _, limit in slots),
+        ]
+        reply = cast(list[int], await self.scripts.run(scripts.START, keys, args))
+        if reply[0] != 1:
+            return PublishOutcome(int(reply[0]))
+        token = AttemptToken(started.build_id, started.attempt, int(reply[1]))
+        return Begun(token, int(reply[2]))
+
+    async def publish(
+        self,
+        event: BuildEvent,
+        token: AttemptToken | None = None,
+        *,
+        slot: str | None = None,
+        dead_letter: DeadLetterEntry | None = None,
+    ) -> PublishOutcome:
+        """Append an event to the build's stream and the fleet's; a terminal event moves
+        the build to its status and result, drops `token`'s lease, frees its slot in the
+        slot set `slot`, and keeps `dead_letter`.
+
+        Publishes issued while a round trip is under way go together in the next one, in
+        order: a worker running many builds pays one round trip per batch, not per event.
+        """
+        outcome: asyncio.Future[PublishOutcome] = asyncio.get_running_loop().create_future()
+        self._enqueue(self._publish_call(event, token, slot, dead_letter), outcome)
+        return await outcome
+
+    def publish_soon(self, event: BuildEvent, token: AttemptToken | None = None) -> None:
+        """Queue a progress event without waiting for it; it still lands before anything the
+        same process publishes after it. A failure is logged: progress is not worth a stall."""
+        self._enqueue(self._publish_call(event, token, None, None), None)
+
+    def _publish_call(
+        self,
+        event: BuildEvent,
+        token: AttemptToken | None,
+        slot: str | None,
+        dead_letter: DeadLetterEntry | None,
+    ) -> Call:
+        result = result_of(event)
+        keys = [
+            build_key(event.build_id),
+            events_key(event.build_id),
+            EVENTS_STREAM,
+            lease_key(event.build_id),
+            ACTIVE_BUILDS,
+            slot or "",
+            DEAD_LETTER_STREAM,
+            *_WAITING_KEYS,
+        ]
+        args: list[Arg] = [
+            event.build_id,
+            encode(event),
+            "" if result is None else result.status,
+            b"" if result is None else encode(result),
+            "" if token is None else token.generation,
+            self.queue.events_maxlen,
+            self.queue.result_ttl_s,
+            PENDING_TTL_S,
+            token.holder if token is not None and slot else "",
+            "" if dead_letter is None or result is None else (result.error or result.status),
+            b"" if dead_letter is None else dead_letter.request,
+            DEAD_LETTERS_MAXLEN,
+        ]
+        return Call(scripts.PUBLISH, keys, args)
+
+    def _enqueue(self, call: Call, outcome: asyncio.Future[PublishOutcome] | None) -> None:
+        self._pending.append(_Pending(call, outcome))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                replies = await self.scripts.run_many([pending.call for pending in batch])
+            except Exception as exc:  # handed to every publisher waiting on this batch
+                logger.warning("publishing %d events failed: %s", len(batch), exc)
+                for pending in batch:
+                    if pending.outcome is not None and not pending.outcome.done():
+                        pending.outcome.set_exception(exc)
+                continue
+            for pending, reply in zip(batch, replies, strict=True):
+                if pending.outcome is not None and not pending.outcome.done():
+                    pending.outcome.set_result(PublishOutcome(int(cast(int, reply))))
+
+    async def reschedule(
+        self,
+        event: Retrying,
+        request: BuildRequest,
+        token: AttemptToken,
+        *,
+        next_attempt: int,
+        avoid: Sequence[str] = (),
+        retry_since: float = 0.0,
+        slot: str | None = None,
+    ) -> PublishOutcome:
+        """Publish Retrying and rewrite the queued job so that it runs as `next_attempt`,
+        away from the daemons in `avoid` when others are available; free the slot."""
+        now_ms = int(time.time() * 1000)
+        envelope = jobcodec.build_envelope(
+            encode(request), now_ms, next_attempt, avoid, retry_since
+        )
+        keys = [
+            build_key(event.build_id),
+            events_key(event.build_id),
+            EVENTS_STREAM,
+            job_key(event.build_id),
+            lease_key(event.build_id),
+            slot or "",
+            waiting_key(request.priority),
+        ]
+        args: list[Arg] = [
+            event.build_id,
+            encode(event),
+            next_attempt,
+            envelope,
+            self.queue.events_maxlen,
+            token.generation,
+            token.holder if slot else "",
+            self.score_ms(request, now_ms),
+        ]
+        reply = await self.scripts.run(scripts.RESCHEDULE, keys, args)
+        return PublishOutcome(int(cast(int, reply)))
+
+    async def requeue_lost(self, build_id: str, *, max_requeues: int) -> str:
+        """Put a build whose job was lost back in the queue (or, past `max_requeues`, end it
+        dead-lettered). Returns "requeued", "dead_lettered", or "alive" when it turned out
+        to have a job, a lease or an end after all (nothing changed)."""
+        fields: list[bytes | None] = await self.redis.hmget(  # type: ignore[misc]
+            build_key(build_id), ["request", "attempt"]
+        )
+        raw, attempt_text = fields
+        if raw is None:
+            return "alive"
+        request = decode_request(raw)
+        attempt = int(attempt_text or 1)
+        now = time.time()
+        now_ms = int(now * 1000)
+        reason = "its job was lost (a worker could not record how its attempt ended)"
+        retrying = Retrying(
+            build_id=build_id, attempt=attempt, reason=f"{reason}; re-queued", error_class="lost"
+        )
+        result = BuildResult(
+            build_id=build_id,
+            status="dead_lettered",
+            images=request.images,
+            attempts=attempt,
+            error_class="lost",
+            error=f"{reason}, {max_requeues} times",
+            finished_at=now,
+        )
+        dead = DeadLettered(build_id=build_id, attempt=attempt, result=result, reason=reason)
+        keys = [
+            build_key(build_id),
+            events_key(build_id),
+            EVENTS_STREAM,
+            job_key(build_id),
+            self.queue.name,
+            lease_key(build_id),
+            ACTIVE_BUILDS,
+            DEAD_LETTER_STREAM,
+            waiting_key(request.priority),
+        ]
+        args: list[Arg] = [
+            build_id,
+            jobcodec.build_envelope(raw, now_ms, attempt),
+            self.score_ms(request, now_ms),
+            encode(retrying),
+            PENDING_TTL_S * 1000,
+            self.queue.events_maxlen,
+            max_requeues,
+            encode(dead),
+            encode(result),
+            self.queue.result_ttl_s,
+            result.error or reason,
+            raw,
+            DEAD_LETTERS_MAXLEN,
+        ]
+        reply = int(cast(int, await self.scripts.run(scripts.REQUEUE, keys, args)))
+        return {1: "requeued", 2: "dead_lettered"}.get(reply, "alive")
+
+    async def lost_builds(self, build_ids: Sequence[str]) -> list[str]:
+        """Those of `build_ids` that have not ended and have neither a job, a place in the
+        queue nor a lease; builds that ended or expired leave the index of live builds."""
+        keys = [self.queue.name, ACTIVE_BUILDS]
+        for build_id in build_ids:
+            keys += [build_key(build_id), job_key(build_id), lease_key(build_id)]
+        reply = cast(list[bytes], await self.scripts.run(scripts.ORPHANS, keys, build_ids))
+        return [_text(item) for item in reply]
+
 
 def _with_submitted_at(request: BuildRequest, now: float) -> BuildRequest:
     return msgspec.structs.replace(request, submitted_at=now)
+
+
+def _text(reply: object) -> str:
+    return reply.decode() if isinstance(reply, bytes) else str(reply)

@@ -87,7 +87,7 @@ def test_the_job_envelope_is_msgpack_and_garbage_still_reaches_the_worker() -> N
     request = BuildRequest(source=GitSource(url="git://h/r.git"), images=("r/x:1",))
     envelope = jobcodec.deserialize(jobcodec.build_envelope(encode(request), 0, attempt=3))
     assert envelope["f"] == jobcodec.BUILD_FUNCTION
-    assert envelope["a"] == [encode(request), 3, []]
+    assert envelope["a"] == [encode(request), 3, [], 0.0]
     garbage = jobcodec.deserialize(b"\x80\x04pickle?")
     assert garbage["f"] == jobcodec.BUILD_FUNCTION
     assert garbage["a"] == [b"\x80\x04pickle?"]

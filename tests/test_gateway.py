@@ -444,7 +444,9 @@ async def test_a_running_build_is_not_superseded_unless_the_rule_says_so(
     async with gateway(fleet, settings) as http:
         _, first = await post_github(http, github_push("acme/api", after=sha_for("one")))
         for build in first["builds"]:
-            await fleet.store.publish(Started(build_id=build["id"], worker="w1"), status="running")
+            await fleet.store.start(
+                Started(build_id=build["id"], worker="w1"), "interactive", lease_s=30
+            )
         _, second = await post_github(http, github_push("acme/api", after=sha_for("two")))
     ids = [b["id"] for b in first["builds"]]
     # Rule 0 cancels running builds: its worker is told (the build stays running until it
@@ -600,12 +602,10 @@ async def test_events_stream_live_until_the_build_ends_and_resume(
     assert response.status == 200
     assert response.headers["Content-Type"] == "text/event-stream"
     reader = asyncio.ensure_future(read_sse(response))
-    await fleet.store.publish(Started(build_id="sse-1", worker="w"), status="running")
+    await fleet.store.start(Started(build_id="sse-1", worker="w"), "interactive", lease_s=30)
     await fleet.store.publish(Log(build_id="sse-1", text="hello"))
     result = BuildResult(build_id="sse-1", status="succeeded", digest="sha256:" + "a" * 64)
-    await fleet.store.publish(
-        Succeeded(build_id="sse-1", result=result), status="succeeded", result=result
-    )
+    await fleet.store.publish(Succeeded(build_id="sse-1", result=result))
     events = await reader
     assert [e["event"] for e in events] == ["queued", "started", "log", "succeeded"]
     assert json.loads(events[2]["data"])["text"] == "hello"

@@ -66,7 +66,7 @@ def test_only_the_daemon_rule_blames_the_daemon() -> None:
 
 def test_a_permanent_failure_is_never_retried() -> None:
     error = PermanentBuildError("exit code: 1", error_class="run_failed")
-    assert not decide(error, 1, RetrySettings()).retry
+    assert not decide(error, 1, 0.0, RetrySettings()).retry
 
 
 def test_backoff_is_exponential_with_full_jitter_and_capped() -> None:
@@ -74,7 +74,7 @@ def test_backoff_is_exponential_with_full_jitter_and_capped() -> None:
     error = TemporaryBuildError("reset", error_class="connection_lost")
     rng = random.Random(7)
     for attempt, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (9, 8.0)]:
-        delays = [decide(error, attempt, settings, rng).delay_s for _ in range(200)]
+        delays = [decide(error, attempt, 0.0, settings, rng).delay_s for _ in range(200)]
         assert all(0 <= d <= ceiling for d in delays)
         assert max(delays) > ceiling * 0.8  # the whole range is used: full jitter
 
@@ -82,5 +82,16 @@ def test_backoff_is_exponential_with_full_jitter_and_capped() -> None:
 def test_the_last_attempt_is_not_retried_and_a_stated_delay_wins() -> None:
     settings = RetrySettings(max_attempts=3)
     error = TemporaryBuildError("429", error_class="registry_rate_limited", delay=7.0)
-    assert decide(error, 2, settings).delay_s == 7.0
-    assert not decide(error, 3, settings).retry
+    assert decide(error, 2, 0.0, settings).delay_s == 7.0
+    assert not decide(error, 3, 0.0, settings).retry
+
+
+def test_retries_go_on_for_the_time_budget_not_a_count() -> None:
+    """A daemon restart of a few minutes is ridden out: attempts continue while the next
+    one would start within the budget, however many there have been."""
+    settings = RetrySettings(budget_s=300.0, base_delay_s=2.0, max_delay_s=30.0)
+    error = TemporaryBuildError("daemon gone", error_class="daemon_unreachable")
+    rng = random.Random(3)
+    assert decide(error, 25, 200.0, settings, rng).retry
+    assert not decide(error, 2, 299.0, RetrySettings(budget_s=300.0, base_delay_s=10.0), rng).retry
+    assert not decide(error, 1, 301.0, settings, rng).retry

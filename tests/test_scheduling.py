@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from producer.contract import (
     is_terminal,
 )
 from producer.keys import EVENT_FIELD, EVENTS_STREAM
+from producer.scripts import ScriptRunner
 from producer.settings import QueueSettings
 from worker.capacity import Capacity
 from worker.routing import rank
@@ -73,7 +76,20 @@ def max_overlap(journal: Path) -> dict[str, int]:
 def placer(redis: aioredis.Redis, max_builds: int) -> tuple[LeasedPlacer, DaemonHealth]:
     daemons = [DaemonSettings(address=a, max_builds=max_builds) for a in DAEMONS]
     health = DaemonHealth(BuildkitSettings(daemons=tuple(daemons)), QUICK_RECOVERY)
-    return LeasedPlacer(daemons, Capacity(redis, QUICK_RECOVERY), health, QUICK_RECOVERY), health
+    capacity = Capacity(ScriptRunner(redis), QUICK_RECOVERY)
+    return LeasedPlacer(daemons, capacity, health, QUICK_RECOVERY), health
+
+
+@asynccontextmanager
+async def placed(
+    leased: LeasedPlacer, request: BuildRequest, avoid: Sequence[str] = ()
+) -> AsyncIterator[str | None]:
+    """A slot for `request` (waiting for one), freed on leaving the block."""
+    placement = await leased.wait(request, request.id, avoid, since=time.monotonic())
+    try:
+        yield placement.daemon
+    finally:
+        await leased.release(placement, request.id)
 
 
 async def test_a_cache_key_stays_on_its_daemon_while_it_has_room_then_spills(
@@ -82,20 +98,20 @@ async def test_a_cache_key_stays_on_its_daemon_while_it_has_room_then_spills(
     leased, _ = placer(redis, max_builds=1)
     first = simulated(tmp_path)
     preferred, other = rank(first.cache_key, DAEMONS)
-    async with leased.place(first) as a:
+    async with placed(leased, first) as a:
         assert a == preferred
-        async with leased.place(simulated(tmp_path)) as b:
+        async with placed(leased, simulated(tmp_path)) as b:
             assert b == other  # the preferred daemon is full: spill to the next in rank
             waiting = asyncio.create_task(_enter_and_leave(leased, simulated(tmp_path)))
             await asyncio.sleep(0.3)
             assert not waiting.done()  # both daemons full: the third build waits
         assert await waiting == other  # ...and takes the slot the second one freed
-    async with leased.place(simulated(tmp_path)) as again:
+    async with placed(leased, simulated(tmp_path)) as again:
         assert again == preferred
 
 
 async def _enter_and_leave(leased: LeasedPlacer, request: BuildRequest) -> str | None:
-    async with leased.place(request) as daemon:
+    async with placed(leased, request) as daemon:
         return daemon
 
 
@@ -106,22 +122,22 @@ async def test_a_daemon_taken_out_gets_nothing_and_the_avoided_one_comes_last(
     requests = [simulated(tmp_path, repo=f"repo-{n}") for n in range(12)]
     health.mark_down(DAEMONS[0])
     for request in requests:
-        async with leased.place(request) as daemon:
+        async with placed(leased, request) as daemon:
             assert daemon == DAEMONS[1]
     leased_again, _ = placer(redis, max_builds=5)
     for request in requests:
-        async with leased_again.place(request, avoid=[rank(request.cache_key, DAEMONS)[0]]) as d:
+        async with placed(leased_again, request, avoid=[rank(request.cache_key, DAEMONS)[0]]) as d:
             assert d == rank(request.cache_key, DAEMONS)[1]
 
 
 async def test_a_dead_holders_slot_frees_itself(redis: aioredis.Redis, tmp_path: Path) -> None:
     settings = QUICK_RECOVERY
-    capacity = Capacity(redis, settings)
+    capacity = Capacity(ScriptRunner(redis), settings)
     assert await capacity.acquire("dead-holder", [(DAEMONS[0], 1)]) == DAEMONS[0]
-    assert await Capacity(redis, settings).acquire("other", [(DAEMONS[0], 1)]) is None
+    assert await Capacity(ScriptRunner(redis), settings).acquire("other", [(DAEMONS[0], 1)]) is None
     # The holder never renews (its heartbeat died with it); the slot expires.
     await asyncio.sleep(settings.slot_ttl_s + 0.2)
-    taken = await Capacity(redis, settings).acquire("other", [(DAEMONS[0], 1)])
+    taken = await Capacity(ScriptRunner(redis), settings).acquire("other", [(DAEMONS[0], 1)])
     assert taken == DAEMONS[0]
 
 

@@ -3,6 +3,11 @@
 arq is configured for this fleet: msgpack envelopes instead of pickle, no arq results (the
 build store keeps ours), a short poll delay, our own attempt counting, and on SIGTERM a
 drain (`job_completion_wait`) after which unfinished builds go back to the queue.
+
+Redis may go away at any moment (a restart, a failover, OOM, a cut cable): every loop of
+the worker (arq's poll, the heartbeat, the reaper and the watchdog, the cancel listener)
+retries with capped exponential backoff and jitter, builds in flight keep running, and one
+line is logged when Redis is lost and one when it is back.
 """
 
 from __future__ import annotations
@@ -10,39 +15,101 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Any, Final
 
 from arq import Worker
 from arq.connections import ArqRedis
 from arq.worker import func
-from redis.exceptions import RedisError
 
 from producer import jobcodec
+from producer.backoff import full_jitter
+from producer.connection import connect
 from producer.keys import CANCEL_CHANNEL
-from producer.store import BuildStore, cancel_notice_decoder
+from producer.resilience import (
+    BACKOFF_BASE_S,
+    BACKOFF_CAP_S,
+    TRANSIENT_ERRORS,
+    RedisHealth,
+    persistently,
+)
+from producer.scripts import ScriptRunner
+from producer.store import BuildStore
+from producer.workers import DaemonBeat, WorkerBeat
 from worker.backends.base import Backend
 from worker.backends.factory import make_backend, placement_targets
 from worker.backends.kaniko import KanikoBackend
-from worker.capacity import Capacity, Reaper
+from worker.capacity import Capacity, decode_notice
 from worker.errors import BuildError
+from worker.recovery import Reaper, Watchdog
 from worker.runner import BuildRunner
 from worker.scheduling import DaemonHealth, FixedPlacer, LeasedPlacer, Placer
-from worker.settings import (
-    WorkerConfig,
-)
+from worker.settings import WorkerConfig
 from worker.telemetry import Telemetry
 
 logger = logging.getLogger("buildfleet.worker")
 
-# arq's own retry limit and timeout are set out of the way: attempts and timeouts are ours.
+# arq's own retry limit is set out of the way: attempts are ours. Its job timeout is the
+# longest a build may ask for plus room to publish its end through a long Redis outage;
+# a build's own timeout (WorkerSettings.timeout_for) always fires first.
 _ARQ_MAX_TRIES: Final = 1_000_000
-_ARQ_TIMEOUT_SLACK_S: Final = 600.0
+_ARQ_TIMEOUT_SLACK_S: Final = 3600.0
 _ORPHAN_SWEEP_S: Final = 60.0
 _QUEUE_SAMPLE_S: Final = 5.0
-_RESUBSCRIBE_S: Final = 1.0
-_CANCEL_SWEEP_S: Final = 2.0
+_CANCEL_POLL_S: Final = 1.0
+
+
+class FleetWorker(Worker):
+    """arq's worker, made to ride out Redis outages and to leave fenced jobs alone."""
+
+    def __init__(self, *args: Any, runner: BuildRunner, health: RedisHealth, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.runner = runner
+        self.health = health
+        self._failures = 0
+
+    async def main(self) -> None:
+        """arq's poll loop, without its start-up round trips, surviving Redis outages."""
+        self.ctx["redis"] = self.pool
+        while True:
+            await self._poll_iteration()
+            if self.burst and await self._queue_drained():
+                await asyncio.gather(*self.tasks.values())
+                return
+            await asyncio.sleep(self.poll_delay_s)
+
+    async def _queue_drained(self) -> bool:
+        return bool(self.health.reachable and await self.pool.zcard(self.queue_name) == 0)
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except Exception as exc:
+            self._failures += 1
+            if isinstance(exc, TRANSIENT_ERRORS):
+                self.health.failed(exc, "polling the queue")
+            else:
+                logger.exception("polling the queue failed; going on")
+            await asyncio.sleep(full_jitter(self._failures, base=BACKOFF_BASE_S, cap=BACKOFF_CAP_S))
+        else:
+            self._failures = 0
+            self.health.succeeded()
+
+    async def finish_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
+        """arq's bookkeeping of an ended job; none for an attempt that lost its lease (the
+        attempt that took over owns the job now, its claim included)."""
+        if job_id in self.runner.fenced_jobs:
+            self.runner.fenced_jobs.discard(job_id)
+            return
+        await super().finish_job(job_id, *args, **kwargs)
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        if job_id in self.runner.fenced_jobs:
+            self.runner.fenced_jobs.discard(job_id)
+            return
+        await super().finish_failed_job(job_id, result_data)
 
 
 def make_placer(config: WorkerConfig, capacity: Capacity, health: DaemonHealth) -> Placer:
@@ -53,59 +120,71 @@ def make_placer(config: WorkerConfig, capacity: Capacity, health: DaemonHealth) 
     return LeasedPlacer(targets, capacity, health, config.scheduling)
 
 
-async def _sample_queue_depth(redis: ArqRedis, queue: str, telemetry: Telemetry) -> None:
+async def _sample_queue_depth(
+    redis: ArqRedis, queue: str, telemetry: Telemetry, health: RedisHealth
+) -> None:
+    async def sample() -> None:
+        telemetry.queue_depth = int(await redis.zcard(queue))
+
     while True:
-        with contextlib.suppress(RedisError):
-            telemetry.queue_depth = int(await redis.zcard(queue))
+        await persistently(sample, health=health, doing="sampling the queue depth")
         await asyncio.sleep(_QUEUE_SAMPLE_S)
 
 
-async def _reap_orphan_jobs(redis: ArqRedis, queue: str, backend: KanikoBackend) -> None:
+async def _reap_orphan_jobs(
+    redis: ArqRedis, queue: str, backend: KanikoBackend, health: RedisHealth
+) -> None:
     """Delete Kaniko Jobs whose build is no longer queued, running or waiting to retry.
 
     A build keeps its arq job in the queue until it ends, so the queue is the set of live
     builds. A build whose worker died stays live: its re-run adopts the Job.
     """
-    while True:
-        await asyncio.sleep(_ORPHAN_SWEEP_S)
+
+    async def sweep() -> None:
+        live = {member.decode() for member in await redis.zrange(queue, 0, -1)}
         try:
-            live = {member.decode() for member in await redis.zrange(queue, 0, -1)}
             for name in await backend.reap_orphans(live):
                 logger.info("deleted orphaned Kaniko Job %s", name)
-        except (RedisError, BuildError) as exc:
+        except BuildError as exc:
             logger.warning("orphaned Job sweep failed: %s", exc)
 
-
-async def _listen_for_cancels(redis: ArqRedis, runner: BuildRunner) -> None:
-    """Cancel requests for running builds arrive on a pub/sub channel; resubscribe after
-    Redis goes away (a notice sent meanwhile is missed: cancelling again works)."""
     while True:
-        try:
-            async with redis.pubsub() as pubsub:
-                await pubsub.subscribe(CANCEL_CHANNEL)
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        notice = cancel_notice_decoder.decode(message["data"])
-                        if runner.cancel(notice.build_id, notice.reason):
-                            logger.info("cancelling %s: %s", notice.build_id, notice.reason)
-        except RedisError as exc:
-            logger.warning("cancel channel lost (%s); resubscribing", exc)
-            await asyncio.sleep(_RESUBSCRIBE_S)
+        await asyncio.sleep(_ORPHAN_SWEEP_S)
+        await persistently(sweep, health=health, doing="sweeping orphaned Jobs")
 
 
-async def _sweep_cancels(store: BuildStore, runner: BuildRunner) -> None:
-    """Catch cancels whose notice this worker missed (its channel was down): the build
-    record keeps every cancel request."""
-    while True:
-        await asyncio.sleep(_CANCEL_SWEEP_S)
-        if not (running := runner.running):
-            continue
-        try:
-            for notice in await store.cancel_requests(running):
-                if runner.cancel(notice.build_id, notice.reason):
-                    logger.info("cancelling %s: %s", notice.build_id, notice.reason)
-        except RedisError as exc:
-            logger.warning("cancel sweep failed: %s", exc)
+async def _listen_for_cancels(redis: ArqRedis, runner: BuildRunner, health: RedisHealth) -> None:
+    """Cancel requests for running builds arrive on a pub/sub channel. The subscription is
+    made again after Redis comes back; a notice sent meanwhile reaches the worker through
+    its heartbeat (the record keeps every cancel request)."""
+
+    async def listen() -> None:
+        async with redis.pubsub() as pubsub:
+            await pubsub.subscribe(CANCEL_CHANNEL)
+            health.succeeded()
+            while True:
+                message = await pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=_CANCEL_POLL_S
+                )
+                if message is not None and (notice := decode_notice(message["data"])):
+                    runner.cancel(notice.build_id, notice.reason)
+
+    await persistently(listen, health=health, doing="listening for cancels")
+
+
+def _describe(config: WorkerConfig, runner: BuildRunner, health: DaemonHealth) -> WorkerBeat:
+    down = set(health.addresses) - set(health.healthy())
+    return WorkerBeat(
+        name=config.worker.name,
+        at=time.time(),
+        builds=tuple(runner.running),
+        backend=config.worker.backend,
+        concurrency=config.worker.concurrency,
+        daemons={
+            target.address: DaemonBeat(target.address not in down, target.max_builds)
+            for target in placement_targets(config)
+        },
+    )
 
 
 async def _settle_jobs(worker: Worker, grace_s: float = 5.0) -> None:
@@ -127,46 +206,47 @@ async def running_worker(
     burst: bool = False,
     handle_signals: bool = True,
     backend: Backend | None = None,
-) -> AsyncIterator[Worker]:
-    """An arq worker wired to a runner, with its cancel listener; closed on exit."""
-    redis = ArqRedis.from_url(
-        config.redis.url, socket_connect_timeout=config.redis.connect_timeout_s
-    )
+) -> AsyncIterator[FleetWorker]:
+    """An arq worker wired to a runner and its chores; closed on exit."""
+    redis = connect(config.redis, ArqRedis)
+    health = RedisHealth()
+    scripts = ScriptRunner(redis)
     backend = backend or make_backend(config)
-    capacity = Capacity(redis, config.scheduling)
-    health = DaemonHealth(config.buildkit, config.scheduling)
+    capacity = Capacity(scripts, config.scheduling, worker=config.worker.name, health=health)
+    daemons = DaemonHealth(config.buildkit, config.scheduling)
     telemetry = Telemetry()
-    store = BuildStore(redis, config.queue)
+    store = BuildStore(redis, config.queue, scripts)
     runner = BuildRunner(
         store=store,
         backend=backend,
-        placer=make_placer(config, capacity, health),
+        placer=make_placer(config, capacity, daemons),
         capacity=capacity,
         settings=config.worker,
         retry=config.retry,
         scheduling=config.scheduling,
         telemetry=telemetry,
+        health=health,
     )
-    chores = [
-        _sample_queue_depth(redis, config.queue.name, telemetry),
-        _listen_for_cancels(redis, runner),
-        _sweep_cancels(store, runner),
-        capacity.heartbeat(),
-        Reaper(redis, config.scheduling).run(),
+    chores: list[Coroutine[Any, Any, None]] = [
+        _sample_queue_depth(redis, config.queue.name, telemetry, health),
+        _listen_for_cancels(redis, runner, health),
+        capacity.heartbeat(runner, lambda: _describe(config, runner, daemons)),
+        Reaper(redis, config.scheduling, runner=scripts, health=health).run(),
+        Watchdog(store, config.scheduling, health=health).run(),
     ]
     if config.worker.backend == "buildkit" and config.buildkit.daemons:
-        await health.probe_all()
-        chores.append(health.run())
+        await daemons.probe_all()
+        chores.append(daemons.run())
     if isinstance(backend, KanikoBackend):
-        chores.append(_reap_orphan_jobs(redis, config.queue.name, backend))
+        chores.append(_reap_orphan_jobs(redis, config.queue.name, backend, health))
     background = [asyncio.create_task(chore) for chore in chores]
-    worker = Worker(
+    worker = FleetWorker(
         functions=[
             func(
                 runner.run,
                 name=jobcodec.BUILD_FUNCTION,
                 max_tries=_ARQ_MAX_TRIES,
-                timeout=config.worker.default_timeout_s + _ARQ_TIMEOUT_SLACK_S,
+                timeout=config.queue.max_timeout_s + _ARQ_TIMEOUT_SLACK_S,
             )
         ],
         redis_pool=redis,
@@ -182,6 +262,8 @@ async def running_worker(
         job_completion_wait=int(config.worker.drain_grace_s),
         health_check_interval=10,
         log_results=False,
+        runner=runner,
+        health=health,
     )
     try:
         yield worker
@@ -190,6 +272,9 @@ async def running_worker(
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await _settle_jobs(worker)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                await capacity.leave()
         await worker.close()
         await backend.aclose()
 

@@ -1,11 +1,18 @@
 """Capacity slots and build leases in Redis, shared by every worker process everywhere.
 
 A daemon's slots are a sorted set `buildfleet:slots:{daemon}` of holders scored by expiry;
-taking one is a Lua script that drops expired holders and walks the daemons in rank order,
-so two workers can never both take a daemon's last slot. A running build's lease
-`buildfleet:build:{id}:lease` is set with its Started event and dropped with its terminal
-one. One heartbeat per worker renews all its slots and leases in one round trip; when a
-worker dies they expire, and the reaper hands its builds back to the queue.
+a holder is one attempt (`{build id}#{lease generation}`), so two runs of a build never
+share a slot or free each other's. Taking a slot is a Lua script that drops expired holders
+and walks the daemons in rank order, so two workers can never both take a daemon's last
+slot. A running attempt's lease `buildfleet:build:{id}:lease` is taken when it starts and
+dropped when it ends (producer/store.py).
+
+One heartbeat per worker renews every lease and slot it holds in one round trip, and
+hears back what it must act on: an attempt another worker has taken over (fenced: stop it
+now, publish nothing), a slot lost while Redis was away and the daemon filled up (stop it),
+or a cancel the worker missed on the channel. A lease that lapsed while Redis was away is
+re-created by its rightful holder. The heartbeat also records the worker as alive, with
+what it runs, for `buildfleet status`.
 """
 
 from __future__ import annotations
@@ -13,140 +20,168 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, cast
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+import msgspec
 
-from producer.keys import ARQ_IN_PROGRESS_PREFIX, in_progress_key, lease_key, slot_key
+from producer import scripts
+from producer.keys import WORKERS, build_key, lease_key, slot_key
+from producer.resilience import RedisHealth, persistently
+from producer.scripts import Arg, ScriptRunner
+from producer.store import AttemptToken, CancelNotice, cancel_notice_decoder
+from producer.workers import WorkerBeat, worker_beat_encoder
 from worker.settings import SchedulingSettings
 
 logger = logging.getLogger("buildfleet.capacity")
 
-_ACQUIRE: Final = """
--- KEYS: slot sets in rank order. ARGV: now ms, expiry ms, holder, then each set's max.
-for i, key in ipairs(KEYS) do
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[1])
-  if redis.call('ZSCORE', key, ARGV[3]) or redis.call('ZCARD', key) < tonumber(ARGV[3 + i]) then
-    redis.call('ZADD', key, ARGV[2], ARGV[3])
-    return i
-  end
-end
-return 0
-"""
 
-# Hand a build back to the queue when its claim is still there but its lease is gone.
-_REAP: Final = """
-if redis.call('EXISTS', KEYS[2]) == 0 and redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-return 0
-"""
+@dataclass
+class Held:
+    """One running attempt's lease (and slot, once it has one), as the heartbeat keeps it."""
+
+    token: AttemptToken
+    slot: str | None = None
+    limit: int = 0
+    valid_until: float = 0.0
+    """Monotonic time until which the lease is surely this worker's: the send time of the
+    last renewal that succeeded, plus the shorter of the lease and slot TTLs."""
+    renewed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def confirmed(self) -> None:
+        """Return once the lease is surely this worker's again (a renewal succeeded after
+        `valid_until` passed); when another attempt takes over, the runner cancels the
+        caller instead."""
+        while time.monotonic() >= self.valid_until:
+            self.renewed.clear()
+            await self.renewed.wait()
+
+
+class HeartbeatListener(Protocol):
+    """What the runner hears from the heartbeat."""
+
+    def lost(self, build_id: str, why: str) -> None:
+        """The attempt lost its lease (or its slot): stop it, publish nothing for it."""
+
+    def cancel(self, build_id: str, reason: str) -> bool:
+        """A cancel the worker missed on the channel."""
+        ...
 
 
 class Capacity:
     """This worker's slots and leases, and the heartbeat that keeps them."""
 
-    def __init__(self, redis: Redis, settings: SchedulingSettings) -> None:
-        self.redis = redis
+    def __init__(
+        self,
+        runner: ScriptRunner,
+        settings: SchedulingSettings,
+        *,
+        worker: str = "",
+        health: RedisHealth | None = None,
+    ) -> None:
+        self.scripts = runner
         self.settings = settings
-        self._acquire = redis.register_script(_ACQUIRE)
-        self._slots: dict[str, str] = {}  # build id -> slot set it holds
-        self._leases: set[str] = set()
+        self.worker = worker
+        self.health = health or RedisHealth()
+        self._held: dict[str, Held] = {}
 
-    async def acquire(self, build_id: str, ranked: Sequence[tuple[str, int]]) -> str | None:
+    @property
+    def lease_window_s(self) -> float:
+        """How long a renewal keeps both the lease and the slot."""
+        return min(self.settings.lease_ttl_s, self.settings.slot_ttl_s)
+
+    async def acquire(self, holder: str, ranked: Sequence[tuple[str, int]]) -> str | None:
         """Take a slot on the first daemon in `ranked` (daemon, max_builds) with room."""
         now_ms = int(time.time() * 1000)
         keys = [slot_key(daemon) for daemon, _ in ranked]
         expiry_ms = now_ms + int(self.settings.slot_ttl_s * 1000)
-        limits = [limit for _, limit in ranked]
-        index = await self._acquire(keys=keys, args=[now_ms, expiry_ms, build_id, *limits])
-        if not index:
-            return None
-        self._slots[build_id] = keys[int(index) - 1]
-        return ranked[int(index) - 1][0]
+        args: list[Arg] = [now_ms, expiry_ms, holder, *(limit for _, limit in ranked)]
+        index = int(cast(int, await self.scripts.run(scripts.ACQUIRE, keys, args)))
+        return ranked[index - 1][0] if index else None
 
-    async def release(self, build_id: str) -> None:
-        key = self._slots.pop(build_id, None)
-        if key is not None:
-            await self.redis.zrem(key, build_id)
+    async def release(self, daemon: str, holder: str) -> None:
+        await self.scripts.redis.zrem(slot_key(daemon), holder)
 
-    def hold_lease(self, build_id: str) -> None:
-        """The lease itself is written with the Started event; this keeps it renewed."""
-        self._leases.add(build_id)
+    def hold(self, token: AttemptToken) -> Held:
+        """Keep an attempt's lease (taken by its start) renewed from now on."""
+        held = Held(token, valid_until=time.monotonic() + self.lease_window_s)
+        self._held[token.build_id] = held
+        return held
 
-    def drop_lease(self, build_id: str) -> None:
-        self._leases.discard(build_id)
+    def holds_slot(self, token: AttemptToken, daemon: str, limit: int) -> None:
+        held = self._held.get(token.build_id)
+        if held is not None and held.token == token:
+            held.slot, held.limit = slot_key(daemon), limit
 
-    async def heartbeat(self) -> None:
+    def drop(self, token: AttemptToken) -> None:
+        held = self._held.get(token.build_id)
+        if held is not None and held.token == token:
+            del self._held[token.build_id]
+
+    async def heartbeat(
+        self, listener: HeartbeatListener, describe: Callable[[], WorkerBeat]
+    ) -> None:
         """Renew every slot and lease this worker holds, until cancelled."""
-        interval = min(self.settings.slot_ttl_s, self.settings.lease_ttl_s) / 3
+        interval = self.lease_window_s / 3
         while True:
+            await persistently(
+                lambda: self.renew(listener, describe()),
+                health=self.health,
+                doing="renewing leases",
+            )
             await asyncio.sleep(interval)
-            try:
-                await self._renew()
-            except RedisError as exc:
-                logger.warning("heartbeat failed, retrying in %.1fs: %s", interval, exc)
 
-    async def _renew(self) -> None:
-        if not self._slots and not self._leases:
-            return
-        expiry_ms = int((time.time() + self.settings.slot_ttl_s) * 1000)
-        lease_ms = int(self.settings.lease_ttl_s * 1000)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for build_id, key in list(self._slots.items()):
-                pipe.zadd(key, {build_id: expiry_ms}, xx=True)
-            for build_id in list(self._leases):
-                pipe.pexpire(lease_key(build_id), lease_ms)
-            await pipe.execute()
-
-
-class Reaper:
-    """Finds builds whose worker died (claimed by arq, lease expired) and re-queues them.
-
-    A claim without a lease is normal for the few milliseconds between arq taking a job and
-    the runner publishing Started, so a build is reaped only when it is seen leaseless on two
-    scans at least `reap_interval_s` apart.
-    """
-
-    def __init__(self, redis: Redis, settings: SchedulingSettings) -> None:
-        self.redis = redis
-        self.settings = settings
-        self._reap = redis.register_script(_REAP)
-        self._suspects: dict[str, float] = {}
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.reap_interval_s)
-            try:
-                for build_id in await self.scan():
-                    logger.warning("build %s lost its worker; re-queued", build_id)
-            except RedisError as exc:
-                logger.warning("reaper scan failed: %s", exc)
-
-    async def scan(self) -> list[str]:
-        """One pass; returns the builds handed back to the queue."""
-        claimed = [
-            key.decode().removeprefix(ARQ_IN_PROGRESS_PREFIX)
-            async for key in self.redis.scan_iter(match=f"{ARQ_IN_PROGRESS_PREFIX}*", count=1000)
+    async def renew(self, listener: HeartbeatListener, beat: WorkerBeat) -> None:
+        """One heartbeat: renew, record the worker, act on what Redis says."""
+        held = list(self._held.values())
+        sent = time.monotonic()
+        now_ms = int(time.time() * 1000)
+        keys: list[str] = [WORKERS]
+        args: list[Arg] = [
+            int(self.settings.lease_ttl_s * 1000),
+            now_ms,
+            now_ms + int(self.settings.slot_ttl_s * 1000),
+            beat.name,
+            worker_beat_encoder.encode(beat),
         ]
-        if not claimed:
-            self._suspects.clear()
-            return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for build_id in claimed:
-                pipe.exists(lease_key(build_id))
-            leased = await pipe.execute()
-        now = time.monotonic()
-        leaseless = {b for b, has in zip(claimed, leased, strict=True) if not has}
-        self._suspects = {b: self._suspects.get(b, now) for b in leaseless}
-        reaped = []
-        for build_id, first_seen in list(self._suspects.items()):
-            if now - first_seen >= self.settings.reap_interval_s:
-                keys = [in_progress_key(build_id), lease_key(build_id)]
-                if await self._reap(keys=keys):
-                    reaped.append(build_id)
-                del self._suspects[build_id]
-        return reaped
+        for item in held:
+            token = item.token
+            keys += [build_key(token.build_id), lease_key(token.build_id), item.slot or ""]
+            args += [token.generation, f"{self.worker} {token.generation}", "", 0]
+            if item.slot:
+                args[-2:] = [token.holder, item.limit]
+        replies = cast(list[object], await self.scripts.run(scripts.RENEW, keys, args))
+        for item, reply in zip(held, replies, strict=True):
+            self._act(listener, item, reply, sent)
+
+    def _act(self, listener: HeartbeatListener, item: Held, reply: object, sent: float) -> None:
+        build_id = item.token.build_id
+        if self._held.get(build_id) is not item:
+            return  # it ended while the heartbeat was under way
+        match reply:
+            case 0:
+                listener.lost(build_id, "another attempt took over its lease")
+            case 2:
+                listener.lost(build_id, "its capacity slot lapsed and the daemon is full")
+            case bytes() as notice:
+                item.valid_until = sent + self.lease_window_s
+                item.renewed.set()
+                cancel = cancel_notice_decoder.decode(notice)
+                listener.cancel(cancel.build_id, cancel.reason)
+            case _:
+                item.valid_until = sent + self.lease_window_s
+                item.renewed.set()
+
+    async def leave(self) -> None:
+        """Say this worker is gone (a clean stop), so `status` stops listing it."""
+        await self.scripts.redis.hdel(WORKERS, self.worker)  # type: ignore[misc]
+
+
+def decode_notice(data: bytes) -> CancelNotice | None:
+    """A cancel notice from the channel, or None when it is malformed (logged)."""
+    try:
+        return cancel_notice_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        logger.warning("ignoring a malformed cancel notice (%s): %r", exc, data[:200])
+        return None

@@ -15,6 +15,7 @@ from typing import Annotated, Final
 
 import msgspec
 
+from producer.backoff import full_jitter
 from worker.errors import BuildError, PermanentBuildError, TemporaryBuildError
 
 
@@ -42,6 +43,18 @@ CLASSIFICATION: Final[tuple[Rule, ...]] = (
         r"failed to read dockerfile|dockerfile.*no such file", "dockerfile_missing", temporary=False
     ),
     _rule(r"target stage .* could not be found", "dockerfile", temporary=False),
+    _rule(
+        r"invalid reference format|invalid reference:|repository name must be lowercase"
+        r"|invalid tag format|failed to parse (?:image|stage) name",
+        "invalid_reference",
+        temporary=False,
+    ),
+    _rule(
+        r"unsupported (?:url|source|protocol) scheme|unsupported protocol"
+        r"|unsupported context source|invalid (?:git|context) (?:url|source)",
+        "unsupported_source",
+        temporary=False,
+    ),
     _rule(
         r"failed to calculate checksum|failed to compute cache key",
         "context_file_missing",
@@ -113,11 +126,16 @@ def classify(
 
 
 class RetrySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Exponential backoff with full jitter: attempt n waits uniform(0, min(cap, base*2^(n-1)))."""
+    """Temporary failures retry with exponential backoff and full jitter (attempt n waits
+    uniform(0, min(max_delay_s, base_delay_s * 2^(n-1)))) for as long as the next attempt
+    would start within `budget_s` of the first failure: by default long enough to ride out
+    a daemon or registry restart of a few minutes. Then the build is dead-lettered."""
 
-    max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 4
+    budget_s: Annotated[float, msgspec.Meta(ge=0)] = 600.0
     base_delay_s: Annotated[float, msgspec.Meta(ge=0)] = 2.0
-    max_delay_s: Annotated[float, msgspec.Meta(ge=0)] = 120.0
+    max_delay_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    max_attempts: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """An optional cap on attempts as well (none by default: the budget is time)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,16 +147,22 @@ class RetryDecision:
 def decide(
     error: BuildError,
     attempt: int,
+    elapsed_s: float,
     settings: RetrySettings,
     rng: random.Random | None = None,
 ) -> RetryDecision:
-    """Whether attempt `attempt` (1-based), which failed with `error`, gets a successor."""
-    if not isinstance(error, TemporaryBuildError) or attempt >= settings.max_attempts:
+    """Whether attempt `attempt` (1-based), which failed with `error` `elapsed_s` after the
+    build's first temporary failure, gets a successor, and after what delay."""
+    if not isinstance(error, TemporaryBuildError):
+        return RetryDecision(retry=False)
+    if settings.max_attempts is not None and attempt >= settings.max_attempts:
         return RetryDecision(retry=False)
     if error.delay is not None:
-        return RetryDecision(retry=True, delay_s=min(error.delay, settings.max_delay_s))
-    ceiling = min(settings.max_delay_s, settings.base_delay_s * 2 ** (attempt - 1))
-    return RetryDecision(retry=True, delay_s=(rng or _rng).uniform(0, ceiling))
-
-
-_rng = random.Random()  # noqa: S311 - jitter, not cryptography
+        delay = min(error.delay, settings.max_delay_s)
+    else:
+        delay = full_jitter(
+            attempt - 1, base=settings.base_delay_s, cap=settings.max_delay_s, rng=rng
+        )
+    if elapsed_s + delay > settings.budget_s:
+        return RetryDecision(retry=False)
+    return RetryDecision(retry=True, delay_s=delay)

@@ -1,9 +1,27 @@
 """One build attempt from start to end: the function arq calls for every job.
 
-A started build ends in exactly one of: a terminal event (Succeeded, Failed, Cancelled,
-DeadLettered), a Retrying event with the job deferred for its next attempt, or, when the
-worker itself is stopping, the job handed back to the queue untouched for another worker.
-The build store refuses any event after a terminal one, so races cannot add a second.
+An attempt starts by taking a new lease generation (producer/store.py): its token goes
+with everything it publishes, and a newer attempt of the same build fences it off. Every
+attempt ends in exactly one way:
+
+| what happens                               | the attempt ends with                        |
+|--------------------------------------------|----------------------------------------------|
+| the backend returns                        | Succeeded                                    |
+| a permanent BuildError                     | Failed                                       |
+| a temporary BuildError, retry budget left  | Retrying, the job deferred for the next one  |
+| a temporary BuildError, budget spent       | DeadLettered                                 |
+| any other exception (a bug)                | as a temporary error of class `internal`     |
+| the build's timeout                        | Failed, class `timeout`                      |
+| a cancel request                           | Cancelled                                    |
+| an unreadable job                          | DeadLettered, class `unreadable`             |
+| the lease lost (another attempt took over) | nothing: it stops, publishes nothing, and    |
+|                                            | leaves arq's job to the new attempt          |
+| the worker stopping (SIGTERM, after drain) | the job handed back untouched: no attempt    |
+|                                            | spent, another worker runs it                |
+
+A terminal event, Retrying and Started are retried through any Redis outage until they
+land (producer/resilience.py); the store refuses a second terminal event and anything from
+a fenced attempt, so retrying is safe. Progress (Step, Log) is best effort.
 """
 
 from __future__ import annotations
@@ -11,17 +29,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, TypeVar, cast
 
-import stamina
 from arq import Retry
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.contract import (
-    BuildEvent,
     BuildRequest,
     BuildResult,
     Cancelled,
@@ -36,20 +50,24 @@ from producer.contract import (
     Succeeded,
     TerminalEvent,
     decode_request,
+    encode,
 )
-from producer.store import BuildStore, PublishOutcome
+from producer.keys import slot_key
+from producer.resilience import RedisHealth, persistently
+from producer.store import AttemptToken, Begun, BuildStore, DeadLetterEntry, PublishOutcome
 from worker.backends.base import Backend, BuildJob, Built
-from worker.capacity import Capacity
-from worker.errors import BuildError, TemporaryBuildError
+from worker.capacity import Capacity, Held
+from worker.errors import BuildError, PermanentBuildError, TemporaryBuildError
 from worker.progress import LogBudget
 from worker.retry import RetrySettings, decide
-from worker.scheduling import Placer
+from worker.scheduling import Placement, Placer
 from worker.settings import SchedulingSettings, WorkerSettings
 from worker.telemetry import AttemptTrace, Telemetry
 
 logger = logging.getLogger("buildfleet.worker")
 
-_REDIS_ERRORS: Final = (RedisConnectionError, RedisTimeoutError)
+_T = TypeVar("_T")
+_RELEASE_PATIENCE_S = 2.0
 
 
 @dataclass
@@ -59,29 +77,28 @@ class _Attempt:
     request: BuildRequest
     number: int
     started_at: float
-    task: asyncio.Task[Built] | None = None
-    """Placement and build: what a cancel stops."""
-    cancel_reason: str | None = None
-    placement: str | None = None
-    capacity_wait_s: float = 0.0
     avoid: tuple[str, ...] = ()
+    retry_since: float = 0.0
+    """When this build's first temporary failure happened (0: none yet)."""
+    token: AttemptToken | None = None
+    held: Held | None = None
+    placement: Placement = field(default_factory=lambda: Placement(None))
+    capacity_wait_s: float = 0.0
+    task: asyncio.Task[Built] | None = None
+    """Placement and build: what a cancel, a lost lease or the timeout stops."""
+    cancel_reason: str | None = None
+    lost_reason: str | None = None
     trace: AttemptTrace | None = None
 
-    def result(self, status: Status, **fields: Any) -> BuildResult:
-        now = time.time()
-        submitted = self.request.submitted_at or self.started_at
-        return BuildResult(
-            build_id=self.request.id,
-            status=status,
-            images=self.request.images,
-            attempts=self.number,
-            daemon=self.placement,
-            queue_wait_s=max(0.0, self.started_at - submitted),
-            capacity_wait_s=self.capacity_wait_s,
-            build_s=max(0.0, now - self.started_at - self.capacity_wait_s),
-            finished_at=now,
-            **fields,
-        )
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    @property
+    def slot(self) -> str | None:
+        """The slot set this attempt holds a slot in, if any."""
+        daemon = self.placement.daemon
+        return slot_key(daemon) if daemon is not None and self.placement.limit else None
 
 
 @dataclass
@@ -94,6 +111,9 @@ class BuildRunner:
     retry: RetrySettings
     scheduling: SchedulingSettings
     telemetry: Telemetry = field(default_factory=Telemetry)
+    health: RedisHealth = field(default_factory=RedisHealth)
+    fenced_jobs: set[str] = field(default_factory=set)
+    """Jobs whose attempt lost its lease: arq must leave them to the attempt that took over."""
     _attempts: dict[str, _Attempt] = field(default_factory=dict)
 
     @property
@@ -103,38 +123,52 @@ class BuildRunner:
 
     def cancel(self, build_id: str, reason: str) -> bool:
         """Stop a build this worker runs; its runner then publishes Cancelled."""
-        attempt = self._attempts.get(build_id)
-        if attempt is None or attempt.cancel_reason is not None:
+        current = self._attempts.get(build_id)
+        if current is None or current.cancel_reason is not None:
             return False
-        attempt.cancel_reason = reason
-        if attempt.task is not None:
-            attempt.task.cancel()
+        logger.info("cancelling %s: %s", build_id, reason)
+        current.cancel_reason = reason
+        current.stop()
         return True
 
+    def lost(self, build_id: str, why: str) -> None:
+        """The attempt lost its lease: stop it now, publish nothing for it."""
+        current = self._attempts.get(build_id)
+        if current is None or current.lost_reason is not None:
+            return
+        logger.warning("build %s attempt %d stopped: %s", build_id, current.number, why)
+        current.lost_reason = why
+        current.stop()
+
     async def run(
-        self, ctx: dict[str, Any], raw: bytes, attempt: int = 1, avoid: Sequence[str] = ()
+        self,
+        ctx: dict[str, Any],
+        raw: bytes,
+        attempt: int = 1,
+        avoid: Sequence[str] = (),
+        retry_since: float = 0.0,
     ) -> None:
-        """arq's job function: `raw` is the encoded request, `attempt` counts our retries,
-        `avoid` names daemons that failed this build before."""
+        """arq's job function: `raw` is the encoded request, `attempt` numbers this attempt,
+        `avoid` names daemons that failed this build before, `retry_since` is when its
+        first temporary failure happened."""
         build_id: str = ctx["job_id"]
         try:
             request = decode_request(raw)
+            if request.id != build_id:
+                raise ContractError(f"request id {request.id!r} does not match job {build_id!r}")
         except ContractError as exc:
             await self._dead_letter_unreadable(build_id, raw, str(exc))
             return
-        if request.id != build_id:
-            await self._dead_letter_unreadable(
-                build_id, raw, f"request id {request.id!r} does not match job id {build_id!r}"
-            )
-            return
-        current = _Attempt(request, attempt, started_at=time.time(), avoid=tuple(avoid))
+        current = _Attempt(request, attempt, time.time(), tuple(avoid), retry_since)
         self._attempts[build_id] = current
-        self.capacity.hold_lease(build_id)
         try:
             await self._run(current)
         finally:
-            self.capacity.drop_lease(build_id)
             del self._attempts[build_id]
+            if current.token is not None:
+                self.capacity.drop(current.token)
+            if current.lost_reason is not None:
+                self.fenced_jobs.add(build_id)
 
     async def _run(self, current: _Attempt) -> None:
         request = current.request
@@ -144,104 +178,143 @@ class BuildRunner:
             worker=self.settings.name,
             backend=self.backend.name,
         )
-        match await self._publish_started(started):
-            case PublishOutcome.ALREADY_ENDED:
-                return
+        offer = self.placer.offer(request, current.avoid)
+        outcome = await self._surely(
+            lambda: self.store.start(
+                started,
+                request.priority,
+                lease_s=self.scheduling.lease_ttl_s,
+                slots=[(slot_key(daemon), limit) for daemon, limit in offer],
+                slot_ttl_s=self.scheduling.slot_ttl_s,
+            ),
+            f"starting {request.id}",
+        )
+        match outcome:
+            case Begun(token=token, slot=slot):
+                current.token = token
+                current.held = self.capacity.hold(token)
+                if slot:
+                    self._placed(current, self.placer.placed(offer[slot - 1][0]))
             case PublishOutcome.CANCEL_REQUESTED:
-                await self._end(current, Cancelled, "cancelled", reason="cancelled before start")
+                await self._end(current, Cancelled, reason="cancelled before it started")
                 return
+            case _:
+                return  # it has ended already: a duplicate delivery of its job
         with self.telemetry.attempt(request, current.number, self.settings.name) as traced:
             current.trace = traced
             await self._attempt(current)
 
     async def _attempt(self, current: _Attempt) -> None:
         """Build, and end the attempt in exactly one way."""
-        request = current.request
-        timeout = self.settings.timeout_for(request)
+        timeout = self._timeout(current.request)
         try:
             async with asyncio.timeout(timeout):
                 # Its own task, so that a cancel stops it while it waits for a slot too.
                 current.task = asyncio.create_task(self._build(current))
-                if current.cancel_reason is not None:
-                    current.task.cancel()
+                if current.cancel_reason is not None or current.lost_reason is not None:
+                    current.stop()
                 built = await current.task
         except TimeoutError:
-            await self._end(
-                current,
-                Failed,
-                "failed",
-                error_class="timeout",
-                error=f"build exceeded its timeout of {timeout:g}s",
+            error = PermanentBuildError(
+                f"build exceeded its timeout of {timeout:g}s", error_class="timeout"
             )
+            await self._end(current, Failed, error=error)
         except asyncio.CancelledError:
+            if current.lost_reason is not None:
+                await self._let_go(current)
+                return
             if current.cancel_reason is None or _task_is_cancelling():
+                await self._let_go(current)
                 raise  # the worker is stopping: arq puts the job back for another worker
-            await self._end(current, Cancelled, "cancelled", reason=current.cancel_reason)
+            await self._end(current, Cancelled, reason=current.cancel_reason)
         except BuildError as error:
             await self._failed(current, error)
         except Exception as exc:
             # A bug or an unforeseen failure must not lose the build: retry, then dead-letter.
             logger.exception(
-                "build %s: unexpected error in the %s backend", request.id, self.backend.name
+                "build %s: unexpected error in the %s backend",
+                current.request.id,
+                self.backend.name,
             )
             unexpected = TemporaryBuildError(f"{type(exc).__name__}: {exc}", error_class="internal")
             await self._failed(current, unexpected)
         else:
-            await self._end(current, Succeeded, "succeeded", digest=built.digest)
+            await self._end(current, Succeeded, digest=built.digest)
 
     async def _build(self, current: _Attempt) -> Built:
-        request = current.request
+        request, token = current.request, current.token
         budget = LogBudget(self.settings.log_cap_bytes)
 
         async def progress(event: Step | Log) -> None:
-            if isinstance(event, Log) and (admitted := budget.admit(event)) is not None:
-                self.store.publish_soon(admitted)
-            elif isinstance(event, Step):
-                self.store.publish_soon(event)
+            if isinstance(event, Log):
+                if (admitted := budget.admit(event)) is not None:
+                    self.store.publish_soon(admitted, token)
+            else:
+                self.store.publish_soon(event, token)
                 if current.trace is not None:
                     self.telemetry.step(current.trace, event)
 
-        waiting_since = time.monotonic()
-        async with self.placer.place(request, current.avoid) as placement:
-            current.capacity_wait_s = time.monotonic() - waiting_since
-            current.placement = placement
-            job = BuildJob(
-                request=request,
-                attempt=current.number,
-                timeout_s=self.settings.timeout_for(request),
-                placement=placement,
-                traceparent=current.trace.traceparent if current.trace else None,
+        if current.placement.daemon is None and token is not None:
+            waiting_since = time.monotonic()
+            placement = await self.placer.wait(
+                request, token.holder, current.avoid, since=waiting_since
             )
-            with self.telemetry.holding_slot(placement):
-                return await self.backend.build(job, progress)
+            current.capacity_wait_s = time.monotonic() - waiting_since
+            self._placed(current, placement)
+        job = BuildJob(
+            request=request,
+            attempt=current.number,
+            timeout_s=self._timeout(request),
+            placement=current.placement.daemon,
+            traceparent=current.trace.traceparent if current.trace else None,
+            fence=current.held,
+        )
+        with self.telemetry.holding_slot(current.placement.daemon):
+            return await self.backend.build(job, progress)
+
+    def _timeout(self, request: BuildRequest) -> float:
+        """The build's deadline: its own or the default, never past the fleet's maximum."""
+        return min(self.settings.timeout_for(request), self.store.queue.max_timeout_s)
+
+    def _placed(self, current: _Attempt, placement: Placement) -> None:
+        current.placement = placement
+        if current.token is not None and placement.daemon is not None and placement.limit:
+            self.capacity.holds_slot(current.token, placement.daemon, placement.limit)
+
+    async def _let_go(self, current: _Attempt) -> None:
+        """Free the slot of an attempt that ends without a terminal event (lost, or handed
+        back); if Redis is away, the slot lapses on its own."""
+        if current.token is None or current.slot is None:
+            return
+        try:
+            async with asyncio.timeout(_RELEASE_PATIENCE_S):
+                await asyncio.shield(self.placer.release(current.placement, current.token.holder))
+        except Exception as exc:
+            logger.info("could not free %s's slot now (%s); it lapses", current.request.id, exc)
 
     async def _failed(self, current: _Attempt, error: BuildError) -> None:
-        decision = decide(error, current.number, self.retry)
-        fields: dict[str, Any] = {
-            "error_class": error.error_class,
-            "error": error.message,
-            "failed_step": error.step,
-            "log_tail": error.log_tail,
-        }
-        if isinstance(error, TemporaryBuildError) and error.daemon_at_fault and current.placement:
-            self.placer.blame(current.placement)
-            current.avoid = (*current.avoid, current.placement)
+        since = current.retry_since or time.time()
+        daemon = current.placement.daemon
+        if isinstance(error, TemporaryBuildError) and error.daemon_at_fault and daemon:
+            self.placer.blame(daemon)
+            current.avoid = (*current.avoid, daemon)
+        decision = decide(error, current.number, time.time() - since, self.retry)
         if decision.retry:
-            await self._retry_later(current, error, decision.delay_s)
+            await self._retry_later(current, error, decision.delay_s, since)
         elif isinstance(error, TemporaryBuildError):
-            await self._end(
-                current,
-                DeadLettered,
-                "dead_lettered",
-                reason=f"gave up after {current.number} attempts: {error.message}",
-                **fields,
+            reason = (
+                f"gave up after {current.number} attempts in {time.time() - since:.0f}s: "
+                f"{error.message}"
             )
+            await self._end(current, DeadLettered, error=error, reason=reason)
         else:
-            await self._end(current, Failed, "failed", **fields)
+            await self._end(current, Failed, error=error)
 
-    async def _retry_later(self, current: _Attempt, error: BuildError, delay_s: float) -> None:
-        request = current.request
-        next_attempt = current.number + 1
+    async def _retry_later(
+        self, current: _Attempt, error: BuildError, delay_s: float, since: float
+    ) -> None:
+        request, token = current.request, current.token
+        assert token is not None  # an attempt that failed had started
         event = Retrying(
             build_id=request.id,
             attempt=current.number,
@@ -251,67 +324,85 @@ class BuildRunner:
         )
         if current.trace is not None:
             self.telemetry.retried(current.trace, error.error_class)
-        outcome = await self.store.reschedule(event, request, next_attempt, current.avoid)
+        outcome = await self._surely(
+            lambda: self.store.reschedule(
+                event,
+                request,
+                token,
+                next_attempt=current.number + 1,
+                avoid=current.avoid,
+                retry_since=since,
+                slot=current.slot,
+            ),
+            f"rescheduling {request.id}",
+        )
         if outcome is PublishOutcome.PUBLISHED:
             raise Retry(defer=delay_s)
+        if outcome is PublishOutcome.FENCED:
+            current.lost_reason = "another attempt took over its lease"
 
     async def _end(
         self,
         current: _Attempt,
         kind: type[TerminalEvent],
-        status: Status,
         *,
+        digest: str | None = None,
+        error: BuildError | None = None,
         reason: str | None = None,
-        **fields: Any,
     ) -> None:
-        if reason is not None:
-            fields.setdefault("error", reason)
-        result = current.result(status, backend=self.backend.name, **fields)
+        status = cast(Status, kind.__struct_config__.tag)
+        result = self._result(current, status, digest=digest, error=error, reason=reason)
         event = kind(
-            build_id=current.request.id,
-            attempt=current.number,
-            result=result,
-            reason=reason or "",
+            build_id=result.build_id, attempt=current.number, result=result, reason=reason or ""
         )
         if current.trace is not None:
             self.telemetry.ended(current.trace, result)
-        await self._publish_terminal(event, status, result, current.request)
+        dead_letter = DeadLetterEntry(encode(current.request)) if kind is DeadLettered else None
+        outcome = await self._surely(
+            lambda: self.store.publish(
+                event, current.token, slot=current.slot, dead_letter=dead_letter
+            ),
+            f"ending {current.request.id}",
+        )
+        match outcome:
+            case PublishOutcome.PUBLISHED:
+                logger.info(
+                    "build %s %s after %d attempt(s)", result.build_id, status, result.attempts
+                )
+            case PublishOutcome.FENCED:
+                current.lost_reason = "another attempt took over its lease"
 
-    async def _publish_started(self, started: Started) -> PublishOutcome:
-        return await self._publish_surely(
-            started,
-            status="running",
-            attempt=started.attempt,
-            lease=(self.settings.name, self.scheduling.lease_ttl_s),
+    def _result(
+        self,
+        current: _Attempt,
+        status: Status,
+        *,
+        digest: str | None,
+        error: BuildError | None,
+        reason: str | None,
+    ) -> BuildResult:
+        now = time.time()
+        submitted = current.request.submitted_at or current.started_at
+        return BuildResult(
+            build_id=current.request.id,
+            status=status,
+            digest=digest,
+            images=current.request.images,
+            attempts=current.number,
+            backend=self.backend.name,
+            daemon=current.placement.daemon,
+            queue_wait_s=max(0.0, current.started_at - submitted),
+            capacity_wait_s=current.capacity_wait_s,
+            build_s=max(0.0, now - current.started_at - current.capacity_wait_s),
+            error_class=error.error_class if error else None,
+            error=reason or (error.message if error else None),
+            failed_step=error.step if error else None,
+            log_tail=error.log_tail if error else (),
+            finished_at=now,
         )
 
-    async def _publish_terminal(
-        self,
-        event: TerminalEvent,
-        status: Status,
-        result: BuildResult,
-        request: BuildRequest | None,
-    ) -> None:
-        outcome = await self._publish_surely(event, status=status, result=result)
-        if outcome is PublishOutcome.PUBLISHED:
-            logger.info("build %s %s after %d attempt(s)", event.build_id, status, event.attempt)
-            if isinstance(event, DeadLettered):
-                await self.store.keep_dead_letter(event, request)
-
-    async def _publish_surely(self, event: BuildEvent, **transition: Any) -> PublishOutcome:
-        """A status change must survive a Redis hiccup: retried with backoff until it lands.
-
-        Retrying is safe: the store refuses a second terminal event. The first try skips the
-        retry machinery, which costs more than the write itself on the hot path.
-        """
-        try:
-            return await self.store.publish(event, **transition)
-        except _REDIS_ERRORS:
-            logger.warning("Redis hiccup publishing %s; retrying", type(event).__name__)
-        async for attempt in stamina.retry_context(on=_REDIS_ERRORS, attempts=10, timeout=60.0):
-            with attempt:
-                return await self.store.publish(event, **transition)
-        raise AssertionError("unreachable: stamina re-raises after the last attempt")
+    async def _surely(self, operation: Callable[[], Awaitable[_T]], doing: str) -> _T:
+        return await persistently(operation, health=self.health, doing=doing)
 
     async def _dead_letter_unreadable(self, build_id: str, raw: bytes, reason: str) -> None:
         logger.warning("dead-lettering unreadable job %s: %s", build_id, reason)
@@ -323,9 +414,10 @@ class BuildRunner:
             finished_at=time.time(),
         )
         event = DeadLettered(build_id=build_id, result=result, reason=reason)
-        outcome = await self.store.publish(event, status="dead_lettered", result=result)
-        if outcome is PublishOutcome.PUBLISHED:
-            await self.store.keep_dead_letter(event, None, raw=raw)
+        await self._surely(
+            lambda: self.store.publish(event, dead_letter=DeadLetterEntry(raw)),
+            f"dead-lettering {build_id}",
+        )
 
 
 def _task_is_cancelling() -> bool:

@@ -15,8 +15,8 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from producer.contract import BuildRequest
@@ -27,15 +27,38 @@ from worker.settings import BuildkitSettings, DaemonSettings, SchedulingSettings
 logger = logging.getLogger("buildfleet.scheduling")
 
 
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where an attempt builds: a daemon (or namespace) and its cap, or nowhere in
+    particular (no capacity accounting)."""
+
+    daemon: str | None
+    limit: int = 0
+
+
 class Placer(Protocol):
-    def place(
-        self, request: BuildRequest, avoid: Sequence[str] = ()
-    ) -> AbstractAsyncContextManager[str | None]:
-        """Wait for room, then yield where to build; leaving the block frees the room.
+    def offer(self, request: BuildRequest, avoid: Sequence[str] = ()) -> list[tuple[str, int]]:
+        """The places (with their caps) an attempt should try first, as it starts: a slot
+        on one of them is taken in the same step as the start."""
+        ...
+
+    async def wait(
+        self, request: BuildRequest, holder: str, avoid: Sequence[str], since: float
+    ) -> Placement:
+        """Wait for room (the attempt has waited since `since`, monotonic), then hold it
+        for `holder`.
 
         `avoid` names places that failed this build before: they are used only when
         nothing else is available.
         """
+        ...
+
+    def placed(self, daemon: str | None) -> Placement:
+        """The placement for a slot taken on `daemon` as the attempt started."""
+        ...
+
+    async def release(self, placement: Placement, holder: str) -> None:
+        """Free what `holder` holds (when no terminal event frees it)."""
         ...
 
     def blame(self, placement: str) -> None:
@@ -49,11 +72,19 @@ class FixedPlacer:
     def __init__(self, placement: str | None) -> None:
         self.placement = placement
 
-    @asynccontextmanager
-    async def place(
-        self, request: BuildRequest, avoid: Sequence[str] = ()
-    ) -> AsyncIterator[str | None]:
-        yield self.placement
+    def offer(self, request: BuildRequest, avoid: Sequence[str] = ()) -> list[tuple[str, int]]:
+        return []
+
+    async def wait(
+        self, request: BuildRequest, holder: str, avoid: Sequence[str], since: float
+    ) -> Placement:
+        return Placement(self.placement)
+
+    def placed(self, daemon: str | None) -> Placement:
+        return Placement(daemon)
+
+    async def release(self, placement: Placement, holder: str) -> None:
+        return None
 
     def blame(self, placement: str) -> None:
         return None
@@ -135,34 +166,38 @@ class LeasedPlacer:
         )
         return [d for d in ranked if d not in avoid] + [d for d in ranked if d in avoid]
 
-    @asynccontextmanager
-    async def place(
-        self, request: BuildRequest, avoid: Sequence[str] = ()
-    ) -> AsyncIterator[str | None]:
-        daemon = await self._wait_for_slot(request, avoid)
-        try:
-            yield daemon
-        finally:
-            await asyncio.shield(self.capacity.release(request.id))
+    def offer(self, request: BuildRequest, avoid: Sequence[str] = ()) -> list[tuple[str, int]]:
+        candidates = self.candidates(request, avoid)
+        if self.settings.spill_after_s > 0:
+            candidates = candidates[: self.settings.affinity_width]
+        return [(d, self.limits[d]) for d in candidates]
 
-    async def _wait_for_slot(self, request: BuildRequest, avoid: Sequence[str]) -> str:
+    def placed(self, daemon: str | None) -> Placement:
+        return Placement(daemon, self.limits.get(daemon, 0) if daemon else 0)
+
+    async def release(self, placement: Placement, holder: str) -> None:
+        if placement.daemon is not None:
+            await self.capacity.release(placement.daemon, holder)
+
+    async def wait(
+        self, request: BuildRequest, holder: str, avoid: Sequence[str], since: float
+    ) -> Placement:
         """A slot on one of the first `affinity_width` daemons in rank (where the build's
-        cache is); when they stay full for `spill_after_s`, the first with room in rank.
+        cache is); when they stay full until `spill_after_s` after `since`, the first with
+        room in rank.
 
         A cold build elsewhere costs the whole slow part of the build again, a short wait
         for a warm daemon usually costs less; past the wait, the load bound wins.
         """
         pause = 0.02
-        spill_at = time.monotonic() + self.settings.spill_after_s
+        spill_at = since + self.settings.spill_after_s
         while True:
             candidates = self.candidates(request, avoid)
             if time.monotonic() < spill_at:
                 candidates = candidates[: self.settings.affinity_width]
-            daemon = await self.capacity.acquire(
-                request.id, [(d, self.limits[d]) for d in candidates]
-            )
+            daemon = await self.capacity.acquire(holder, [(d, self.limits[d]) for d in candidates])
             if daemon is not None:
-                return daemon
+                return self.placed(daemon)
             # Full jitter, so that waiting workers do not retry in lockstep.
             await asyncio.sleep(random.uniform(0, pause))  # noqa: S311
             pause = min(pause * 2, self.settings.capacity_poll_max_s)

@@ -70,8 +70,10 @@ class SimulateSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     outcome: Literal["succeeded", "failed", "temporary"] = "succeeded"
     steps: Annotated[int, msgspec.Meta(ge=0)] = 0
     journal: str | None = None
-    """A file each simulated build appends one JSON line to: where it ran, from when to when
-    (what tests and capacity planning count concurrency from)."""
+    """A file simulated builds append JSON lines to, one per stretch of work: which attempt
+    ran where, from when to when (what tests and the soak count concurrency from)."""
+    slice_s: PositiveFloat = 0.25
+    """Simulated work goes in stretches this long at most; each is recorded as it ends."""
 
 
 class SchedulingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -93,6 +95,11 @@ class SchedulingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     one on the next daemon in rank with room (0: spill at once)."""
     affinity_width: PositiveInt = 1
     """How many daemons, first in rank, count as holding a repository's cache."""
+    watchdog_interval_s: PositiveFloat = 15.0
+    """How often builds that lost their job are looked for (each is confirmed on a second
+    look this much later before it is re-queued)."""
+    max_requeues: PositiveInt = 3
+    """How many times a build whose job was lost is re-queued before it is dead-lettered."""
 
 
 DEFAULT_EXECUTOR_IMAGE: Final = (

@@ -29,7 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer.client import BuildfleetClient, BuildNotFound, FleetUnavailable, connect
+from producer.client import BuildfleetClient, BuildNotFound, FleetUnavailable
 from producer.contract import (
     BUILD_ID_PATTERN,
     BuildEvent,
@@ -995,7 +995,7 @@ async def serve_gateway(
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """The body of `run_gateway`, for callers that already run an event loop."""
-    client = BuildfleetClient(connect(redis or RedisSettings()), queue or QueueSettings())
+    client = BuildfleetClient.connect(redis or RedisSettings(), queue)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -13,6 +13,20 @@ ProgressSink = Callable[[Step | Log], Awaitable[None]]
 """Where a backend sends what it sees while building; the worker stamps, caps and publishes."""
 
 
+class Fence(Protocol):
+    """An attempt's lease as its worker knows it."""
+
+    @property
+    def valid_until(self) -> float:
+        """Monotonic time until which the lease is surely the attempt's."""
+        ...
+
+    async def confirmed(self) -> None:
+        """Return once the lease is surely the attempt's again (after a renewal); if
+        another attempt takes over, the caller is cancelled instead."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class BuildJob:
     """One attempt at one request, placed by the scheduler."""
@@ -27,6 +41,9 @@ class BuildJob:
     """Where to build: a BuildKit daemon address, or a Kubernetes namespace."""
     traceparent: str | None = None
     """The W3C trace context of this attempt's span, for the backend's own tracing."""
+    fence: Fence | None = None
+    """The attempt's lease, for a backend that can pause its work while the lease is in
+    doubt (the simulate backend, modelling a daemon that honours leases)."""
 
 
 @dataclass(frozen=True, slots=True)

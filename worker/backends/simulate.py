@@ -1,19 +1,28 @@
 """A backend that builds nothing: it takes a configured time and outcome.
 
-For load tests and capacity planning, as kwok is for Kubernetes. A request can override the
-configured behaviour with labels `simulate.duration_s` and `simulate.outcome`.
+For load tests, the fault soak and capacity planning, as kwok is for Kubernetes. A request
+can override the configured behaviour with labels `simulate.duration_s` and
+`simulate.outcome`.
+
+It models a daemon that honours leases: work happens in short stretches, each only while
+the attempt's lease is surely its own (`BuildJob.fence`); when that is in doubt (Redis
+away, or the worker was paused) the work waits for a renewal, and when another attempt
+takes over, the runner stops it. Each stretch is appended to the journal as it ends, so a
+worker killed mid-build leaves what it did: the journal is what tests and the soak check
+concurrency, overlapping runs and capacity against.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 
 import msgspec
 
 from producer.contract import Step
-from worker.backends.base import BuildJob, Built, ProgressSink
+from worker.backends.base import BuildJob, Built, Fence, ProgressSink
 from worker.errors import PermanentBuildError, TemporaryBuildError
 from worker.settings import SimulateSettings
 
@@ -34,6 +43,7 @@ class SimulateBackend:
 
     def __init__(self, settings: SimulateSettings) -> None:
         self.settings = settings
+        self._journal: int | None = None
 
     async def build(self, job: BuildJob, progress: ProgressSink) -> Built:
         labels = job.request.labels
@@ -51,12 +61,7 @@ class SimulateBackend:
                     completed=now,
                 )
             )
-        began = time.time()
-        try:
-            if duration:
-                await asyncio.sleep(duration)
-        finally:
-            self._record(job, began)
+        await self._work(job, duration)
         match outcome:
             case "failed":
                 raise PermanentBuildError(
@@ -69,20 +74,37 @@ class SimulateBackend:
         digest = hashlib.sha256(f"{job.request.id}:{job.attempt}".encode()).hexdigest()
         return Built(digest=f"sha256:{digest}" if job.request.images else None)
 
-    def _record(self, job: BuildJob, began: float) -> None:
-        if self.settings.journal is None:
+    async def _work(self, job: BuildJob, duration: float) -> None:
+        """`duration` seconds of work, done only while the lease is surely the attempt's."""
+        remaining = duration
+        while remaining > 0:
+            fence = job.fence
+            if fence is not None and time.monotonic() >= fence.valid_until:
+                await fence.confirmed()
+            began, began_at = time.monotonic(), time.time()
+            stretch = min(remaining, self.settings.slice_s, _room(fence, began))
+            try:
+                await asyncio.sleep(stretch)
+            finally:
+                # Work past the lease's sure end does not count: the daemon would have
+                # stopped it (a paused worker wakes up to find it so).
+                ended = min(time.monotonic(), began + _room(fence, began))
+                self._record(job, began_at, began_at + (ended - began))
+            remaining -= ended - began
+
+    def _record(self, job: BuildJob, began: float, ended: float) -> None:
+        if self.settings.journal is None or ended <= began:
             return
-        line = _journal_encoder.encode(
-            JournalEntry(
-                build_id=job.request.id,
-                attempt=job.attempt,
-                placement=job.placement,
-                began=began,
-                ended=time.time(),
-            )
-        )
-        with open(self.settings.journal, "ab") as journal:
-            journal.write(line + b"\n")
+        if self._journal is None:
+            self._journal = os.open(self.settings.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        entry = JournalEntry(job.request.id, job.attempt, job.placement, began, ended)
+        os.write(self._journal, _journal_encoder.encode(entry) + b"\n")
 
     async def aclose(self) -> None:
-        return None
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
+
+
+def _room(fence: Fence | None, now: float) -> float:
+    return float("inf") if fence is None else max(0.0, fence.valid_until - now)

@@ -1,0 +1,95 @@
+"""Connections to the fleet's Redis: one function, the same hygiene in every process.
+
+Workers, the gateway, the CLI and the Python client all connect through `connect`, so each
+of them sets a connect and a socket timeout (a half-open connection fails a command instead
+of hanging it), TCP keepalive and a health check of idle connections, and each of them can
+reach the primary through Redis Sentinel. With Sentinel, a connection that finds its server
+demoted (READONLY) drops itself and asks the sentinels again: a failover looks like a short
+outage to the code above, which retries (see producer/resilience.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.sentinel import Sentinel
+
+from producer.settings import RedisSettings, redact_url
+
+SENTINEL_SCHEME = "redis+sentinel"
+
+_R = TypeVar("_R", bound=Redis)
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """What a `redis+sentinel://` URL names."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    password: str | None = None
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """`redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]`."""
+    parts = urlsplit(url)
+    if parts.scheme != SENTINEL_SCHEME:
+        raise ValueError(f"not a {SENTINEL_SCHEME}:// URL: {redact_url(url)!r}")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    password = unquote(userinfo.partition(":")[2]) if userinfo else None
+    sentinels = []
+    for item in hosts.split(","):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(
+                f"expected HOST:PORT for each sentinel, got {item!r} in {redact_url(url)!r}"
+            )
+        sentinels.append((host.strip("[]"), int(port)))
+    path = [segment for segment in parts.path.split("/") if segment]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError(
+            f"expected /SERVICE or /SERVICE/DB after the sentinels in {redact_url(url)!r}"
+        )
+    db = int(path[1]) if len(path) == 2 else 0
+    return SentinelTarget(tuple(sentinels), path[0], db, password or None)
+
+
+def _options(settings: RedisSettings) -> dict[str, Any]:
+    return {
+        "socket_connect_timeout": settings.connect_timeout_s,
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_keepalive": settings.keepalive,
+        "health_check_interval": settings.health_check_interval_s,
+    }
+
+
+def connect(settings: RedisSettings, redis_class: type[_R]) -> _R:
+    """A client of the fleet's Redis (bytes in, bytes out), as `redis_class` (`Redis`, or
+    arq's `ArqRedis` for a worker).
+
+    No connection is made until the first command: an unreachable Redis is reported by
+    the first command that needs it, as every later outage is.
+    """
+    options = _options(settings)
+    if urlsplit(settings.url).scheme == SENTINEL_SCHEME:
+        target = parse_sentinel_url(settings.url)
+        password = settings.password or target.password
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.sentinels),
+            sentinel_kwargs={
+                key: options[key]
+                for key in ("socket_connect_timeout", "socket_timeout", "socket_keepalive")
+            },
+            **options,
+        )
+        primary = sentinel.master_for(
+            target.service, redis_class=redis_class, db=target.db, password=password
+        )
+        return cast(_R, primary)
+    if settings.password is not None:
+        options["password"] = settings.password
+    return cast(_R, redis_class.from_url(settings.url, **options))
