@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
 from worker.subprocesses import die_with_this_process
 
@@ -234,30 +234,117 @@ def tcp_open(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
-def _redis_pong(port: int) -> bool:
+def _redis_pong(port: int, password: str | None = None) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+        if password is not None:
+            sock.sendall(_resp("AUTH", password))
+            if not sock.recv(64).startswith(b"+OK"):
+                return False
         sock.sendall(b"PING\r\n")
         return sock.recv(64).startswith(b"+PONG")
+
+
+def _resp(*words: str) -> bytes:
+    """A command in Redis's protocol (arguments may hold any bytes)."""
+    out = [f"*{len(words)}\r\n".encode()]
+    for word in words:
+        data = word.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+Fsync = Literal["always", "everysec"]
+
+
+def start_redis(
+    workdir: Path,
+    *,
+    name: str = "redis",
+    port: int | None = None,
+    password: str | None = None,
+    appendfsync: Fsync = "everysec",
+    replica_of: int | None = None,
+    min_replicas_to_write: int = 0,
+    timeout: float = 15.0,
+) -> Service:
+    """redis-server with an append-only file in `workdir/name` (so a restart on the same
+    `port` finds every build where it was), `maxmemory-policy noeviction`; address
+    `redis://127.0.0.1:PORT/0`. `replica_of` makes it a replica of the server on that port;
+    `min_replicas_to_write` has it refuse writes while fewer replicas are in sync."""
+    data = workdir / name
+    data.mkdir(parents=True, exist_ok=True)
+    binary = find_tool("redis-server")
+
+    def launch(chosen: int) -> tuple[list[str], str]:
+        argv = [binary, "--port", str(chosen), "--bind", "127.0.0.1", "--dir", str(data),
+                "--save", "", "--appendonly", "yes", "--appendfsync", appendfsync,
+                "--maxmemory-policy", "noeviction"]  # fmt: skip
+        if password is not None:
+            argv += ["--requirepass", password, "--masterauth", password]
+        if replica_of is not None:
+            argv += ["--replicaof", "127.0.0.1", str(replica_of)]
+        if min_replicas_to_write:
+            # A primary cut off from its replicas (a failover promoted one) refuses writes
+            # within a second instead of taking writes the failover would lose.
+            argv += ["--min-replicas-to-write", str(min_replicas_to_write),
+                     "--min-replicas-max-lag", "1"]  # fmt: skip
+        return argv, f"redis://127.0.0.1:{chosen}/0"
+
+    log = workdir / "logs" / f"{name}.log"
+    ready = functools.partial(_redis_ready, password=password)
+    if port is None:
+        return _start_on_free_port(name, log, launch, ready, timeout=timeout)
+    argv, address = launch(port)
+    service = spawn(name, argv, log, address)
+    wait_ready(service, functools.partial(ready, port), timeout)
+    return service
+
+
+def _redis_ready(port: int, password: str | None = None) -> bool:
+    """Answers PING and has finished loading its append-only file."""
+    if not _redis_pong(port, password):
+        return False
+    with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+        if password is not None:
+            sock.sendall(_resp("AUTH", password))
+            sock.recv(64)
+        sock.sendall(_resp("INFO", "persistence"))
+        return b"loading:0" in sock.recv(65536)
+
+
+def start_sentinel(
+    workdir: Path,
+    primary_port: int,
+    *,
+    service: str = "buildfleet",
+    password: str | None = None,
+    timeout: float = 15.0,
+) -> Service:
+    """redis-sentinel watching the primary on `primary_port` (quorum 1, down after 1 s);
+    address `127.0.0.1:PORT`. Use the URL `redis+sentinel://127.0.0.1:PORT/SERVICE/0`."""
+    home = workdir / "sentinel"
+    home.mkdir(parents=True, exist_ok=True)
+    binary = find_tool("redis-sentinel")
+
+    def launch(port: int) -> tuple[list[str], str]:
+        config = home / f"sentinel-{port}.conf"
+        config.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {home}\n"
+            f"sentinel monitor {service} 127.0.0.1 {primary_port} 1\n"
+            f"sentinel down-after-milliseconds {service} 1000\n"
+            f"sentinel failover-timeout {service} 5000\n"
+            f"sentinel parallel-syncs {service} 1\n"
+            + (f"sentinel auth-pass {service} {password}\n" if password else "")
+        )
+        return [binary, str(config)], f"127.0.0.1:{port}"
+
+    log = workdir / "logs" / "sentinel.log"
+    return _start_on_free_port("sentinel", log, launch, _redis_pong, timeout=timeout)
 
 
 def _http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=2.0) as response:  # noqa: S310 - loopback http
         return int(response.status) == 200
-
-
-def start_redis(workdir: Path, *, timeout: float = 15.0) -> Service:
-    """redis-server without persistence; address is `redis://127.0.0.1:PORT/0`."""
-    data = workdir / "redis"
-    data.mkdir(parents=True, exist_ok=True)
-    binary = find_tool("redis-server")
-
-    def launch(port: int) -> tuple[list[str], str]:
-        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(data)]  # fmt: skip
-        return argv, f"redis://127.0.0.1:{port}/0"
-
-    log = workdir / "logs" / "redis.log"
-    return _start_on_free_port("redis", log, launch, _redis_pong, timeout=timeout)
 
 
 def start_registry(workdir: Path, *, timeout: float = 15.0) -> Service:

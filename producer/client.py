@@ -8,10 +8,12 @@ async with BuildfleetClient.from_url("redis://127.0.0.1:6379/0") as fleet:
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Self, TypeVar
 
 import msgspec
 from redis.asyncio import Redis
@@ -40,11 +42,13 @@ from producer.keys import (
     slot_key,
     waiting_key,
 )
+from producer.resilience import RedisHealth, persistently
 from producer.settings import QueueSettings, RedisSettings
 from producer.store import PRIORITIES, BuildStore, CancelOutcome, Submission
 from producer.workers import WORKER_STALE_S, DaemonBeat, WorkerBeat, worker_beat_decoder
 
 _BLOCK_MS: Final = 5_000
+_T = TypeVar("_T")
 
 
 class WorkerStatus(msgspec.Struct, frozen=True):
@@ -91,9 +95,14 @@ class BuildNotFound(LookupError):
 
 
 class BuildfleetClient:
+    RECONNECT_PATIENCE_S: Final = 30.0
+    """How long `watch`, `wait` and `tail` ride out Redis being away (a restart, a failover)
+    before they give up with FleetUnavailable; they resume where they were."""
+
     def __init__(self, redis: Redis, queue: QueueSettings | None = None) -> None:
         self.redis = redis
         self.store = BuildStore(redis, queue or QueueSettings())
+        self.health = RedisHealth(logging.getLogger("buildfleet.client"))
 
     @classmethod
     def connect(cls, redis: RedisSettings, queue: QueueSettings | None = None) -> Self:
@@ -167,7 +176,10 @@ class BuildfleetClient:
             raise BuildNotFound(build_id)
         while True:
             try:
-                response = await self.redis.xread({key: last_id}, block=_BLOCK_MS, count=500)
+                response = await self._patiently(
+                    functools.partial(self.redis.xread, {key: last_id}, block=_BLOCK_MS, count=500),
+                    "watching a build",
+                )
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 raise FleetUnavailable(f"cannot watch: Redis unreachable ({exc})") from exc
             for _stream, entries in response:
@@ -177,6 +189,11 @@ class BuildfleetClient:
                     yield last_id, data
                     if event_kind(data) in TERMINAL_STATUSES:
                         return
+
+    async def _patiently(self, read: Callable[[], Awaitable[_T]], doing: str) -> _T:
+        return await persistently(
+            read, health=self.health, doing=doing, patience_s=self.RECONNECT_PATIENCE_S
+        )
 
     async def watch(self, build_id: str) -> AsyncIterator[BuildEvent]:
         """Every event of one build until (and including) its terminal event."""
@@ -191,7 +208,10 @@ class BuildfleetClient:
         last_id = after or ("0-0" if from_start else "$")
         while True:
             try:
-                response = await self.redis.xread({EVENTS_STREAM: last_id}, block=_BLOCK_MS)
+                response = await self._patiently(
+                    functools.partial(self.redis.xread, {EVENTS_STREAM: last_id}, block=_BLOCK_MS),
+                    "tailing events",
+                )
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 raise FleetUnavailable(f"cannot tail events: Redis unreachable ({exc})") from exc
             for _stream, entries in response:

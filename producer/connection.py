@@ -15,7 +15,9 @@ from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from producer.settings import RedisSettings, redact_url
 
@@ -58,6 +60,23 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     return SentinelTarget(tuple(sentinels), path[0], db, password or None)
 
 
+class FailoverAwareConnection(SentinelManagedConnection):
+    """A connection to the primary Sentinel names, which asks Sentinel again as soon as its
+    server says it is no longer a primary that can take writes: demoted (READONLY, as
+    redis-py does), or cut off from its replicas (NOREPLICAS, what `min-replicas-to-write`
+    answers once a failover has promoted the replica: the old primary keeps accepting
+    writes until Sentinel demotes it, seconds later, and those writes would be lost)."""
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOREPLICAS"):
+                raise
+            await self.disconnect()
+            raise RedisConnectionError("the primary lost its replicas; asking Sentinel") from exc
+
+
 def _options(settings: RedisSettings) -> dict[str, Any]:
     return {
         "socket_connect_timeout": settings.connect_timeout_s,
@@ -87,7 +106,11 @@ def connect(settings: RedisSettings, redis_class: type[_R]) -> _R:
             **options,
         )
         primary = sentinel.master_for(
-            target.service, redis_class=redis_class, db=target.db, password=password
+            target.service,
+            redis_class=redis_class,
+            db=target.db,
+            password=password,
+            connection_class=FailoverAwareConnection,
         )
         return cast(_R, primary)
     if settings.password is not None:

@@ -20,6 +20,7 @@ from redis.exceptions import (
     ClusterDownError,
     OutOfMemoryError,
     ReadOnlyError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -37,6 +38,22 @@ TRANSIENT_ERRORS: Final[tuple[type[Exception], ...]] = (
     OSError,  # socket errors redis-py does not wrap
 )
 """Redis is unreachable or refuses for now; the same command later may succeed."""
+
+_TRANSIENT_REPLIES: Final = ("NOREPLICAS", "MASTERDOWN", "LOADING", "READONLY", "OOM", "BUSY ")
+"""Error replies that say the same: a primary that lost its replicas (`min-replicas-to-write`,
+during a failover), a replica cut off from its primary, a dataset loading, a script running
+too long. Some reach redis-py as a plain ResponseError (or inside a script's error)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` means "Redis is away or refusing for now; try again"."""
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return True
+    if isinstance(exc, ResponseError):
+        head = str(exc)[:160]
+        return any(head.startswith(code) or f" {code}" in head for code in _TRANSIENT_REPLIES)
+    return False
+
 
 BACKOFF_BASE_S: Final = 0.05
 BACKOFF_CAP_S: Final = 5.0
@@ -59,9 +76,14 @@ class RedisHealth:
     build from them).
     """
 
+    SETTLE_S: Final = 1.0
+    """Redis counts as back once it has answered this long after the last failure (during
+    a failover, reads succeed on the old primary while its writes are refused)."""
+
     def __init__(self, logger: logging.Logger = _log) -> None:
         self.logger = logger
         self._lost_at: float | None = None
+        self._failed_at = 0.0
         self._back_at = time.monotonic()
 
     @property
@@ -69,15 +91,18 @@ class RedisHealth:
         return self._lost_at is None
 
     def failed(self, exc: BaseException, doing: str) -> None:
+        self._failed_at = time.monotonic()
         if self._lost_at is None:
-            self._lost_at = time.monotonic()
+            self._lost_at = self._failed_at
             self.logger.warning(
                 "Redis unreachable while %s (%s); retrying with backoff", doing, describe(exc)
             )
 
     def succeeded(self) -> None:
-        if self._lost_at is not None:
-            now = time.monotonic()
+        if self._lost_at is None:
+            return
+        now = time.monotonic()
+        if now - self._failed_at >= self.SETTLE_S:
             self.logger.warning("Redis is back after %.1fs", now - self._lost_at)
             self._lost_at = None
             self._back_at = now
@@ -93,18 +118,23 @@ async def persistently(
     health: RedisHealth,
     doing: str,
     cap_s: float = BACKOFF_CAP_S,
+    patience_s: float | None = None,
 ) -> _T:
-    """`operation()`, retried through any transient Redis failure until it succeeds.
+    """`operation()`, retried through any transient Redis failure until it succeeds (or,
+    with `patience_s`, until that long has passed: then the last failure is raised).
 
     For writes that must land (a terminal event) and loops that must go on. Retrying is
     safe only for idempotent operations: every caller's is (Lua scripts guarded by the
-    build's state, SET, ZADD XX).
+    build's state, SET, ZADD XX, reads).
     """
     attempt = 0
+    give_up_at = None if patience_s is None else time.monotonic() + patience_s
     while True:
         try:
             result = await operation()
-        except TRANSIENT_ERRORS as exc:
+        except Exception as exc:
+            if not is_transient(exc) or (give_up_at is not None and time.monotonic() > give_up_at):
+                raise
             health.failed(exc, doing)
             await asyncio.sleep(full_jitter(attempt, base=BACKOFF_BASE_S, cap=cap_s))
             attempt += 1

@@ -58,6 +58,7 @@ from producer.keys import (
     lease_key,
     waiting_key,
 )
+from producer.resilience import is_transient
 from producer.scripts import Arg, Call, ScriptRunner
 from producer.settings import QueueSettings
 
@@ -382,7 +383,8 @@ class BuildStore:
             try:
                 replies = await self.scripts.run_many([pending.call for pending in batch])
             except Exception as exc:  # handed to every publisher waiting on this batch
-                logger.warning("publishing %d events failed: %s", len(batch), exc)
+                log = logger.debug if is_transient(exc) else logger.warning
+                log("publishing %d events failed: %s", len(batch), exc)
                 for pending in batch:
                     if pending.outcome is not None and not pending.outcome.done():
                         pending.outcome.set_exception(exc)

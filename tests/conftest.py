@@ -16,6 +16,11 @@ When a test fails, the logs of the services it used are attached to its report.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
+import secrets
+import tempfile
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 
@@ -27,6 +32,15 @@ from buildfleet.services import Service
 from producer.client import BuildfleetClient
 
 from gitrepos import GitServer
+
+# pytest keeps its temporary directories under one root per user and deletes old sessions'
+# there: a checkout of its own keeps concurrent test runs of other checkouts from deleting
+# this one's working directories (service data, logs) while it runs.
+_CHECKOUT = hashlib.sha256(str(Path(__file__).resolve().parent).encode()).hexdigest()[:12]
+os.environ.setdefault(
+    "PYTEST_DEBUG_TEMPROOT", str(Path(tempfile.gettempdir()) / f"buildfleet-tests-{_CHECKOUT}")
+)
+Path(os.environ["PYTEST_DEBUG_TEMPROOT"]).mkdir(parents=True, exist_ok=True)
 
 if (Path(__file__).parent / "kube.py").exists():
     pytest_plugins = ["kube"]  # kube_cluster / kubeconfig fixtures (Kaniko backend tests)
@@ -60,8 +74,12 @@ def services_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def redis_url(services_dir: Path) -> Iterator[str]:
-    for service in _serve("redis_url", lambda: services.start_redis(services_dir)):
-        yield service.address
+    """The session's Redis, with a password of its own: a worker left over from another
+    test session (workers retry a lost Redis forever) can never attach to it."""
+    password = secrets.token_hex(16)
+    start = functools.partial(services.start_redis, services_dir, password=password)
+    for service in _serve("redis_url", start):
+        yield service.address.replace("redis://", f"redis://:{password}@", 1)
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from worker.settings import (
     WorkerConfig,
     WorkerSettings,
 )
+from worker.subprocesses import die_with_this_process
 
 FAST_RETRIES = RetrySettings(max_attempts=3, base_delay_s=0.05, max_delay_s=0.2)
 # Short leases, so that recovery after a SIGKILL happens within a test's patience.
@@ -86,7 +87,12 @@ def worker_env(config: WorkerConfig) -> dict[str, str]:
         "BUILDFLEET_WORKER_CONCURRENCY": str(config.worker.concurrency),
         "BUILDFLEET_WORKER_POLL_DELAY_S": str(config.worker.poll_delay_s),
         "BUILDFLEET_WORKER_DRAIN_GRACE_S": str(config.worker.drain_grace_s),
-        "BUILDFLEET_RETRY_MAX_ATTEMPTS": str(config.retry.max_attempts),
+        **(
+            {"BUILDFLEET_RETRY_MAX_ATTEMPTS": str(config.retry.max_attempts)}
+            if config.retry.max_attempts is not None
+            else {}
+        ),
+        "BUILDFLEET_RETRY_BUDGET_S": str(config.retry.budget_s),
         "BUILDFLEET_RETRY_BASE_DELAY_S": str(config.retry.base_delay_s),
         "BUILDFLEET_RETRY_MAX_DELAY_S": str(config.retry.max_delay_s),
         "BUILDFLEET_BUILDKIT_BUILDCTL": config.buildkit.buildctl,
@@ -94,6 +100,7 @@ def worker_env(config: WorkerConfig) -> dict[str, str]:
             [{"address": d.address, "max_builds": d.max_builds} for d in config.buildkit.daemons]
         ),
         "BUILDFLEET_SIMULATE_DURATION_S": str(config.simulate.duration_s),
+        "BUILDFLEET_SIMULATE_OUTCOME": config.simulate.outcome,
         **(
             {"BUILDFLEET_SIMULATE_JOURNAL": config.simulate.journal}
             if config.simulate.journal
@@ -122,6 +129,7 @@ def worker_processes(
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_this_process(),  # noqa: PLW1509 - prctl only
             )
         )
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from producer.contract import (
 from producer.keys import EVENT_FIELD, EVENTS_STREAM
 from producer.scripts import ScriptRunner
 from producer.settings import QueueSettings
+from worker.backends.journal import peak_concurrency, read_journal
 from worker.capacity import Capacity
 from worker.routing import rank
 from worker.scheduling import DaemonHealth, LeasedPlacer
@@ -59,18 +59,7 @@ async def terminal_counts(redis: aioredis.Redis) -> collections.Counter[str]:
 
 def max_overlap(journal: Path) -> dict[str, int]:
     """The most builds that ran at once on each daemon, from the simulate backend's journal."""
-    edges: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
-    for line in journal.read_text().splitlines():
-        entry = json.loads(line)
-        edges[entry["placement"]] += [(entry["began"], 1), (entry["ended"], -1)]
-    peaks = {}
-    for daemon, points in edges.items():
-        running = peak = 0
-        for _, step in sorted(points, key=lambda p: (p[0], p[1])):  # ends before starts
-            running += step
-            peak = max(peak, running)
-        peaks[daemon] = peak
-    return peaks
+    return peak_concurrency(read_journal(journal))
 
 
 def placer(redis: aioredis.Redis, max_builds: int) -> tuple[LeasedPlacer, DaemonHealth]:

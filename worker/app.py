@@ -31,8 +31,8 @@ from producer.keys import CANCEL_CHANNEL
 from producer.resilience import (
     BACKOFF_BASE_S,
     BACKOFF_CAP_S,
-    TRANSIENT_ERRORS,
     RedisHealth,
+    is_transient,
     persistently,
 )
 from producer.scripts import ScriptRunner
@@ -88,7 +88,7 @@ class FleetWorker(Worker):
             await super()._poll_iteration()
         except Exception as exc:
             self._failures += 1
-            if isinstance(exc, TRANSIENT_ERRORS):
+            if is_transient(exc):
                 self.health.failed(exc, "polling the queue")
             else:
                 logger.exception("polling the queue failed; going on")
@@ -227,19 +227,6 @@ async def running_worker(
         telemetry=telemetry,
         health=health,
     )
-    chores: list[Coroutine[Any, Any, None]] = [
-        _sample_queue_depth(redis, config.queue.name, telemetry, health),
-        _listen_for_cancels(redis, runner, health),
-        capacity.heartbeat(runner, lambda: _describe(config, runner, daemons)),
-        Reaper(redis, config.scheduling, runner=scripts, health=health).run(),
-        Watchdog(store, config.scheduling, health=health).run(),
-    ]
-    if config.worker.backend == "buildkit" and config.buildkit.daemons:
-        await daemons.probe_all()
-        chores.append(daemons.run())
-    if isinstance(backend, KanikoBackend):
-        chores.append(_reap_orphan_jobs(redis, config.queue.name, backend, health))
-    background = [asyncio.create_task(chore) for chore in chores]
     worker = FleetWorker(
         functions=[
             func(
@@ -265,6 +252,26 @@ async def running_worker(
         runner=runner,
         health=health,
     )
+    chores: list[Coroutine[Any, Any, None]] = [
+        _sample_queue_depth(redis, config.queue.name, telemetry, health),
+        _listen_for_cancels(redis, runner, health),
+        capacity.heartbeat(runner, lambda: _describe(config, runner, daemons)),
+        # arq's claims live `in_progress_timeout_s`: how the reaper tells a claim's age.
+        Reaper(
+            redis,
+            config.scheduling,
+            claim_ttl_s=worker.in_progress_timeout_s,
+            runner=scripts,
+            health=health,
+        ).run(),
+        Watchdog(store, config.scheduling, health=health).run(),
+    ]
+    if config.worker.backend == "buildkit" and config.buildkit.daemons:
+        await daemons.probe_all()
+        chores.append(daemons.run())
+    if isinstance(backend, KanikoBackend):
+        chores.append(_reap_orphan_jobs(redis, config.queue.name, backend, health))
+    background = [asyncio.create_task(chore) for chore in chores]
     try:
         yield worker
     finally:

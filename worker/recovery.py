@@ -4,8 +4,9 @@ The reaper: arq keeps a claim `arq:in-progress:{id}` on a running job until its 
 which for a build is an hour. A build whose claim is still there but whose lease is gone
 lost its worker (SIGKILL, OOM, a host gone); the reaper deletes the claim, and any worker
 runs the job again within seconds. A claim without a lease is normal for the moment
-between arq taking a job and the attempt starting, so a build is reaped only when it was
-seen leaseless on two scans at least `reap_interval_s` apart.
+between arq taking a job and the attempt starting, so a build is reaped only when its
+claim is older than a lease period and it was seen leaseless on two scans at least
+`reap_interval_s` apart.
 
 The watchdog: a build that has not ended but has neither a job, a place in the queue nor
 a lease lost its job (arq dropped it after a failure the worker could not record, such as
@@ -72,8 +73,12 @@ class RecoveryGate:
         self.health = health
         self.settings = settings
 
+    def settled(self) -> bool:
+        """Redis has answered this worker for a lease period (no round trip)."""
+        return self.health.stable_for() >= self.settings.lease_ttl_s
+
     async def open(self) -> bool:
-        if self.health.stable_for() < self.settings.lease_ttl_s:
+        if not self.settled():
             return False
         info = await self.redis.info("server")
         return float(info.get("uptime_in_seconds", 0)) >= self.settings.lease_ttl_s
@@ -85,11 +90,14 @@ class Reaper:
         redis: Redis,
         settings: SchedulingSettings,
         *,
+        claim_ttl_s: float,
         runner: ScriptRunner | None = None,
         health: RedisHealth | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings
+        self.claim_ttl_s = claim_ttl_s
+        """The TTL arq gives a claim (from which a claim's age is read)."""
         self.scripts = runner or ScriptRunner(redis)
         self.health = health or RedisHealth()
         self.gate = RecoveryGate(redis, self.health, settings)
@@ -98,6 +106,8 @@ class Reaper:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.settings.reap_interval_s)
+            if not self.gate.settled():
+                continue  # (a pass that sends nothing must not tell `health` Redis is back)
             reaped = await persistently(self.scan, health=self.health, doing="reaping")
             for build_id in reaped:
                 logger.warning("build %s lost its worker; re-queued", build_id)
@@ -116,9 +126,10 @@ class Reaper:
             leased = await pipe.execute() if claimed else []
         leaseless = [b for b, has in zip(claimed, leased, strict=True) if not has]
         reaped = []
+        args = [int(self.claim_ttl_s * 1000), int(self.settings.lease_ttl_s * 1000)]
         for build_id in self._suspects.confirm(leaseless):
             keys = [in_progress_key(build_id), lease_key(build_id)]
-            if await self.scripts.run(scripts.REAP, keys, []):
+            if await self.scripts.run(scripts.REAP, keys, args):
                 reaped.append(build_id)
         return reaped
 
@@ -140,7 +151,8 @@ class Watchdog:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.settings.watchdog_interval_s)
-            await persistently(self.scan, health=self.health, doing="looking for lost builds")
+            if self.gate.settled():
+                await persistently(self.scan, health=self.health, doing="looking for lost builds")
 
     async def scan(self) -> dict[str, str]:
         """One pass over every live build; returns what happened to each lost one."""

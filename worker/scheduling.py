@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from producer.contract import BuildRequest
+from producer.resilience import persistently
 from worker.capacity import Capacity
 from worker.routing import rank
 from worker.settings import BuildkitSettings, DaemonSettings, SchedulingSettings
@@ -195,7 +197,12 @@ class LeasedPlacer:
             candidates = self.candidates(request, avoid)
             if time.monotonic() < spill_at:
                 candidates = candidates[: self.settings.affinity_width]
-            daemon = await self.capacity.acquire(holder, [(d, self.limits[d]) for d in candidates])
+            ranked = [(d, self.limits[d]) for d in candidates]
+            daemon = await persistently(
+                functools.partial(self.capacity.acquire, holder, ranked),
+                health=self.capacity.health,
+                doing="taking a capacity slot",
+            )
             if daemon is not None:
                 return self.placed(daemon)
             # Full jitter, so that waiting workers do not retry in lockstep.
