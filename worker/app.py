@@ -23,7 +23,7 @@ from producer import jobcodec
 from producer.keys import CANCEL_CHANNEL
 from producer.store import BuildStore, cancel_notice_decoder
 from worker.backends.base import Backend
-from worker.backends.factory import make_backend, placement_targets
+from worker.backends.factory import make_backend, make_health, placement_targets
 from worker.backends.kaniko import KanikoBackend
 from worker.capacity import Capacity, Reaper
 from worker.errors import BuildError
@@ -134,7 +134,7 @@ async def running_worker(
     )
     backend = backend or make_backend(config)
     capacity = Capacity(redis, config.scheduling)
-    health = DaemonHealth(config.buildkit, config.scheduling)
+    health = make_health(config, backend)
     telemetry = Telemetry()
     store = BuildStore(redis, config.queue)
     runner = BuildRunner(
@@ -154,7 +154,7 @@ async def running_worker(
         capacity.heartbeat(),
         Reaper(redis, config.scheduling).run(),
     ]
-    if config.worker.backend == "buildkit" and config.buildkit.daemons:
+    if health.probe is not None:
         await health.probe_all()
         chores.append(health.run())
     if isinstance(backend, KanikoBackend):

@@ -197,5 +197,23 @@ class BuildkitBackend:
             log_tail=parser.log_tail(failed.vertex) if failed else (),
         )
 
+    async def probe(self, address: str) -> bool:
+        """The health probe: `buildctl debug workers` answers."""
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self.settings.connection(address), "debug", "workers",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+        except OSError:
+            return False
+        try:
+            return await process.wait() == 0
+        finally:
+            if process.returncode is None:  # the caller's timeout ran out
+                process.kill()
+                await asyncio.shield(process.wait())
+
     async def aclose(self) -> None:
         return None
