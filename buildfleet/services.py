@@ -1,4 +1,4 @@
-"""Real local services on free loopback ports: redis, registry, buildkitd, git daemon.
+"""Real local services on free loopback ports: redis, registry, buildkitd, dockerd, git daemon.
 
 Used by the test harness and by `buildfleet up`. Synchronous and stdlib-only.
 
@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
 from worker.subprocesses import die_with_this_process
 
@@ -80,6 +80,8 @@ class Service:
     process: subprocess.Popen[bytes]
     log_path: Path
     address: str
+    scratch: Path | None = None
+    """A directory of its own outside `workdir` (dockerd's short exec root), removed on stop."""
 
     @property
     def running(self) -> bool:
@@ -100,6 +102,8 @@ class Service:
         else:  # reaped earlier (it died on its own): its group may still hold children
             _signal_group(self.process.pid, signal.SIGKILL)
         self.process.wait()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def log_tail(self, lines: int = 50) -> str:
         """The last `lines` lines of the service's log."""
@@ -153,6 +157,7 @@ def spawn(
     *,
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
+    scratch: Path | None = None,
 ) -> Service:
     """Start `argv` in a new session with its output appended to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +174,9 @@ def spawn(
             start_new_session=True,
             preexec_fn=die_with_this_process(),  # noqa: PLW1509 - prctl only
         )
-    service = Service(name=name, process=process, log_path=log_path, address=address)
+    service = Service(
+        name=name, process=process, log_path=log_path, address=address, scratch=scratch
+    )
     with _LIVE_LOCK:
         _LIVE[process.pid] = service
     return service
@@ -350,6 +357,42 @@ def start_buildkitd(
     return _start_on_free_port(name, log, launch, ready, timeout=timeout)
 
 
+def docker_ping(socket_path: Path) -> bool:
+    """True when the Docker daemon on this unix socket answers `GET /_ping`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2.0)
+        sock.connect(str(socket_path))
+        sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+        return sock.recv(1024).startswith(b"HTTP/1.0 200")
+
+
+def start_dockerd(workdir: Path, *, name: str = "dockerd", timeout: float = 60.0) -> Service:
+    """A Docker daemon of our own (data root, socket, containerd), on loopback with no bridge
+    and no iptables rules; address `unix://WORKDIR/NAME/docker.sock`.
+
+    Loopback registries count as insecure by default. The exec root is a short directory
+    under /tmp: containerd's shim sockets live below it and a unix socket path must stay
+    under 108 bytes. Like buildkitd, it runs as PID 1 of its own PID namespace when root,
+    so a killed daemon takes its containerd and build containers with it.
+    """
+    home = workdir / name
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "daemon.json").write_text("{}\n")
+    sock = home / "docker.sock"
+    sock.unlink(missing_ok=True)
+    exec_root = Path(tempfile.mkdtemp(prefix="bfd-", dir="/tmp"))
+    flags = ["--config-file", str(home / "daemon.json"), "--host", f"unix://{sock}",
+             "--data-root", str(home / "data"), "--exec-root", str(exec_root),
+             "--pidfile", str(home / "docker.pid"), "--bridge=none", "--iptables=false",
+             "--ip6tables=false", "--storage-driver=overlay2"]  # fmt: skip
+    argv = [*_own_pid_namespace(), find_tool("dockerd"), *flags]
+    service = spawn(
+        name, argv, workdir / "logs" / f"{name}.log", f"unix://{sock}", scratch=exec_root
+    )
+    wait_ready(service, lambda: docker_ping(sock), timeout)
+    return service
+
+
 def _git_exec_path() -> str:
     result = subprocess.run(
         [find_tool("git"), "--exec-path"], capture_output=True, text=True, check=True
@@ -405,10 +448,7 @@ def push_base_image(buildkitd_addr: str, registry: str, *, timeout: float = 300.
     ref = f"{registry}/{BASE_IMAGE_NAME}:latest"
     with tempfile.TemporaryDirectory(prefix="buildfleet-base-") as tmp:
         context = Path(tmp)
-        _busybox_rootfs(context / "rootfs")
-        (context / "Dockerfile").write_text(
-            f'FROM scratch\nCOPY rootfs/ /\nENV PATH={DEFAULT_PATH_ENV}\nCMD ["sh"]\n'
-        )
+        _base_image_context(context)
         argv = [find_tool("buildctl"), "--addr", buildkitd_addr, "build",
                 "--frontend", "dockerfile.v0", "--progress", "plain",
                 "--local", f"context={context}", "--local", f"dockerfile={context}",
@@ -419,30 +459,87 @@ def push_base_image(buildkitd_addr: str, registry: str, *, timeout: float = 300.
     return ref
 
 
-class LocalFleetServices:
-    """Redis, a registry, N buildkitd daemons, a git daemon and the base image, together.
+def _base_image_context(context: Path) -> None:
+    _busybox_rootfs(context / "rootfs")
+    (context / "Dockerfile").write_text(
+        f'FROM scratch\nCOPY rootfs/ /\nENV PATH={DEFAULT_PATH_ENV}\nCMD ["sh"]\n'
+    )
 
-    Use as a context manager; everything stops in reverse order on exit, also on errors.
-    Logs go to `workdir/logs/`; a temporary `workdir` is made (and removed) if none is given.
+
+def _run_tool(
+    argv: list[str], what: str, timeout: float, env: dict[str, str] | None = None
+) -> None:
+    result = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, check=False, env=env
+    )
+    if result.returncode != 0:
+        raise ServiceError(f"{what} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+
+
+def push_base_image_with_docker(docker_addr: str, registry: str, *, timeout: float = 300) -> str:
+    """The base image, built and pushed by a Docker daemon (the docker CLI)."""
+    ref = f"{registry}/{BASE_IMAGE_NAME}:latest"
+    env = {**os.environ, "DOCKER_HOST": docker_addr, "DOCKER_BUILDKIT": "1"}
+    docker = find_tool("docker")
+    with tempfile.TemporaryDirectory(prefix="buildfleet-base-") as tmp:
+        _base_image_context(Path(tmp))
+        _run_tool([docker, "build", "-q", "-t", ref, tmp], f"building {ref}", timeout, env)
+    _run_tool([docker, "push", ref], f"pushing {ref}", timeout, env)
+    return ref
+
+
+def buildah_storage(workdir: Path) -> tuple[Path, Path]:
+    """Buildah's --root and --runroot for a local fleet or the tests."""
+    return workdir / "buildah" / "root", workdir / "buildah" / "run"
+
+
+def push_base_image_with_buildah(workdir: Path, registry: str, *, timeout: float = 300) -> str:
+    """The base image, built and pushed by buildah (no daemon)."""
+    ref = f"{registry}/{BASE_IMAGE_NAME}:latest"
+    root, runroot = buildah_storage(workdir)
+    buildah = [find_tool("buildah"), "--root", str(root), "--runroot", str(runroot)]
+    with tempfile.TemporaryDirectory(prefix="buildfleet-base-") as tmp:
+        _base_image_context(Path(tmp))
+        _run_tool([*buildah, "build", "--isolation", "chroot", "-t", ref, tmp], ref, timeout)
+    _run_tool([*buildah, "push", "--tls-verify=false", ref, f"docker://{ref}"], ref, timeout)
+    return ref
+
+
+Backend = Literal["buildkit", "docker", "buildah"]
+
+
+class LocalFleetServices:
+    """Redis, a registry, the builders of one backend, a git daemon and the base image.
+
+    Builders: `buildkitd_count` buildkitd daemons (buildkit), `dockerd_count` Docker daemons
+    (docker), or buildah's storage under the workdir (buildah: no daemon). The base image is
+    built by the same backend. Use as a context manager; everything stops in reverse order
+    on exit, also on errors. Logs go to `workdir/logs/`; a temporary `workdir` is made (and
+    removed) if none is given.
     """
 
     def __init__(
         self,
         workdir: Path | None = None,
         *,
+        backend: Backend = "buildkit",
         buildkitd_count: int = 1,
+        dockerd_count: int = 1,
         redis: bool = True,
         base_image: bool = True,
     ) -> None:
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="buildfleet-services-"))
-        self.buildkitd_count = buildkitd_count
+        self.backend = backend
+        self.buildkitd_count = buildkitd_count if backend == "buildkit" else 0
+        self.dockerd_count = dockerd_count if backend == "docker" else 0
         self._want_redis = redis
         self._want_base_image = base_image
         self._services: list[Service] = []
         self.redis_url = ""
         self.registry = ""
         self.buildkitd_addrs: list[str] = []
+        self.dockerd_addrs: list[str] = []
         self.git_root = self.workdir / "git"
         self.git_url = ""
         self.base_image = ""
@@ -450,6 +547,11 @@ class LocalFleetServices:
     @property
     def services(self) -> tuple[Service, ...]:
         return tuple(self._services)
+
+    @property
+    def builders(self) -> list[str]:
+        """Where builds run: the daemons' addresses (buildah: none)."""
+        return self.buildkitd_addrs or self.dockerd_addrs
 
     def _track(self, service: Service) -> Service:
         self._services.append(service)
@@ -462,13 +564,23 @@ class LocalFleetServices:
             self.registry = self._track(start_registry(self.workdir)).address
             for _ in range(self.buildkitd_count):
                 self.add_buildkitd()
+            for n in range(1, self.dockerd_count + 1):
+                dockerd = start_dockerd(self.workdir, name=f"dockerd-{n}")
+                self.dockerd_addrs.append(self._track(dockerd).address)
             self.git_url = self._track(start_git_daemon(self.git_root)).address
-            if self._want_base_image and self.buildkitd_addrs:
-                self.base_image = push_base_image(self.buildkitd_addrs[0], self.registry)
+            if self._want_base_image:
+                self.base_image = self._push_base_image()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _push_base_image(self) -> str:
+        if self.backend == "docker":
+            return push_base_image_with_docker(self.dockerd_addrs[0], self.registry)
+        if self.backend == "buildah":
+            return push_base_image_with_buildah(self.workdir, self.registry)
+        return push_base_image(self.buildkitd_addrs[0], self.registry)
 
     def add_buildkitd(self) -> Service:
         """Start one more buildkitd (trusting the registry) and add it to the pool."""
@@ -489,7 +601,9 @@ class LocalFleetServices:
         return {
             "redis_url": self.redis_url,
             "registry": self.registry,
+            "backend": self.backend,
             "buildkitd": list(self.buildkitd_addrs),
+            "dockerd": list(self.dockerd_addrs),
             "git_url": self.git_url,
             "git_root": str(self.git_root),
             "base_image": self.base_image,

@@ -1,7 +1,8 @@
 """Builds with Buildah on the worker: `buildah build`, then `buildah push --digestfile` per image.
 
 One `buildah build` subprocess per attempt, from an argument list (never a shell string),
-with buildah's own storage root, `--isolation chroot` (or `oci`) and `--layers`; rootless
+with buildah's own storage root, `--isolation chroot` (or `oci`), `--layers` and
+`--force-rm` (no working container is left by a failed or cancelled build); rootless
 when the worker is not root (buildah then enters a user namespace itself). Its `STEP n/m:`
 lines become Step events and everything else Log events; a failure is read from its last
 `Error: ...` line, with the step that was running.
@@ -52,7 +53,7 @@ def _registry_flags(settings: BuildahSettings) -> list[str]:
 def build_argv(settings: BuildahSettings, request: BuildRequest, iidfile: Path) -> list[str]:
     """The `buildah build` command for one request. Pure, so it is tested without buildah."""
     argv = [*buildah_command(settings), "build",
-            "--isolation", settings.isolation, "--layers", "--stdin=false",
+            "--isolation", settings.isolation, "--layers", "--force-rm", "--stdin=false",
             "--iidfile", str(iidfile), *_registry_flags(settings)]  # fmt: skip
     for image in request.images:
         argv += ["--tag", image]
@@ -69,9 +70,9 @@ def build_argv(settings: BuildahSettings, request: BuildRequest, iidfile: Path) 
         argv.append("--no-cache")
     else:
         for ref in cache.import_refs:
-            argv += ["--cache-from", ref]
+            argv += ["--cache-from", _repository(ref)]
         if cache.export_ref:
-            argv += ["--cache-to", cache.export_ref]
+            argv += ["--cache-to", _repository(cache.export_ref)]
     match request.source:
         case GitSource(url=url) as git:
             subdir = "" if request.context in ("", ".") else f":{request.context}"
@@ -80,6 +81,14 @@ def build_argv(settings: BuildahSettings, request: BuildRequest, iidfile: Path) 
             context = Path(path, request.context)
             argv += ["--file", str(context / request.dockerfile), str(context)]
     return argv
+
+
+def _repository(ref: str) -> str:
+    """Buildah's cache is a repository (one tag per layer): a ref's own tag is dropped."""
+    name, _, digest = ref.partition("@")
+    del digest
+    head, _, last = name.rpartition("/")
+    return f"{head}/{last.split(':')[0]}" if head else last.split(":")[0]
 
 
 def push_argv(settings: BuildahSettings, image: str, digestfile: Path) -> list[str]:

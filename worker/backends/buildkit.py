@@ -57,6 +57,8 @@ def buildctl_argv(connection: list[str], request: BuildRequest, metadata: Path) 
             argv += ["--opt", f"filename={dockerfile.name}"]
     for name, value in request.build_args.items():
         argv += ["--opt", f"build-arg:{name}={value}"]
+    for name, value in request.labels.items():
+        argv += ["--opt", f"label:{name}={value}"]
     if request.target:
         argv += ["--opt", f"target={request.target}"]
     if request.platforms:

@@ -178,7 +178,7 @@ def _cache_refusal(request: BuildRequest, caps: Capabilities) -> str | None:
         )
     if cache.export_ref and cache.mode not in caps.cache_export_modes:
         if not caps.cache_export_modes:
-            return f"{name} cannot export a cache (cache.export_ref)"
+            return f"{name} cannot export a cache (cache.export_ref, mode={cache.mode})"
         allowed = " or ".join(sorted(caps.cache_export_modes))
         return (
             f"{name} cannot export cache mode={cache.mode} ({caps.cache_note}); "
