@@ -477,9 +477,10 @@ def _run_tool(
 
 
 def push_base_image_with_docker(docker_addr: str, registry: str, *, timeout: float = 300) -> str:
-    """The base image, built and pushed by a Docker daemon (the docker CLI)."""
+    """The base image, built and pushed by a Docker daemon (the docker CLI, with the classic
+    builder: a newer CLI wants its buildx plugin for BuildKit, which Debian does not ship)."""
     ref = f"{registry}/{BASE_IMAGE_NAME}:latest"
-    env = {**os.environ, "DOCKER_HOST": docker_addr, "DOCKER_BUILDKIT": "1"}
+    env = {**os.environ, "DOCKER_HOST": docker_addr, "DOCKER_BUILDKIT": "0"}
     docker = find_tool("docker")
     with tempfile.TemporaryDirectory(prefix="buildfleet-base-") as tmp:
         _base_image_context(Path(tmp))

@@ -200,7 +200,8 @@ def _yes(flag: bool) -> str:
 def _cache_cell(caps: Capabilities) -> str:
     if caps.backend is None:
         return "-"
-    exports = " and ".join(f"mode={m}" for m in sorted(caps.cache_export_modes)) or "none"
+    modes = [mode for mode in ("min", "max") if mode in caps.cache_export_modes]
+    exports = f"mode={'/'.join(modes)}" if modes else "none"
     return f"import {_yes(caps.cache_import)}; export {exports}; {caps.cache_note}"
 
 
