@@ -366,9 +366,13 @@ def docker_ping(socket_path: Path) -> bool:
         return sock.recv(1024).startswith(b"HTTP/1.0 200")
 
 
-def start_dockerd(workdir: Path, *, name: str = "dockerd", timeout: float = 60.0) -> Service:
+def start_dockerd(
+    workdir: Path, *, name: str = "dockerd", tls_dir: Path | None = None, timeout: float = 60.0
+) -> Service:
     """A Docker daemon of our own (data root, socket, containerd), on loopback with no bridge
-    and no iptables rules; address `unix://WORKDIR/NAME/docker.sock`.
+    and no iptables rules; address `unix://WORKDIR/NAME/docker.sock`, or with `tls_dir`
+    (ca.pem, server-cert.pem, server-key.pem) `tcp://127.0.0.1:PORT`, TLS with client
+    certificates required.
 
     Loopback registries count as insecure by default. The exec root is a short directory
     under /tmp: containerd's shim sockets live below it and a unix socket path must stay
@@ -385,10 +389,14 @@ def start_dockerd(workdir: Path, *, name: str = "dockerd", timeout: float = 60.0
              "--data-root", str(home / "data"), "--exec-root", str(exec_root),
              "--pidfile", str(home / "docker.pid"), "--bridge=none", "--iptables=false",
              "--ip6tables=false", "--storage-driver=overlay2"]  # fmt: skip
+    address = f"unix://{sock}"
+    if tls_dir is not None:
+        address = f"tcp://127.0.0.1:{free_port()}"
+        flags += ["--host", address, "--tlsverify", "--tlscacert", str(tls_dir / "ca.pem"),
+                  "--tlscert", str(tls_dir / "server-cert.pem"),
+                  "--tlskey", str(tls_dir / "server-key.pem")]  # fmt: skip
     argv = [*_own_pid_namespace(), find_tool("dockerd"), *flags]
-    service = spawn(
-        name, argv, workdir / "logs" / f"{name}.log", f"unix://{sock}", scratch=exec_root
-    )
+    service = spawn(name, argv, workdir / "logs" / f"{name}.log", address, scratch=exec_root)
     wait_ready(service, lambda: docker_ping(sock), timeout)
     return service
 

@@ -8,12 +8,14 @@ import base64
 import gzip
 import io
 import json
+import subprocess
 import tarfile
 from pathlib import Path
 
 import msgspec
 import pytest
 
+from buildfleet import services
 from producer.contract import BuildRequest, CachePolicy, GitSource, LocalSource, Log, Step
 from worker.backends.base import BuildJob
 from worker.backends.buildah import build_argv, push_argv
@@ -35,6 +37,7 @@ from worker.scheduling import DaemonHealth
 from worker.settings import BuildahSettings, DaemonSettings, DockerSettings
 
 from fleet import QUICK_RECOVERY
+from registry import served_digest
 
 # Captured from dockerd 20.10.24 building `RUN echo hello 1 && echo err >&2` / `RUN exit 3`.
 TRACE_LOG = (
@@ -332,3 +335,62 @@ async def test_dockerignored_files_never_reach_the_daemon(
     finally:
         await backend.aclose()
     assert "context-ok\n" in logs
+
+
+def make_certificates(directory: Path) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+    directory.mkdir()
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem",
+            "-out", "ca.pem", "-days", "2", "-subj", "/CN=buildfleet test CA")  # fmt: skip
+    for who, usage in (("server", "serverAuth"), ("client", "clientAuth")):
+        (directory / f"{who}.ext").write_text(
+            f"subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n"
+        )
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{who}-key.pem",
+                "-out", f"{who}.csr", "-subj", f"/CN={who}")  # fmt: skip
+        openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem",
+                "-CAcreateserial", "-out", f"{who}-cert.pem", "-days", "2",
+                "-extfile", f"{who}.ext")  # fmt: skip
+    client = directory / "client"
+    client.mkdir()
+    for source, target in (("ca.pem", "ca.pem"), ("client-cert.pem", "cert.pem"),
+                           ("client-key.pem", "key.pem")):  # fmt: skip
+        (client / target).write_bytes((directory / source).read_bytes())
+    return client
+
+
+async def test_a_daemon_over_tcp_with_tls_builds_and_refuses_strangers(
+    services_dir: Path, registry: str, base_image: str, tmp_path: Path
+) -> None:
+    client_tls = make_certificates(tmp_path / "tls")
+    daemon = services.start_dockerd(services_dir, name="dockerd-tls", tls_dir=tmp_path / "tls")
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo over-tls\n")
+    image = f"{registry}/tls/app:1"
+    request = BuildRequest(source=LocalSource(path=str(tmp_path / "ctx")), images=(image,))
+    daemons = (DaemonSettings(address=daemon.address),)
+    trusted = DockerBackend(
+        DockerSettings(daemons=daemons, tls_dir=str(client_tls), network_mode="host")
+    )
+    stranger = DockerBackend(DockerSettings(daemons=daemons, network_mode="host"))
+
+    async def sink(event: Step | Log) -> None:
+        return None
+
+    try:
+        assert daemon.address.startswith("tcp://127.0.0.1:")
+        assert await trusted.probe(daemon.address)
+        built = await asyncio.wait_for(trusted.build(BuildJob(request, 1), sink), 120)
+        assert not await stranger.probe(daemon.address)
+        with pytest.raises(PermanentBuildError, match=r"wants TLS: set docker\.tls_dir") as info:
+            await stranger.build(BuildJob(request, 1), sink)
+        assert info.value.error_class == "config"
+    finally:
+        await trusted.aclose()
+        await stranger.aclose()
+        daemon.stop()
+    assert built.digest == served_digest(registry, "tls/app", "1")

@@ -239,6 +239,10 @@ def _status_error(status: int, body: bytes, what: str) -> BuildError:
     except (msgspec.DecodeError, msgspec.ValidationError):
         message = body.decode(errors="replace").strip()
     text = f"{what}: HTTP {status}: {message or 'no message'}"
+    if "HTTP request to an HTTPS server" in message:
+        return PermanentBuildError(
+            f"{text} (the daemon wants TLS: set docker.tls_dir)", error_class="config"
+        )
     if status >= 500:
         error = classify(message)
         if isinstance(error, PermanentBuildError):
