@@ -183,6 +183,26 @@ async def test_a_failing_run_fails_permanently_naming_the_step(builder: Builder)
     assert served_digest(builder.registry, f"conformance/{builder.name}/fails", "1") is None
 
 
+@pytest.mark.parametrize(
+    ("dockerfile_text", "error_class"),
+    [
+        ("FROM {registry}/base/no-such-image\nRUN true\n", "base_image_not_found"),
+        ("FROM {base}\nRUNN true\n", "dockerfile"),
+    ],
+    ids=["missing-base-image", "syntax-error"],
+)
+async def test_a_broken_dockerfile_fails_permanently_and_says_why(
+    builder: Builder, dockerfile_text: str, error_class: str
+) -> None:
+    if builder.simulated:  # kwok runs no executor: nothing reads the Dockerfile
+        return
+    text = dockerfile_text.format(registry=builder.registry, base=builder.base_image)
+    request = BuildRequest(source=builder.source({"Dockerfile": text}), push=False)
+    with pytest.raises(PermanentBuildError) as info:
+        await build(builder, request)
+    assert info.value.error_class == error_class, info.value.message
+
+
 # --- cancel ------------------------------------------------------------------------------
 
 

@@ -243,13 +243,13 @@ def _status_error(status: int, body: bytes, what: str) -> BuildError:
         return PermanentBuildError(
             f"{text} (the daemon wants TLS: set docker.tls_dir)", error_class="config"
         )
-    if status >= 500:
-        error = classify(message)
-        if isinstance(error, PermanentBuildError):
-            return PermanentBuildError(text, error_class=error.error_class)
-        return TemporaryBuildError(text, error_class="daemon_error", daemon_at_fault=True)
     if status in (401, 403):
         return PermanentBuildError(text, error_class="auth_denied")
+    known = classify(message)
+    if isinstance(known, PermanentBuildError):  # a Dockerfile error, a missing base image
+        return PermanentBuildError(text, error_class=known.error_class)
+    if status >= 500:
+        return TemporaryBuildError(text, error_class="daemon_error", daemon_at_fault=True)
     return PermanentBuildError(text, error_class="invalid_request")
 
 
