@@ -18,16 +18,8 @@ import urllib.request
 from pathlib import Path
 
 from buildfleet.config import FleetConfig
-from buildfleet.services import (
-    Backend,
-    LocalFleetServices,
-    Service,
-    buildah_storage,
-    find_tool,
-    free_port,
-    spawn,
-    wait_ready,
-)
+from buildfleet.processes import Service, find_tool, free_port, spawn, wait_ready
+from buildfleet.services import Backend, LocalFleetServices, buildah_storage
 
 
 def _backend_env(fleet: LocalFleetServices) -> dict[str, str]:

@@ -104,8 +104,9 @@ def dockerd(services_dir: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def buildah_storage(services_dir: Path) -> tuple[Path, Path]:
-    return services.buildah_storage(services_dir)
+def buildah_storage(services_dir: Path) -> Iterator[tuple[Path, Path]]:
+    yield services.buildah_storage(services_dir)
+    services.release_buildah_storage(services_dir)
 
 
 @pytest.fixture(scope="session")
