@@ -28,7 +28,7 @@ from worker.backends.docker import (
     registry_host,
     split_reference,
 )
-from worker.backends.docker_api import negotiate, registry_auth_header
+from worker.backends.docker_api import negotiate, registry_auth_header, registry_config_header
 from worker.backends.docker_context import DockerIgnore, context_tarball
 from worker.backends.docker_progress import BuildStream, PushStream, StreamMessage
 from worker.backends.steplines import BUILDAH_STEP, NumberedSteps
@@ -189,6 +189,8 @@ def test_references_registries_and_credentials(tmp_path: Path) -> None:
     header = json.loads(base64.urlsafe_b64decode(registry_auth_header(credentials)))
     assert header["serveraddress"] == "reg.example"
     assert json.loads(base64.urlsafe_b64decode(registry_auth_header(None))) == {}
+    pulls = json.loads(base64.urlsafe_b64decode(registry_config_header({"r": {"username": "u"}})))
+    assert pulls == {"r": {"username": "u"}}
     config.write_text("{not json")
     with pytest.raises(PermanentBuildError, match="auth_file"):
         load_credentials(str(config))

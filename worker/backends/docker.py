@@ -28,7 +28,12 @@ import msgspec
 from producer.contract import BuildRequest, GitSource, LocalSource
 from worker.backends.base import BuildJob, Built, ProgressSink
 from worker.backends.capabilities import BY_BACKEND, Capabilities, refusal
-from worker.backends.docker_api import DockerDaemon, quoted, registry_auth_header
+from worker.backends.docker_api import (
+    DockerDaemon,
+    quoted,
+    registry_auth_header,
+    registry_config_header,
+)
 from worker.backends.docker_context import context_tarball
 from worker.backends.docker_progress import BuildStream, PushStream
 from worker.errors import PermanentBuildError
@@ -229,7 +234,7 @@ class DockerBackend:
                 host: {"username": c["username"], "password": c["password"]}
                 for host, c in self._credentials.items()
             }
-            headers["X-Registry-Config"] = registry_auth_header_map(pulls)
+            headers["X-Registry-Config"] = registry_config_header(pulls)
         body: AsyncIterator[bytes] | None = None
         if context is not None:
             body = context_tarball(context, request.dockerfile)
@@ -278,8 +283,3 @@ class DockerBackend:
         daemons, self._daemons = self._daemons, {}
         for daemon in daemons.values():
             await daemon.aclose()
-
-
-def registry_auth_header_map(auths: dict[str, dict[str, str]]) -> str:
-    """X-Registry-Config: every registry's credentials, for pulls during the build."""
-    return base64.urlsafe_b64encode(json.dumps(auths).encode()).decode()

@@ -92,6 +92,13 @@ def registry_auth_header(credentials: Mapping[str, str] | None) -> str:
     return base64.urlsafe_b64encode(json.dumps(dict(credentials or {})).encode()).decode()
 
 
+def registry_config_header(auths: Mapping[str, Mapping[str, str]]) -> str:
+    """X-Registry-Config: every registry's credentials, for pulls during a build."""
+    return base64.urlsafe_b64encode(
+        json.dumps({h: dict(a) for h, a in auths.items()}).encode()
+    ).decode()
+
+
 def _ssl_context(tls_dir: str) -> ssl.SSLContext:
     directory = Path(tls_dir)
     context = ssl.create_default_context(cafile=str(directory / "ca.pem"))
