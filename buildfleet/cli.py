@@ -206,7 +206,7 @@ def _gateway(config: FleetConfig, args: argparse.Namespace) -> int:
 def _up(config: FleetConfig, args: argparse.Namespace) -> int:
     from buildfleet.local_fleet import run_local_fleet
 
-    return run_local_fleet(config, workers=args.workers, as_json=args.json)
+    return run_local_fleet(config, workers=args.workers, as_json=args.json, backend=args.backend)
 
 
 def _add_submit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -252,6 +252,12 @@ def make_parser() -> argparse.ArgumentParser:
 
     up = command("up", "a whole local fleet on this machine")
     up.add_argument("--workers", type=int, default=2)
+    up.add_argument(
+        "--backend",
+        choices=("buildkit", "docker", "buildah"),
+        default="buildkit",
+        help="the builder the fleet runs on (its own buildkitd or dockerd; buildah needs none)",
+    )
     up.set_defaults(sync_handler=_up)
 
     gateway = command("gateway", "the HTTP gateway: webhooks and the REST API")

@@ -21,7 +21,9 @@ from producer.gateway.settings import GatewaySettings
 from producer.settings import QueueSettings, RedisSettings
 from worker.retry import RetrySettings
 from worker.settings import (
+    BuildahSettings,
     BuildkitSettings,
+    DockerSettings,
     KanikoSettings,
     SchedulingSettings,
     SimulateSettings,
@@ -45,6 +47,8 @@ class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     simulate: SimulateSettings = SimulateSettings()
     scheduling: SchedulingSettings = SchedulingSettings()
     kaniko: KanikoSettings = msgspec.field(default_factory=KanikoSettings)
+    docker: DockerSettings = DockerSettings()
+    buildah: BuildahSettings = BuildahSettings()
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
 
     def for_worker(self) -> WorkerConfig:
@@ -57,6 +61,8 @@ class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             simulate=self.simulate,
             scheduling=self.scheduling,
             kaniko=self.kaniko,
+            docker=self.docker,
+            buildah=self.buildah,
         )
 
 

@@ -1,8 +1,9 @@
 """`buildfleet up`: a whole fleet on this machine, stopped cleanly by Ctrl-C.
 
 Real services on free loopback ports (Redis unless `BUILDFLEET_REDIS_URL` names one, a
-registry, buildkitd, a git daemon, a base image), then worker processes and the HTTP
-gateway pointed at them. The gateway's API token is made up for this fleet and printed.
+registry, the builders of `--backend`: buildkitd, or a Docker daemon of its own, or buildah
+storage; a git daemon, a base image), then worker processes and the HTTP gateway pointed at
+them. The gateway's API token is made up for this fleet and printed.
 """
 
 from __future__ import annotations
@@ -17,23 +18,37 @@ import urllib.request
 from pathlib import Path
 
 from buildfleet.config import FleetConfig
-from buildfleet.services import (
-    LocalFleetServices,
-    Service,
-    find_tool,
-    free_port,
-    spawn,
-    wait_ready,
-)
+from buildfleet.processes import Service, find_tool, free_port, spawn, wait_ready
+from buildfleet.services import Backend, LocalFleetServices, buildah_storage
+
+
+def _backend_env(fleet: LocalFleetServices) -> dict[str, str]:
+    """The settings that point workers at this fleet's builders."""
+    daemons = json.dumps([{"address": address, "max_builds": 4} for address in fleet.builders])
+    match fleet.backend:
+        case "buildkit":
+            return {
+                "BUILDFLEET_BUILDKIT_DAEMONS": daemons,
+                "BUILDFLEET_BUILDKIT_BUILDCTL": find_tool("buildctl"),
+            }
+        case "docker":  # its dockerd has no bridge: RUN steps share the host's network
+            return {"BUILDFLEET_DOCKER_DAEMONS": daemons, "BUILDFLEET_DOCKER_NETWORK_MODE": "host"}
+        case "buildah":
+            root, runroot = buildah_storage(fleet.workdir)
+            return {
+                "BUILDFLEET_BUILDAH_BUILDAH": find_tool("buildah"),
+                "BUILDFLEET_BUILDAH_ROOT": str(root),
+                "BUILDFLEET_BUILDAH_RUNROOT": str(runroot),
+                "BUILDFLEET_BUILDAH_TLS_VERIFY": "false",  # the fleet's plain-HTTP registry
+            }
 
 
 def _worker_env(fleet: LocalFleetServices, redis_url: str) -> dict[str, str]:
-    daemons = [{"address": address, "max_builds": 4} for address in fleet.buildkitd_addrs]
     return {
         **os.environ,
         "BUILDFLEET_REDIS_URL": redis_url,
-        "BUILDFLEET_BUILDKIT_DAEMONS": json.dumps(daemons),
-        "BUILDFLEET_BUILDKIT_BUILDCTL": find_tool("buildctl"),
+        "BUILDFLEET_WORKER_BACKEND": fleet.backend,
+        **_backend_env(fleet),
     }
 
 
@@ -78,11 +93,13 @@ def _wait_for_stop_signal() -> None:
     stop.wait()
 
 
-def run_local_fleet(config: FleetConfig, *, workers: int, as_json: bool) -> int:
+def run_local_fleet(
+    config: FleetConfig, *, workers: int, as_json: bool, backend: Backend = "buildkit"
+) -> int:
     own_redis = "BUILDFLEET_REDIS_URL" not in os.environ
     workdir = Path(os.environ.get("BUILDFLEET_WORKDIR", "") or Path.cwd() / ".tmp" / "fleet")
     workdir.mkdir(parents=True, exist_ok=True)
-    with LocalFleetServices(workdir, redis=own_redis) as fleet:
+    with LocalFleetServices(workdir, backend=backend, redis=own_redis) as fleet:
         redis_url = fleet.redis_url or config.redis.url
         fleet_workers = _start_workers(fleet, redis_url, workers)
         token = secrets.token_urlsafe(24)
@@ -98,7 +115,8 @@ def run_local_fleet(config: FleetConfig, *, workers: int, as_json: bool) -> int:
             print(json.dumps(addresses), flush=True)
         else:
             print(
-                f"buildfleet is up: {workers} workers, buildkitd at {fleet.buildkitd_addrs[0]}\n"
+                f"buildfleet is up: {workers} workers building with {backend}"
+                f"{' at ' + fleet.builders[0] if fleet.builders else ''}\n"
                 f"  redis     {redis_url}\n"
                 f"  registry  {fleet.registry}   (base image {fleet.base_image})\n"
                 f"  gateway   {gateway.address}   (API token {token})\n"

@@ -1,237 +1,72 @@
-"""Real local services on free loopback ports: redis, registry, buildkitd, git daemon.
+"""Real local services on free loopback ports: redis, registry, buildkitd, dockerd, git daemon.
 
-Used by the test harness and by `buildfleet up`. Synchronous and stdlib-only.
-
-Every child runs in its own session (so `stop()` reaches its whole process group) and
-with PR_SET_PDEATHSIG=SIGKILL, so nothing outlives its parent, even a SIGKILLed one.
-The death signal fires when the *thread* that started the child exits: start services
-from the main thread or another thread that lives as long as they should.
+Used by the test harness and by `buildfleet up`. Synchronous and stdlib-only. How each
+child is started and stopped (its own session, a parent-death signal, the whole group
+stopped) is buildfleet.processes.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import threading
-import time
 import urllib.request
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
 
-from worker.subprocesses import die_with_this_process
+from buildfleet.processes import (
+    BUILDKIT_VERSION,
+    Service,
+    ServiceError,
+    ToolMissing,
+    _start_on_free_port,
+    find_tool,
+    free_port,
+    spawn,
+    tcp_open,
+    tools_dir,
+    wait_ready,
+)
 
-BUILDKIT_VERSION = "v0.34.2"
+__all__ = [
+    "BASE_IMAGE_NAME",
+    "BUILDKIT_VERSION",
+    "DEFAULT_PATH_ENV",
+    "Backend",
+    "LocalFleetServices",
+    "Service",
+    "ServiceError",
+    "ToolMissing",
+    "buildah_storage",
+    "buildkit_workers_ok",
+    "buildkitd_config",
+    "docker_ping",
+    "find_tool",
+    "free_port",
+    "push_base_image",
+    "push_base_image_with_buildah",
+    "push_base_image_with_docker",
+    "release_buildah_storage",
+    "spawn",
+    "start_buildkitd",
+    "start_dockerd",
+    "start_git_daemon",
+    "start_redis",
+    "start_registry",
+    "tcp_open",
+    "tools_dir",
+    "wait_ready",
+]
+
 BASE_IMAGE_NAME = "base/busybox"
 DEFAULT_PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-_PORT_RETRIES = 3
-
-
-class ServiceError(RuntimeError):
-    """A local service could not be started or used."""
-
-
-class ToolMissing(ServiceError):
-    """A required executable is not installed."""
-
-
-def tools_dir() -> Path:
-    """Where scripts/setup caches the tools it builds."""
-    default = Path.home() / ".cache" / "buildfleet" / "tools"
-    return Path(os.environ.get("BUILDFLEET_TOOLS") or default)
-
-
-def find_tool(name: str) -> str:
-    """Path of executable `name`: the pinned BuildKit build first, then PATH."""
-    pinned = tools_dir() / f"buildkit-{BUILDKIT_VERSION}" / "bin" / name
-    if pinned.is_file() and os.access(pinned, os.X_OK):
-        return str(pinned)
-    found = shutil.which(name)
-    if found is None:
-        raise ToolMissing(
-            f"{name} not found in {pinned.parent} nor on PATH; run scripts/setup to install it"
-        )
-    return found
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class Service:
-    """A running service: its process, where it logs, and how to reach it."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    address: str
-
-    @property
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the process group, SIGKILL it after `grace` seconds. Idempotent."""
-        with _LIVE_LOCK:
-            _LIVE.pop(self.process.pid, None)
-        if self.process.returncode is None:
-            _signal_group(self.process.pid, signal.SIGTERM)
-            if not _exited(self.process.pid, grace):
-                _signal_group(self.process.pid, signal.SIGKILL)
-                _exited(self.process.pid, None)
-            # The leader is a zombie, so its pid (the group id) cannot be reused yet:
-            # kill whatever it left in its group (git daemon's per-connection children).
-            _signal_group(self.process.pid, signal.SIGKILL)
-        else:  # reaped earlier (it died on its own): its group may still hold children
-            _signal_group(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-
-    def log_tail(self, lines: int = 50) -> str:
-        """The last `lines` lines of the service's log."""
-        try:
-            data = self.log_path.read_bytes()
-        except OSError as exc:
-            return f"<cannot read {self.log_path}: {exc}>"
-        text = data[-256 * 1024 :].decode("utf-8", "replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-
-_LIVE: dict[int, Service] = {}
-_LIVE_LOCK = threading.Lock()
-# A forked child must never stop its parent's services from its own atexit.
-os.register_at_fork(after_in_child=_LIVE.clear)
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _exited(pid: int, timeout: float | None) -> bool:
-    """Wait until child `pid` exits, without reaping it; False on timeout."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        try:
-            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                return True
-        except ChildProcessError:  # already reaped
-            return True
-        if deadline is not None and time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-
-
-@atexit.register
-def stop_all() -> None:
-    """Stop every service this process started and has not stopped yet."""
-    with _LIVE_LOCK:
-        live = list(_LIVE.values())
-    for service in reversed(live):
-        service.stop(grace=5.0)
-
-
-def spawn(
-    name: str,
-    argv: Sequence[str],
-    log_path: Path,
-    address: str,
-    *,
-    cwd: Path | None = None,
-    env: dict[str, str] | None = None,
-) -> Service:
-    """Start `argv` in a new session with its output appended to `log_path`."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        log.write(f"--- {time.strftime('%H:%M:%S')} {' '.join(argv)}\n".encode())
-        log.flush()
-        process = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env=env,
-            start_new_session=True,
-            preexec_fn=die_with_this_process(),  # noqa: PLW1509 - prctl only
-        )
-    service = Service(name=name, process=process, log_path=log_path, address=address)
-    with _LIVE_LOCK:
-        _LIVE[process.pid] = service
-    return service
-
-
-def wait_ready(service: Service, ready: Callable[[], bool], timeout: float) -> None:
-    """Poll `ready()` until true; stop the service and raise if it exits or times out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        code = service.process.poll()
-        if code is not None:
-            service.stop()
-            raise ServiceError(
-                f"{service.name} exited with status {code} before it was ready; "
-                f"log {service.log_path}:\n{service.log_tail()}"
-            )
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            if ready():
-                return
-        if time.monotonic() > deadline:
-            service.stop()
-            raise ServiceError(
-                f"{service.name} not ready at {service.address} after {timeout:.0f}s; "
-                f"log {service.log_path}:\n{service.log_tail()}"
-            )
-        time.sleep(0.05)
-
-
-def _start_on_free_port(
-    name: str,
-    log_path: Path,
-    launch: Callable[[int], tuple[list[str], str]],
-    ready: Callable[[int], bool],
-    *,
-    timeout: float,
-    cwd: Path | None = None,
-) -> Service:
-    """Start a service on a fresh port, retrying when another process took the port first."""
-    for attempt in range(1, _PORT_RETRIES + 1):
-        port = free_port()
-        argv, address = launch(port)
-        service = spawn(name, argv, log_path, address, cwd=cwd)
-        try:
-            wait_ready(service, functools.partial(ready, port), timeout)
-        except ServiceError as exc:
-            if attempt < _PORT_RETRIES and _port_taken(str(exc)):
-                continue
-            raise
-        return service
-    raise AssertionError("unreachable")
-
-
-def _port_taken(message: str) -> bool:
-    text = message.lower()
-    # redis, registry and buildkitd say the first; git daemon the second
-    return "address already in use" in text or "unable to allocate any listen sockets" in text
-
-
-def tcp_open(port: int, host: str = "127.0.0.1") -> bool:
-    """True when something accepts TCP connections on host:port."""
-    with socket.create_connection((host, port), timeout=1.0):
-        return True
 
 
 def _redis_pong(port: int, password: str | None = None) -> bool:
@@ -437,6 +272,50 @@ def start_buildkitd(
     return _start_on_free_port(name, log, launch, ready, timeout=timeout)
 
 
+def docker_ping(socket_path: Path) -> bool:
+    """True when the Docker daemon on this unix socket answers `GET /_ping`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2.0)
+        sock.connect(str(socket_path))
+        sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+        return sock.recv(1024).startswith(b"HTTP/1.0 200")
+
+
+def start_dockerd(
+    workdir: Path, *, name: str = "dockerd", tls_dir: Path | None = None, timeout: float = 60.0
+) -> Service:
+    """A Docker daemon of our own (data root, socket, containerd), on loopback with no bridge
+    and no iptables rules; address `unix://WORKDIR/NAME/docker.sock`, or with `tls_dir`
+    (ca.pem, server-cert.pem, server-key.pem) `tcp://127.0.0.1:PORT`, TLS with client
+    certificates required.
+
+    Loopback registries count as insecure by default. The exec root is a short directory
+    under /tmp: containerd's shim sockets live below it and a unix socket path must stay
+    under 108 bytes. Like buildkitd, it runs as PID 1 of its own PID namespace when root,
+    so a killed daemon takes its containerd and build containers with it.
+    """
+    home = workdir / name
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "daemon.json").write_text("{}\n")
+    sock = home / "docker.sock"
+    sock.unlink(missing_ok=True)
+    exec_root = Path(tempfile.mkdtemp(prefix="bfd-", dir="/tmp"))
+    flags = ["--config-file", str(home / "daemon.json"), "--host", f"unix://{sock}",
+             "--data-root", str(home / "data"), "--exec-root", str(exec_root),
+             "--pidfile", str(home / "docker.pid"), "--bridge=none", "--iptables=false",
+             "--ip6tables=false", "--storage-driver=overlay2"]  # fmt: skip
+    address = f"unix://{sock}"
+    if tls_dir is not None:
+        address = f"tcp://127.0.0.1:{free_port()}"
+        flags += ["--host", address, "--tlsverify", "--tlscacert", str(tls_dir / "ca.pem"),
+                  "--tlscert", str(tls_dir / "server-cert.pem"),
+                  "--tlskey", str(tls_dir / "server-key.pem")]  # fmt: skip
+    argv = [*_own_pid_namespace(), find_tool("dockerd"), *flags]
+    service = spawn(name, argv, workdir / "logs" / f"{name}.log", address, scratch=exec_root)
+    wait_ready(service, lambda: docker_ping(sock), timeout)
+    return service
+
+
 def _git_exec_path() -> str:
     result = subprocess.run(
         [find_tool("git"), "--exec-path"], capture_output=True, text=True, check=True
@@ -492,10 +371,7 @@ def push_base_image(buildkitd_addr: str, registry: str, *, timeout: float = 300.
     ref = f"{registry}/{BASE_IMAGE_NAME}:latest"
     with tempfile.TemporaryDirectory(prefix="buildfleet-base-") as tmp:
         context = Path(tmp)
-        _busybox_rootfs(context / "rootfs")
-        (context / "Dockerfile").write_text(
-            f'FROM scratch\nCOPY rootfs/ /\nENV PATH={DEFAULT_PATH_ENV}\nCMD ["sh"]\n'
-        )
+        _base_image_context(context)
         argv = [find_tool("buildctl"), "--addr", buildkitd_addr, "build",
                 "--frontend", "dockerfile.v0", "--progress", "plain",
                 "--local", f"context={context}", "--local", f"dockerfile={context}",
@@ -506,30 +382,104 @@ def push_base_image(buildkitd_addr: str, registry: str, *, timeout: float = 300.
     return ref
 
 
-class LocalFleetServices:
-    """Redis, a registry, N buildkitd daemons, a git daemon and the base image, together.
+def _base_image_context(context: Path) -> None:
+    _busybox_rootfs(context / "rootfs")
+    (context / "Dockerfile").write_text(
+        f'FROM scratch\nCOPY rootfs/ /\nENV PATH={DEFAULT_PATH_ENV}\nCMD ["sh"]\n'
+    )
 
-    Use as a context manager; everything stops in reverse order on exit, also on errors.
-    Logs go to `workdir/logs/`; a temporary `workdir` is made (and removed) if none is given.
+
+def _run_tool(
+    argv: list[str], what: str, timeout: float, env: dict[str, str] | None = None
+) -> None:
+    result = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, check=False, env=env
+    )
+    if result.returncode != 0:
+        raise ServiceError(f"{what} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+
+
+def push_base_image_with_docker(docker_addr: str, registry: str, *, timeout: float = 300) -> str:
+    """The base image, built and pushed by a Docker daemon (the docker CLI, with the classic
+    builder: a newer CLI wants its buildx plugin for BuildKit, which Debian does not ship)."""
+    ref = f"{registry}/{BASE_IMAGE_NAME}:latest"
+    env = {**os.environ, "DOCKER_HOST": docker_addr, "DOCKER_BUILDKIT": "0"}
+    docker = find_tool("docker")
+    with tempfile.TemporaryDirectory(prefix="buildfleet-base-") as tmp:
+        _base_image_context(Path(tmp))
+        _run_tool([docker, "build", "-q", "-t", ref, tmp], f"building {ref}", timeout, env)
+    _run_tool([docker, "push", ref], f"pushing {ref}", timeout, env)
+    return ref
+
+
+def buildah_storage(workdir: Path) -> tuple[Path, Path]:
+    """Buildah's --root and --runroot for a local fleet or the tests."""
+    return workdir / "buildah" / "root", workdir / "buildah" / "run"
+
+
+def release_buildah_storage(workdir: Path) -> None:
+    """Remove buildah's working containers and unmount what its storage left mounted (its
+    overlay root is a mount of its own): nothing of it outlives a local fleet or a test run."""
+    root, runroot = buildah_storage(workdir)
+    if not root.exists():
+        return
+    with contextlib.suppress(ToolMissing):
+        argv = [find_tool("buildah"), "--root", str(root), "--runroot", str(runroot)]
+        subprocess.run([*argv, "rm", "--all"], capture_output=True, check=False, timeout=60)
+    prefix = str(root.resolve()) + "/"
+    with open("/proc/self/mountinfo") as mountinfo:
+        mounted = [line.split()[4] for line in mountinfo]
+    for point in sorted((m for m in mounted if m.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+
+
+def push_base_image_with_buildah(workdir: Path, registry: str, *, timeout: float = 300) -> str:
+    """The base image, built and pushed by buildah (no daemon)."""
+    ref = f"{registry}/{BASE_IMAGE_NAME}:latest"
+    root, runroot = buildah_storage(workdir)
+    buildah = [find_tool("buildah"), "--root", str(root), "--runroot", str(runroot)]
+    with tempfile.TemporaryDirectory(prefix="buildfleet-base-") as tmp:
+        _base_image_context(Path(tmp))
+        _run_tool([*buildah, "build", "--isolation", "chroot", "-t", ref, tmp], ref, timeout)
+    _run_tool([*buildah, "push", "--tls-verify=false", ref, f"docker://{ref}"], ref, timeout)
+    return ref
+
+
+Backend = Literal["buildkit", "docker", "buildah"]
+
+
+class LocalFleetServices:
+    """Redis, a registry, the builders of one backend, a git daemon and the base image.
+
+    Builders: `buildkitd_count` buildkitd daemons (buildkit), `dockerd_count` Docker daemons
+    (docker), or buildah's storage under the workdir (buildah: no daemon). The base image is
+    built by the same backend. Use as a context manager; everything stops in reverse order
+    on exit, also on errors. Logs go to `workdir/logs/`; a temporary `workdir` is made (and
+    removed) if none is given.
     """
 
     def __init__(
         self,
         workdir: Path | None = None,
         *,
+        backend: Backend = "buildkit",
         buildkitd_count: int = 1,
+        dockerd_count: int = 1,
         redis: bool = True,
         base_image: bool = True,
     ) -> None:
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="buildfleet-services-"))
-        self.buildkitd_count = buildkitd_count
+        self.backend = backend
+        self.buildkitd_count = buildkitd_count if backend == "buildkit" else 0
+        self.dockerd_count = dockerd_count if backend == "docker" else 0
         self._want_redis = redis
         self._want_base_image = base_image
         self._services: list[Service] = []
         self.redis_url = ""
         self.registry = ""
         self.buildkitd_addrs: list[str] = []
+        self.dockerd_addrs: list[str] = []
         self.git_root = self.workdir / "git"
         self.git_url = ""
         self.base_image = ""
@@ -537,6 +487,11 @@ class LocalFleetServices:
     @property
     def services(self) -> tuple[Service, ...]:
         return tuple(self._services)
+
+    @property
+    def builders(self) -> list[str]:
+        """Where builds run: the daemons' addresses (buildah: none)."""
+        return self.buildkitd_addrs or self.dockerd_addrs
 
     def _track(self, service: Service) -> Service:
         self._services.append(service)
@@ -549,13 +504,23 @@ class LocalFleetServices:
             self.registry = self._track(start_registry(self.workdir)).address
             for _ in range(self.buildkitd_count):
                 self.add_buildkitd()
+            for n in range(1, self.dockerd_count + 1):
+                dockerd = start_dockerd(self.workdir, name=f"dockerd-{n}")
+                self.dockerd_addrs.append(self._track(dockerd).address)
             self.git_url = self._track(start_git_daemon(self.git_root)).address
-            if self._want_base_image and self.buildkitd_addrs:
-                self.base_image = push_base_image(self.buildkitd_addrs[0], self.registry)
+            if self._want_base_image:
+                self.base_image = self._push_base_image()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _push_base_image(self) -> str:
+        if self.backend == "docker":
+            return push_base_image_with_docker(self.dockerd_addrs[0], self.registry)
+        if self.backend == "buildah":
+            return push_base_image_with_buildah(self.workdir, self.registry)
+        return push_base_image(self.buildkitd_addrs[0], self.registry)
 
     def add_buildkitd(self) -> Service:
         """Start one more buildkitd (trusting the registry) and add it to the pool."""
@@ -568,6 +533,8 @@ class LocalFleetServices:
     def stop(self) -> None:
         while self._services:
             self._services.pop().stop()
+        if self.backend == "buildah":
+            release_buildah_storage(self.workdir)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -576,7 +543,9 @@ class LocalFleetServices:
         return {
             "redis_url": self.redis_url,
             "registry": self.registry,
+            "backend": self.backend,
             "buildkitd": list(self.buildkitd_addrs),
+            "dockerd": list(self.dockerd_addrs),
             "git_url": self.git_url,
             "git_root": str(self.git_root),
             "base_image": self.base_image,

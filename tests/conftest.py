@@ -5,6 +5,8 @@ Session fixtures (each starts its service on first use and stops it at session e
     registry        str        127.0.0.1:PORT           (plain-HTTP docker-registry)
     buildkitd       str        tcp://127.0.0.1:PORT     (trusts `registry`)
     buildkitd_pool  list[str]  two daemon addresses, the first is `buildkitd`
+    dockerd         str        unix://DIR/docker.sock   (a Docker daemon of our own)
+    buildah_storage (Path, Path) buildah's --root and --runroot for the session
     git_server      GitServer  git daemon root + URL; `git_server.create_repo(...)`
     base_image      str        REGISTRY/base/busybox:latest, built FROM scratch
 Function fixture:
@@ -108,6 +110,21 @@ def buildkitd_pool(services_dir: Path, registry: str, buildkitd: str) -> Iterato
     finally:
         for service in reversed(extra):
             service.stop()
+
+
+@pytest.fixture(scope="session")
+def dockerd(services_dir: Path) -> Iterator[str]:
+    def start() -> Service:
+        return services.start_dockerd(services_dir, name="dockerd-1")
+
+    for service in _serve("dockerd", start):
+        yield service.address
+
+
+@pytest.fixture(scope="session")
+def buildah_storage(services_dir: Path) -> Iterator[tuple[Path, Path]]:
+    yield services.buildah_storage(services_dir)
+    services.release_buildah_storage(services_dir)
 
 
 @pytest.fixture(scope="session")

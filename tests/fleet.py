@@ -17,8 +17,11 @@ from producer.settings import QueueSettings, RedisSettings
 from worker.app import running_worker
 from worker.retry import RetrySettings
 from worker.settings import (
+    BuildahSettings,
     BuildkitSettings,
     DaemonSettings,
+    DockerSettings,
+    KanikoSettings,
     SchedulingSettings,
     SimulateSettings,
     WorkerConfig,
@@ -45,7 +48,13 @@ def worker_config(
     simulate: SimulateSettings = INSTANT,
     drain_grace_s: float = 0.0,
     scheduling: SchedulingSettings = QUICK_RECOVERY,
+    docker: DockerSettings | None = None,
+    buildah: BuildahSettings | None = None,
+    kaniko: KanikoSettings | None = None,
+    log_cap_bytes: int = 1 << 20,
 ) -> WorkerConfig:
+    """A worker's configuration for tests; `daemons` are BuildKit's (docker's come in
+    `docker`)."""
     return WorkerConfig(
         redis=RedisSettings(url=redis_url),
         queue=QueueSettings(),
@@ -54,6 +63,7 @@ def worker_config(
             concurrency=concurrency,
             poll_delay_s=0.01,
             drain_grace_s=drain_grace_s,
+            log_cap_bytes=log_cap_bytes,
         ),
         retry=retry,
         buildkit=BuildkitSettings(
@@ -62,6 +72,9 @@ def worker_config(
         ),
         simulate=simulate,
         scheduling=scheduling,
+        docker=docker or DockerSettings(),
+        buildah=buildah or BuildahSettings(),
+        kaniko=kaniko or KanikoSettings(),
     )
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import urllib.error
 import urllib.request
+from typing import Any
 
 MANIFEST_TYPES = ", ".join(
     [
@@ -29,3 +31,24 @@ def served_digest(registry: str, repository: str, reference: str) -> str | None:
         if exc.code == 404:
             return None
         raise
+
+
+def _get(url: str, accept: str) -> tuple[bytes, str]:
+    request = urllib.request.Request(url)
+    request.add_header("Accept", accept)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.read(), response.headers.get("Content-Type", "")
+
+
+def manifest(registry: str, repository: str, reference: str) -> dict[str, Any]:
+    body, _ = _get(f"http://{registry}/v2/{repository}/manifests/{reference}", MANIFEST_TYPES)
+    answer: dict[str, Any] = json.loads(body)
+    return answer
+
+
+def image_config(registry: str, repository: str, reference: str) -> dict[str, Any]:
+    """The image configuration (labels, architecture, ...) of a single-platform image."""
+    config = manifest(registry, repository, reference)["config"]["digest"]
+    body, _ = _get(f"http://{registry}/v2/{repository}/blobs/{config}", "*/*")
+    answer: dict[str, Any] = json.loads(body)
+    return answer

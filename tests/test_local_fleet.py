@@ -36,11 +36,24 @@ def _descendants(pid: int) -> set[int]:
     return children.union(*(_descendants(child) for child in children)) if children else set()
 
 
-def test_up_builds_through_its_gateway_and_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["buildkit", "docker", "buildah"])
+def test_up_builds_through_its_gateway_and_ctrl_c_leaves_nothing_behind(
+    tmp_path: Path, backend: str
+) -> None:
     env = {k: v for k, v in os.environ.items() if k != "BUILDFLEET_REDIS_URL"}
     env["BUILDFLEET_WORKDIR"] = str(tmp_path)
     up = subprocess.Popen(
-        [sys.executable, "-m", "buildfleet.cli", "up", "--json", "--workers", "1"],
+        [
+            sys.executable,
+            "-m",
+            "buildfleet.cli",
+            "up",
+            "--json",
+            "--workers",
+            "1",
+            "--backend",
+            backend,
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=(tmp_path / "up.log").open("wb"),
@@ -50,7 +63,9 @@ def test_up_builds_through_its_gateway_and_ctrl_c_leaves_nothing_behind(tmp_path
         assert up.stdout is not None
         fleet = json.loads(up.stdout.readline())
         spawned = _descendants(up.pid)
-        assert len(spawned) >= 6  # redis, registry, buildkitd, git daemon, worker, gateway
+        assert fleet["backend"] == backend
+        # redis, registry, git daemon, worker, gateway, and buildkitd or dockerd
+        assert len(spawned) >= (5 if backend == "buildah" else 6)
         gateway, token, registry = fleet["gateway"], fleet["api_token"], fleet["registry"]
         answer = _call(
             "POST",

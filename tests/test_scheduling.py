@@ -34,7 +34,7 @@ from worker.backends.journal import peak_concurrency, read_journal
 from worker.capacity import Capacity
 from worker.routing import rank
 from worker.scheduling import DaemonHealth, LeasedPlacer
-from worker.settings import BuildkitSettings, DaemonSettings, SimulateSettings, WorkerConfig
+from worker.settings import DaemonSettings, SimulateSettings, WorkerConfig
 
 from fleet import QUICK_RECOVERY, worker_config, worker_in_task, worker_processes
 
@@ -64,7 +64,7 @@ def max_overlap(journal: Path) -> dict[str, int]:
 
 def placer(redis: aioredis.Redis, max_builds: int) -> tuple[LeasedPlacer, DaemonHealth]:
     daemons = [DaemonSettings(address=a, max_builds=max_builds) for a in DAEMONS]
-    health = DaemonHealth(BuildkitSettings(daemons=tuple(daemons)), QUICK_RECOVERY)
+    health = DaemonHealth(DAEMONS, QUICK_RECOVERY)
     capacity = Capacity(ScriptRunner(redis), QUICK_RECOVERY)
     return LeasedPlacer(daemons, capacity, health, QUICK_RECOVERY), health
 

@@ -39,7 +39,7 @@ from producer.scripts import ScriptRunner
 from producer.store import BuildStore
 from producer.workers import DaemonBeat, WorkerBeat
 from worker.backends.base import Backend
-from worker.backends.factory import make_backend, placement_targets
+from worker.backends.factory import make_backend, make_health, placement_targets
 from worker.backends.kaniko import KanikoBackend
 from worker.capacity import Capacity, decode_notice
 from worker.errors import BuildError
@@ -213,7 +213,7 @@ async def running_worker(
     scripts = ScriptRunner(redis)
     backend = backend or make_backend(config)
     capacity = Capacity(scripts, config.scheduling, worker=config.worker.name, health=health)
-    daemons = DaemonHealth(config.buildkit, config.scheduling)
+    daemons = make_health(config, backend)
     telemetry = Telemetry()
     store = BuildStore(redis, config.queue, scripts)
     runner = BuildRunner(
@@ -266,7 +266,7 @@ async def running_worker(
         ).run(),
         Watchdog(store, config.scheduling, health=health).run(),
     ]
-    if config.worker.backend == "buildkit" and config.buildkit.daemons:
+    if daemons.probe is not None:
         await daemons.probe_all()
         chores.append(daemons.run())
     if isinstance(backend, KanikoBackend):

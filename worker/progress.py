@@ -1,8 +1,10 @@
 """BuildKit's `--progress=rawjson` stream, turned into Step and Log events.
 
-buildctl writes one JSON `SolveStatus` per line. A vertex (a build step) is re-sent whenever
-it changes, so vertices are merged by digest and a Step is emitted only when its state moved.
-Pure: it reads lines and returns events; the backend does the reading.
+buildctl writes one JSON `SolveStatus` per line; a Docker daemon sends the same status as
+protobuf (worker.backends.buildkit_trace decodes it into `SolveStatus`). A vertex (a build
+step) is re-sent whenever it changes, so vertices are merged by digest and a Step is emitted
+only when its state moved. Pure: it reads lines and returns events; the backend does the
+reading.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import msgspec
 from producer.contract import Log, Step
 
 
-class _Vertex(msgspec.Struct):
+class Vertex(msgspec.Struct):
     digest: str
     name: str = ""
     started: datetime | None = None
@@ -25,18 +27,18 @@ class _Vertex(msgspec.Struct):
     error: str = ""
 
 
-class _VertexLog(msgspec.Struct):
+class VertexLog(msgspec.Struct):
     data: bytes
     vertex: str = ""
     stream: int = 1
 
 
-class _SolveStatus(msgspec.Struct):
-    vertexes: list[_Vertex] = []
-    logs: list[_VertexLog] = []
+class SolveStatus(msgspec.Struct):
+    vertexes: list[Vertex] = []
+    logs: list[VertexLog] = []
 
 
-_status_decoder = msgspec.json.Decoder(_SolveStatus)
+_status_decoder = msgspec.json.Decoder(SolveStatus)
 
 
 def _timestamp(moment: datetime | None) -> float | None:
@@ -63,13 +65,17 @@ class ProgressParser:
             if text:
                 self.other_output.append(text)
             return []
+        return self.feed_status(status)
+
+    def feed_status(self, status: SolveStatus) -> list[Step | Log]:
+        """The events one decoded status makes."""
         events: list[Step | Log] = [
             step for vertex in status.vertexes if (step := self._merge(vertex)) is not None
         ]
         events.extend(self._log(entry) for entry in status.logs)
         return events
 
-    def _merge(self, vertex: _Vertex) -> Step | None:
+    def _merge(self, vertex: Vertex) -> Step | None:
         previous = self._steps.get(vertex.digest)
         step = Step(
             build_id=self.build_id,
@@ -92,7 +98,7 @@ class ProgressParser:
         self._steps[vertex.digest] = step
         return step
 
-    def _log(self, entry: _VertexLog) -> Log:
+    def _log(self, entry: VertexLog) -> Log:
         text = entry.data.decode(errors="replace")
         tail = self._tails.setdefault(entry.vertex, deque(maxlen=self.tail_lines))
         tail.extend(line for line in text.splitlines() if line.strip())

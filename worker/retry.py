@@ -34,6 +34,10 @@ def _rule(pattern: str, error_class: str, *, temporary: bool, daemon: bool = Fal
 # First match wins: the more specific rules come first.
 CLASSIFICATION: Final[tuple[Rule, ...]] = (
     _rule(r"did not complete successfully: exit code", "run_failed", temporary=False),
+    # Docker 20.10's BuildKit, Docker's classic builder, Buildah
+    _rule(r"^executor failed running \[.*\]: exit code: \d+", "run_failed", temporary=False),
+    _rule(r"^The command '.*' returned a non-zero code: \d+", "run_failed", temporary=False),
+    _rule(r"^building at STEP \"RUN .*\": exit status \d+", "run_failed", temporary=False),
     _rule(
         r"dockerfile parse error|unknown instruction|parse error on line",
         "dockerfile",
@@ -75,7 +79,7 @@ CLASSIFICATION: Final[tuple[Rule, ...]] = (
     ),
     _rule(
         r"(failed to resolve source metadata|failed to do request).*(not found|404)"
-        r"|manifest unknown|: not found$",
+        r"|manifest unknown|: not found$|short-name .* did not resolve to an alias",
         "base_image_not_found",
         temporary=False,
     ),

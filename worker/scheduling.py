@@ -4,8 +4,8 @@
 a slot in that order (worker.capacity, atomic in Redis): on the daemon holding its cache
 if one frees within `spill_after_s`, else on the first with room (the load bound), waiting
 with backoff while every daemon is full. `DaemonHealth` probes
-each daemon with `buildctl debug workers`; a daemon that fails is left out until a probe
-succeeds again.
+each daemon with its backend's probe (`buildctl debug workers`, the Engine API's
+`GET /_ping`); a daemon that fails is left out until a probe succeeds again.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,7 +24,7 @@ from producer.contract import BuildRequest
 from producer.resilience import persistently
 from worker.capacity import Capacity
 from worker.routing import rank
-from worker.settings import BuildkitSettings, DaemonSettings, SchedulingSettings
+from worker.settings import DaemonSettings, SchedulingSettings
 
 logger = logging.getLogger("buildfleet.scheduling")
 
@@ -92,13 +92,23 @@ class FixedPlacer:
         return None
 
 
-class DaemonHealth:
-    """Which daemons answer `buildctl debug workers`, probed in the background."""
+HealthProbe = Callable[[str], Awaitable[bool]]
+"""Whether the daemon at an address answers (a backend's `probe`)."""
 
-    def __init__(self, buildkit: BuildkitSettings, settings: SchedulingSettings) -> None:
-        self.buildkit = buildkit
-        self.addresses = [daemon.address for daemon in buildkit.daemons]
+
+class DaemonHealth:
+    """Which daemons answer their backend's probe, probed in the background."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        settings: SchedulingSettings,
+        probe: HealthProbe | None = None,
+    ) -> None:
+        self.addresses = list(addresses)
         self.settings = settings
+        self.probe = probe
+        """None: nothing is probed; a daemon leaves rotation only when a build blames it."""
         self._down: set[str] = set()
 
     def healthy(self) -> list[str]:
@@ -110,23 +120,17 @@ class DaemonHealth:
             logger.warning("daemon %s taken out of rotation", address)
             self._down.add(address)
 
-    async def probe(self, address: str) -> bool:
-        process = await asyncio.create_subprocess_exec(
-            *self.buildkit.connection(address), "debug", "workers",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
+    async def _answers(self, address: str) -> bool:
+        if self.probe is None:
+            return True
         try:
             async with asyncio.timeout(self.settings.probe_timeout_s):
-                return await process.wait() == 0
+                return await self.probe(address)
         except TimeoutError:
-            process.kill()
-            await process.wait()
             return False
 
     async def probe_all(self) -> None:
-        results = await asyncio.gather(*(self.probe(a) for a in self.addresses))
+        results = await asyncio.gather(*(self._answers(a) for a in self.addresses))
         for address, ok in zip(self.addresses, results, strict=True):
             if ok and address in self._down:
                 logger.info("daemon %s is back", address)

@@ -24,7 +24,7 @@ NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One worker process."""
 
-    backend: Literal["buildkit", "kaniko", "simulate"] = "buildkit"
+    backend: Literal["buildkit", "docker", "buildah", "kaniko", "simulate"] = "buildkit"
     concurrency: PositiveInt = 8
     """Builds this process runs at once (arq's `max_jobs`)."""
     name: str = msgspec.field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
@@ -44,7 +44,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class DaemonSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     address: str
-    """buildkitd's gRPC address, e.g. tcp://buildkitd-0.buildkitd:1234."""
+    """Where a daemon listens: buildkitd's gRPC address (tcp://buildkitd-0.buildkitd:1234),
+    or a Docker daemon's (unix:///run/docker.sock, tcp://dind-0.dind:2376)."""
     max_builds: PositiveInt = 4
 
 
@@ -61,6 +62,65 @@ class BuildkitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """buildctl and its connection flags, ready for a subcommand."""
         tls = ["--tlsdir", self.tls_dir] if self.tls_dir else []
         return [self.buildctl, "--addr", address, *tls]
+
+
+class DockerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How the docker backend reaches its daemons through the Engine API.
+
+    - `tls_dir`: TLS to tcp:// daemons, a directory with ca.pem, cert.pem and key.pem (what
+      DOCKER_CERT_PATH holds); unix:// daemons never use it.
+    - `auth_file`: a Docker config.json whose `auths` give the registry credentials, sent as
+      X-Registry-Config (pulls) and X-Registry-Auth (pushes); never logged.
+    - `builder`: "buildkit" (the Engine's BuildKit, `version=2`) or "classic". Debian's
+      dockerd 20.10 builds a git sub-directory only with the classic builder.
+    - `network_mode`: the RUN steps' network ("default" is the daemon's bridge; a daemon
+      started with --bridge=none needs "host" or "none").
+    """
+
+    daemons: tuple[DaemonSettings, ...] = ()
+    tls_dir: str | None = None
+    auth_file: str | None = None
+    builder: Literal["buildkit", "classic"] = "buildkit"
+    network_mode: str = "default"
+    connect_timeout_s: PositiveFloat = 5.0
+    max_connections: PositiveInt = 64
+
+
+class BuildahSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How the buildah backend runs `buildah build` and `buildah push` on the worker.
+
+    - `root` / `runroot`: buildah's own storage (images, layers, containers) and its
+      runtime state, never shared with another tool. Unset: under /var/lib and /run when
+      the worker is root, else under the worker user's home and runtime directory
+      (buildah then builds rootless, in a user namespace from /etc/subuid and /etc/subgid).
+    - `isolation`: "chroot" runs without a daemon or privileges beyond user namespaces;
+      "oci" uses runc.
+    - `auth_file`: a containers-auth.json (or Docker config.json) for pulls and pushes.
+    - `tls_verify`: false only for plain-HTTP or self-signed registries (tests, local
+      fleets); the pinned registries of a real fleet verify TLS.
+    """
+
+    buildah: str = "buildah"
+    root: str | None = None
+    runroot: str | None = None
+    storage_driver: str = "overlay"
+    isolation: Literal["chroot", "oci"] = "chroot"
+    auth_file: str | None = None
+    tls_verify: bool = True
+    cancel_grace_s: PositiveFloat = 2.0
+    """After SIGTERM to buildah's process group, how long until SIGKILL."""
+
+    def storage(self) -> tuple[str, str]:
+        """buildah's --root and --runroot for the user this worker runs as."""
+        uid = os.geteuid()
+        if uid == 0:
+            root, runroot = "/var/lib/buildfleet/buildah", "/run/buildfleet/buildah"
+        else:
+            home = os.path.expanduser("~")
+            runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/buildfleet-{uid}"  # noqa: S108
+            root = os.path.join(home, ".local", "share", "buildfleet", "buildah")
+            runroot = os.path.join(runtime, "buildfleet-buildah")
+        return self.root or root, self.runroot or runroot
 
 
 class SimulateSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -194,3 +254,5 @@ class WorkerConfig:
     simulate: SimulateSettings
     scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
     kaniko: KanikoSettings = field(default_factory=KanikoSettings)
+    docker: DockerSettings = field(default_factory=DockerSettings)
+    buildah: BuildahSettings = field(default_factory=BuildahSettings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from producer.contract import BuildRequest, Log, Step
 from worker.settings import DEFAULT_BUILD_TIMEOUT_S
@@ -66,3 +66,12 @@ class Backend(Protocol):
     async def build(self, job: BuildJob, progress: ProgressSink) -> Built: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Probed(Protocol):
+    """A backend whose builds run on daemons it can tell are healthy (the health probe)."""
+
+    async def probe(self, address: str) -> bool:
+        """True when the daemon at `address` answers; never raises for a daemon that is down."""
+        ...

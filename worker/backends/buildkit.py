@@ -57,6 +57,8 @@ def buildctl_argv(connection: list[str], request: BuildRequest, metadata: Path) 
             argv += ["--opt", f"filename={dockerfile.name}"]
     for name, value in request.build_args.items():
         argv += ["--opt", f"build-arg:{name}={value}"]
+    for name, value in request.labels.items():
+        argv += ["--opt", f"label:{name}={value}"]
     if request.target:
         argv += ["--opt", f"target={request.target}"]
     if request.platforms:
@@ -196,6 +198,24 @@ class BuildkitBackend:
             step=failed.name if failed else None,
             log_tail=parser.log_tail(failed.vertex) if failed else (),
         )
+
+    async def probe(self, address: str) -> bool:
+        """The health probe: `buildctl debug workers` answers."""
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self.settings.connection(address), "debug", "workers",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+        except OSError:
+            return False
+        try:
+            return await process.wait() == 0
+        finally:
+            if process.returncode is None:  # the caller's timeout ran out
+                process.kill()
+                await asyncio.shield(process.wait())
 
     async def aclose(self) -> None:
         return None
