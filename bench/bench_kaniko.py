@@ -1,13 +1,14 @@
 """Benchmark of the kaniko backend against a real control plane with kwok pods.
 
 N builds go through W workers (each a KanikoBackend with its own API client and at most C
-builds in flight); every kwok pod runs for --pod-seconds then succeeds with a digest. Prints:
+builds in flight, for each C of --concurrency); every kwok pod runs for --pod-seconds then
+succeeds with a digest. Prints, per C:
   - Jobs created per second (client side, first to last successful create),
   - overhead per build beyond the pod's own runtime (build() wall time - pod seconds),
     p50 / p99 / max,
-  - API calls per build (requests sent: creates, lists, watch connects, log streams, ...).
+  - API requests per build (creates, lists, watch connects, log streams, ...).
 
-Reproduce:  .venv/bin/python bench/bench_kaniko.py --builds 200 --workers 2
+Reproduce:  .venv/bin/python bench/bench_kaniko.py --builds 100 --workers 2 --concurrency 2,8,25
 (needs scripts/setup-kube's tools; starts and stops its own cluster).
 """
 
@@ -28,24 +29,26 @@ sys.path.insert(0, str(REPO))
 
 from producer.contract import BuildRequest, GitSource, Log, Step  # noqa: E402
 from worker.backends.base import BuildJob  # noqa: E402
-from worker.backends.kaniko import KanikoBackend  # noqa: E402
-from worker.settings import KanikoSettings  # noqa: E402
+from worker.backends.kaniko import KanikoBackend, KanikoSettings  # noqa: E402
+from worker.kube.api import KubeApi  # noqa: E402
+from worker.kube.objects import K, Manifest, Resource  # noqa: E402
 
 from kube import DELAY_ANNOTATION, DIGEST_ANNOTATION, OUTCOME_LABEL, KubeCluster  # noqa: E402
 
 DIGEST = "sha256:" + "9" * 64
 
 
-class TimedBackend(KanikoBackend):
-    """Records when each Job create (or adoption) returned."""
+class TimedApi(KubeApi):
+    """Records when each create returned."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.created_at: list[float] = []
 
-    async def _get_or_create(self, batch: Any, namespace: str, manifest: dict[str, Any]) -> None:
-        await super()._get_or_create(batch, namespace, manifest)
+    async def create(self, resource: Resource[K], namespace: str, body: Manifest) -> K:
+        created = await super().create(resource, namespace, body)
         self.created_at.append(time.perf_counter())
+        return created
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -54,8 +57,10 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[k]
 
 
-async def run(args: argparse.Namespace, cluster: KubeCluster) -> None:
-    namespace = "bench"
+async def run_once(
+    args: argparse.Namespace, cluster: KubeCluster, concurrency: int
+) -> tuple[int, float]:
+    namespace = f"bench-{concurrency}"
     cluster.ensure_namespace(namespace)
     settings = KanikoSettings(
         kubeconfig=str(cluster.kubeconfig),
@@ -65,7 +70,8 @@ async def run(args: argparse.Namespace, cluster: KubeCluster) -> None:
         cpu_request=None,
         memory_request=None,
     )
-    workers = [TimedBackend(settings) for _ in range(args.workers)]
+    apis = [await TimedApi.connect(kubeconfig=settings.kubeconfig) for _ in range(args.workers)]
+    workers = [KanikoBackend(settings, api=api) for api in apis]
     queue: asyncio.Queue[BuildRequest] = asyncio.Queue()
     for i in range(args.builds):
         queue.put_nowait(
@@ -96,42 +102,56 @@ async def run(args: argparse.Namespace, cluster: KubeCluster) -> None:
                 failures.append(f"{request.id}: {exc!r}")
 
     start = time.perf_counter()
-    await asyncio.gather(*(worker_loop(w) for w in workers for _ in range(args.concurrency)))
+    await asyncio.gather(*(worker_loop(w) for w in workers for _ in range(concurrency)))
     wall = time.perf_counter() - start
+    calls = sum(api.calls for api in apis)
+    created = sorted(t for api in apis for t in api.created_at)
     for w in workers:
         await w.aclose()
 
-    created = sorted(t for w in workers for t in w.created_at)
-    calls = sum(w.api_calls for w in workers)
     overhead = [d - args.pod_seconds for d in durations]
     span = created[-1] - created[0] if len(created) > 1 else float("nan")
+    per_build = calls / max(1, args.builds)
     print(
-        f"builds: {len(durations)} ok, {len(failures)} failed, wall {wall:.1f}s "
-        f"({args.workers} workers x {args.concurrency} in flight, pods run "
-        f"{args.pod_seconds}s, kube {cluster.tools.kube_version})"
+        f"{concurrency:>3} in flight per worker: {len(durations)} ok, {len(failures)} failed, "
+        f"wall {wall:.1f}s, {(len(created) - 1) / span:.1f} Jobs created/s, "
+        f"{per_build:.2f} API requests per build"
     )
-    print(f"jobs created per second: {(len(created) - 1) / span:.1f}")
     if overhead:
         print(
-            f"overhead per build beyond the pod's runtime: p50 {percentile(overhead, 50):.2f}s"
+            f"    overhead beyond the pod's runtime: p50 {percentile(overhead, 50):.2f}s"
             f"  p99 {percentile(overhead, 99):.2f}s  max {max(overhead):.2f}s"
             f"  mean {statistics.fmean(overhead):.2f}s"
         )
-    print(f"api calls per build: {calls / max(1, args.builds):.1f}")
     for failure in failures[:5]:
-        print("  failed:", failure)
+        print("    failed:", failure)
+    return len(failures), per_build
+
+
+async def run(args: argparse.Namespace, cluster: KubeCluster) -> None:
+    print(
+        f"{args.builds} builds per row through {args.workers} workers; kwok pods run "
+        f"{args.pod_seconds}s; kube {cluster.tools.kube_version}"
+    )
+    for concurrency in args.concurrency:
+        await run_once(args, cluster, concurrency)
     print(
         "reproduce: .venv/bin/python bench/bench_kaniko.py "
-        f"--builds {args.builds} --workers {args.workers} --concurrency {args.concurrency} "
-        f"--pod-seconds {args.pod_seconds}"
+        f"--builds {args.builds} --workers {args.workers} "
+        f"--concurrency {','.join(map(str, args.concurrency))} --pod-seconds {args.pod_seconds}"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--builds", type=int, default=200)
+    parser.add_argument("--builds", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=25, help="builds in flight per worker")
+    parser.add_argument(
+        "--concurrency",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[2, 8, 25],
+        help="builds in flight per worker, comma-separated: one row each",
+    )
     parser.add_argument("--pod-seconds", type=int, default=1)
     args = parser.parse_args()
     cluster = KubeCluster.start()

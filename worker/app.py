@@ -22,9 +22,8 @@ from redis.exceptions import RedisError
 from producer import jobcodec
 from producer.keys import CANCEL_CHANNEL
 from producer.store import BuildStore, cancel_notice_decoder
-from worker.backends.base import Backend
+from worker.backends.base import Backend, SweepsOrphans
 from worker.backends.factory import make_backend, placement_targets
-from worker.backends.kaniko import KanikoBackend
 from worker.capacity import Capacity, Reaper
 from worker.errors import BuildError
 from worker.runner import BuildRunner
@@ -60,7 +59,7 @@ async def _sample_queue_depth(redis: ArqRedis, queue: str, telemetry: Telemetry)
         await asyncio.sleep(_QUEUE_SAMPLE_S)
 
 
-async def _reap_orphan_jobs(redis: ArqRedis, queue: str, backend: KanikoBackend) -> None:
+async def _reap_orphan_jobs(redis: ArqRedis, queue: str, backend: SweepsOrphans) -> None:
     """Delete Kaniko Jobs whose build is no longer queued, running or waiting to retry.
 
     A build keeps its arq job in the queue until it ends, so the queue is the set of live
@@ -71,7 +70,7 @@ async def _reap_orphan_jobs(redis: ArqRedis, queue: str, backend: KanikoBackend)
         try:
             live = {member.decode() for member in await redis.zrange(queue, 0, -1)}
             for name in await backend.reap_orphans(live):
-                logger.info("deleted orphaned Kaniko Job %s", name)
+                logger.info("deleted orphaned build object %s", name)
         except (RedisError, BuildError) as exc:
             logger.warning("orphaned Job sweep failed: %s", exc)
 
@@ -157,7 +156,7 @@ async def running_worker(
     if config.worker.backend == "buildkit" and config.buildkit.daemons:
         await health.probe_all()
         chores.append(health.run())
-    if isinstance(backend, KanikoBackend):
+    if isinstance(backend, SweepsOrphans):
         chores.append(_reap_orphan_jobs(redis, config.queue.name, backend))
     background = [asyncio.create_task(chore) for chore in chores]
     worker = Worker(

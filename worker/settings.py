@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Final, Literal
 
 import msgspec
 
@@ -15,6 +15,8 @@ from worker.retry import RetrySettings
 
 DEFAULT_BUILD_TIMEOUT_S: Final = 3600.0
 """How long a build attempt may take when its request names no timeout."""
+DEFAULT_LOG_TAIL_LINES: Final = 20
+"""How many last log lines a failed build carries."""
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -35,7 +37,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """On SIGTERM, how long in-flight builds may go on before they are re-queued."""
     log_cap_bytes: PositiveInt = 1 << 20
     """Log bytes kept per build attempt; past it one marker says how much was dropped."""
-    log_tail_lines: PositiveInt = 20
+    log_tail_lines: PositiveInt = DEFAULT_LOG_TAIL_LINES
 
     def timeout_for(self, request: BuildRequest) -> float:
         """The one build deadline: the request's own timeout, else the default."""
@@ -140,6 +142,10 @@ class KanikoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     - `watch_timeout_s`: the server-side timeout of one watch request (then it resumes).
     - `max_connections`: the API client's connection pool; each build in flight keeps
       three connections open (two watches, one log stream).
+
+    A Job's deadline (`activeDeadlineSeconds`) is the build's one deadline, the request's
+    timeout or `[worker].default_timeout_s`; a failure carries `[worker].log_tail_lines`
+    of the log.
     """
 
     namespace: str = "buildfleet"
@@ -159,15 +165,13 @@ class KanikoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     cpu_limit: str | None = None
     memory_limit: str | None = "4Gi"
     node_selector: dict[str, str] = msgspec.field(default_factory=dict)
-    tolerations: tuple[dict[str, Any], ...] = ()
+    tolerations: tuple[dict[str, str | int], ...] = ()
     capabilities: tuple[str, ...] = KANIKO_CAPABILITIES
     pod_labels: dict[str, str] = msgspec.field(default_factory=dict)
     pod_annotations: dict[str, str] = msgspec.field(default_factory=dict)
-    default_timeout_s: float = 3600.0
     ttl_seconds_after_finished: int = 600
     unschedulable_timeout_s: float = 300.0
     image_pull_timeout_s: float = 120.0
-    log_tail_lines: int = 50
     log_drain_s: float = 5.0
     log_idle_s: float = 0.5
     cancel_wait_s: float = 30.0

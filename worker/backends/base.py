@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from producer.contract import BuildRequest, Log, Step
 from worker.settings import DEFAULT_BUILD_TIMEOUT_S
@@ -49,3 +49,13 @@ class Backend(Protocol):
     async def build(self, job: BuildJob, progress: ProgressSink) -> Built: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class SweepsOrphans(Protocol):
+    """A backend whose builds leave objects behind when their worker dies (Kubernetes
+    Jobs, TaskRuns): the worker sweeps those whose build is no longer live."""
+
+    async def reap_orphans(self, live_build_ids: set[str]) -> list[str]:
+        """Delete the objects of builds not in `live_build_ids`; the names deleted."""
+        ...

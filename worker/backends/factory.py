@@ -23,7 +23,7 @@ def make_backend(config: WorkerConfig) -> Backend:
         case "kaniko":
             from worker.backends.kaniko import KanikoBackend
 
-            return KanikoBackend(config.kaniko)
+            return KanikoBackend(config.kaniko, tail_lines=config.worker.log_tail_lines)
 
 
 def placement_targets(config: WorkerConfig) -> tuple[DaemonSettings, ...]:
