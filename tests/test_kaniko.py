@@ -25,7 +25,7 @@ from worker.backends.base import BuildJob
 from worker.backends.kaniko import KanikoBackend, KanikoSettings
 from worker.backends.kaniko.manifest import build_job_manifest, executor_args, kaniko_git_context
 from worker.backends.kaniko.stages import KanikoStages
-from worker.backends.kaniko.verdict import assess, to_result
+from worker.backends.kaniko.verdict import assess
 from worker.backends.kubeattempt import reap_orphans
 from worker.backends.kubenames import (
     ANNOTATION_BUILD_ID,
@@ -35,6 +35,7 @@ from worker.backends.kubenames import (
     label_value,
 )
 from worker.backends.kubenames import attempt_name as job_name
+from worker.backends.outcome import to_result
 from worker.backends.podlogs import LogPosition
 from worker.errors import PermanentBuildError, TemporaryBuildError
 from worker.kube.api import KubeApi

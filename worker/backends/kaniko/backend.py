@@ -31,15 +31,10 @@ from producer.contract import Log
 from worker.backends.base import BuildJob, Built, ProgressSink
 from worker.backends.kaniko.manifest import CONTAINER, build_job_manifest
 from worker.backends.kaniko.stages import KanikoStages
-from worker.backends.kaniko.verdict import (
-    assess,
-    container_started,
-    pending_reason,
-    pod_ended,
-    to_result,
-)
+from worker.backends.kaniko.verdict import assess, container_started, pending_reason, pod_ended
 from worker.backends.kubeattempt import create_or_adopt, delete_and_wait, reap_orphans
 from worker.backends.kubenames import attempt_name
+from worker.backends.outcome import to_result
 from worker.backends.podlogs import LogPosition, drain, follow_log
 from worker.errors import BuildError, TemporaryBuildError
 from worker.kube.api import KubeApi

@@ -22,16 +22,12 @@ Pure: no I/O, no clock (the caller says how long a pod has been pending).
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
 from typing import Final, Literal
 
-from worker.backends.base import Built
 from worker.backends.kaniko.manifest import CONTAINER
-from worker.errors import BuildError, PermanentBuildError, TemporaryBuildError
+from worker.backends.outcome import Outcome, parse_digest
 from worker.kube.objects import ContainerStateTerminated, Job, Pod
 
-_DIGEST_RE: Final = re.compile(r"sha256:[0-9a-f]{64}")
 _IMAGE_PULL_REASONS: Final = frozenset(
     {
         "ErrImagePull",
@@ -49,52 +45,6 @@ _NODE_LOST_REASONS: Final = frozenset({"DeletionByTaintManager", "DeletionByPodG
 POD_ENDED: Final = frozenset({"Succeeded", "Failed"})
 
 PendingReason = Literal["unschedulable", "image_pull", "pod_config"]
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one attempt came to, before the log tail is attached."""
-
-    ok: bool
-    digest: str | None = None
-    error_class: str = ""
-    message: str = ""
-    temporary: bool = False
-    daemon_at_fault: bool = False
-    delete_job: bool = False
-    """The Job is still alive (stuck pending): delete it before reporting."""
-    attach_log: bool = False
-
-    @classmethod
-    def success(cls, digest: str | None) -> Outcome:
-        return cls(ok=True, digest=digest)
-
-    @classmethod
-    def permanent(cls, error_class: str, message: str, *, attach_log: bool = False) -> Outcome:
-        return cls(ok=False, error_class=error_class, message=message, attach_log=attach_log)
-
-    @classmethod
-    def temporary_(
-        cls,
-        error_class: str,
-        message: str,
-        *,
-        daemon_at_fault: bool = False,
-        delete_job: bool = False,
-    ) -> Outcome:
-        return cls(
-            ok=False,
-            error_class=error_class,
-            message=message,
-            temporary=True,
-            daemon_at_fault=daemon_at_fault,
-            delete_job=delete_job,
-        )
-
-
-def parse_digest(message: str | None) -> str | None:
-    match = _DIGEST_RE.search(message or "")
-    return match.group(0) if match else None
 
 
 def _terminated(pod: Pod) -> ContainerStateTerminated | None:
@@ -245,22 +195,3 @@ def assess(
                 daemon_at_fault=True,
             )
     return None
-
-
-def to_result(outcome: Outcome, log_tail: tuple[str, ...] = ()) -> Built | BuildError:
-    """The `Built` or the `BuildError` to raise for `outcome`."""
-    if outcome.ok:
-        return Built(digest=outcome.digest)
-    message = outcome.message
-    tail = log_tail if outcome.attach_log else ()
-    last = next((line for line in reversed(tail) if line.strip()), None)
-    if last and outcome.error_class == "run_failed":
-        message = f"{message}: {last.strip()}"
-    if outcome.temporary:
-        return TemporaryBuildError(
-            message,
-            error_class=outcome.error_class,
-            daemon_at_fault=outcome.daemon_at_fault,
-            log_tail=tail,
-        )
-    return PermanentBuildError(message, error_class=outcome.error_class, log_tail=tail)
