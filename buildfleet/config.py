@@ -25,6 +25,7 @@ from worker.settings import (
     KanikoSettings,
     SchedulingSettings,
     SimulateSettings,
+    TektonSettings,
     WorkerConfig,
     WorkerSettings,
 )
@@ -45,6 +46,7 @@ class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     simulate: SimulateSettings = SimulateSettings()
     scheduling: SchedulingSettings = SchedulingSettings()
     kaniko: KanikoSettings = msgspec.field(default_factory=KanikoSettings)
+    tekton: TektonSettings = msgspec.field(default_factory=TektonSettings)
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
 
     def for_worker(self) -> WorkerConfig:
@@ -57,6 +59,7 @@ class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             simulate=self.simulate,
             scheduling=self.scheduling,
             kaniko=self.kaniko,
+            tekton=self.tekton,
         )
 
 

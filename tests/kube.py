@@ -360,6 +360,14 @@ class KubeCluster:
     def apply(self, *manifests: dict[str, Any]) -> None:
         self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(manifests))
 
+    def install_crd(self, path: Path) -> None:
+        """Apply a CustomResourceDefinition and wait until the API server serves it."""
+        crd = yaml.safe_load(path.read_text())
+        self.kubectl("apply", "-f", str(path))
+        self.kubectl(
+            "wait", "--for=condition=Established", "--timeout=60s", f"crd/{crd['metadata']['name']}"
+        )
+
     def ensure_namespace(self, name: str) -> None:
         self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
 

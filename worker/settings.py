@@ -26,7 +26,7 @@ NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One worker process."""
 
-    backend: Literal["buildkit", "kaniko", "simulate"] = "buildkit"
+    backend: Literal["buildkit", "kaniko", "tekton", "simulate"] = "buildkit"
     concurrency: PositiveInt = 8
     """Builds this process runs at once (arq's `max_jobs`)."""
     name: str = msgspec.field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
@@ -179,6 +179,45 @@ class KanikoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     max_connections: int = 512
 
 
+class TektonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How the tekton backend creates and follows its TaskRuns (API `tekton.dev/v1`).
+
+    Each attempt is a TaskRun whose one step runs the Kaniko executor: the executor and
+    its flags (`executor_image`, `cache_repo`, `snapshot_mode`, `push_retry`,
+    `extra_args`, `cpu_*`/`memory_*`, `capabilities`, `registry_secret`) are `[kaniko]`'s,
+    said once there; this section says where TaskRuns go and how they are followed.
+
+    - `namespace`, `max_builds`, `kubeconfig`, `context`, `service_account`,
+      `node_selector`, `tolerations`, `watch_timeout_s`, `max_connections`: as in
+      `[kaniko]`, for TaskRuns (the service account's token is not mounted in the pod).
+    - `task_ref`: run this Task of the namespace instead of the inline taskSpec. It takes
+      the params CONTEXT, DOCKERFILE, GIT_PULL_METHOD, IMAGES, BUILD_ARGS and
+      EXECUTOR_ARGS and gives the result IMAGE_DIGEST (worker/backends/tekton/taskrun.py).
+    - `labels` / `annotations`: added to each TaskRun; Tekton copies them to its pod
+      (tests choose a kwok outcome with them).
+    - `log_drain_s` / `log_idle_s`: once the outcome is known, how long step logs may
+      still deliver lines (at most / after the last line).
+    - `cancel_wait_s`: after a cancel, how long to wait for Tekton to stop the TaskRun.
+    """
+
+    namespace: str = "buildfleet"
+    max_builds: PositiveInt = 20
+    """TaskRuns at once in the namespace, across the whole fleet (capacity leases)."""
+    kubeconfig: str | None = None
+    context: str | None = None
+    service_account: str | None = None
+    task_ref: str | None = None
+    node_selector: dict[str, str] = msgspec.field(default_factory=dict)
+    tolerations: tuple[dict[str, str | int], ...] = ()
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    annotations: dict[str, str] = msgspec.field(default_factory=dict)
+    log_drain_s: NonNegativeFloat = 5.0
+    log_idle_s: NonNegativeFloat = 0.5
+    cancel_wait_s: NonNegativeFloat = 30.0
+    watch_timeout_s: PositiveInt = 120
+    max_connections: PositiveInt = 512
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     """Everything one worker process needs, grouped by concern."""
@@ -191,3 +230,4 @@ class WorkerConfig:
     simulate: SimulateSettings
     scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
     kaniko: KanikoSettings = field(default_factory=KanikoSettings)
+    tekton: TektonSettings = field(default_factory=TektonSettings)

@@ -24,11 +24,22 @@ def make_backend(config: WorkerConfig) -> Backend:
             from worker.backends.kaniko import KanikoBackend
 
             return KanikoBackend(config.kaniko, tail_lines=config.worker.log_tail_lines)
+        case "tekton":
+            from worker.backends.tekton import TektonBackend
+
+            return TektonBackend(
+                config.tekton, config.kaniko, tail_lines=config.worker.log_tail_lines
+            )
 
 
 def placement_targets(config: WorkerConfig) -> tuple[DaemonSettings, ...]:
-    """Where builds can go, each with its cap: BuildKit daemons, or the Kaniko namespace."""
-    if config.worker.backend == "kaniko":
-        kaniko = config.kaniko
-        return (DaemonSettings(address=kaniko.namespace, max_builds=kaniko.max_builds),)
+    """Where builds can go, each with its cap: BuildKit daemons, or the Kaniko (Tekton)
+    namespace."""
+    match config.worker.backend:
+        case "kaniko":
+            kaniko = config.kaniko
+            return (DaemonSettings(address=kaniko.namespace, max_builds=kaniko.max_builds),)
+        case "tekton":
+            tekton = config.tekton
+            return (DaemonSettings(address=tekton.namespace, max_builds=tekton.max_builds),)
     return config.buildkit.daemons

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from worker.backends.kubenames import ANNOTATION_BUILD_ID, MANAGED_SELECTOR
 from worker.errors import TemporaryBuildError
 from worker.kube.api import KubeApi
 from worker.kube.errors import KubeConflict, KubeNotFound
-from worker.kube.objects import Deleted, K, Listed, Manifest, Resource
+from worker.kube.objects import Applied, Deleted, K, Listed, Manifest, Resource
 from worker.kube.watch import list_watch
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,15 @@ async def create_or_adopt(
     name: str,
     build_id: str,
     wait_s: float,
+    replace: Callable[[K], bool] = lambda _: False,
 ) -> tuple[K, bool]:
     """The attempt's object, and whether it was adopted rather than created now.
 
     A 409 Conflict means an object of this name exists: a worker that died left it, or
     another worker runs the same attempt. It is adopted (followed, never created twice)
-    when it belongs to `build_id`; one being deleted (a cancel) is waited out for at most
-    `wait_s`, then created afresh.
+    when it belongs to `build_id`, unless `replace` says it is spent (a TaskRun cancelled
+    before its attempt was re-queued): that one is deleted. One being deleted is waited
+    out for at most `wait_s`, then created afresh.
     """
     loop = asyncio.get_running_loop()
     give_up = loop.time() + wait_s
@@ -59,9 +62,13 @@ async def create_or_adopt(
                 f"{noun} {namespace}/{name} exists for another build ({owner!r})",
                 error_class=f"{noun.lower()}_conflict",
             )
-        if meta.deletion_timestamp is None:
+        if meta.deletion_timestamp is None and not replace(existing):
             log.info("adopting %s %s/%s", noun, namespace, name)
             return existing, True
+        if meta.deletion_timestamp is None:
+            log.info("replacing %s %s/%s", noun, namespace, name)
+            with contextlib.suppress(KubeNotFound):
+                await api.delete(resource, namespace, name, propagation="Background")
         remaining = give_up - loop.time()
         if remaining <= 0 or not await wait_gone(
             api,
@@ -77,19 +84,20 @@ async def create_or_adopt(
             )
 
 
-async def wait_gone(
+async def wait_until(
     api: KubeApi,
     resource: Resource[K],
     namespace: str,
     name: str,
     *,
     resource_version: str,
+    done: Callable[[K | None], bool],
     timeout_s: float,
 ) -> bool:
-    """Whether the object, as it was at `resource_version`, is deleted within `timeout_s`
-    (one watch, no polling)."""
+    """Whether the object, as it was at `resource_version`, comes to satisfy `done` (given
+    None once it is deleted) within `timeout_s`: one watch, no polling."""
 
-    async def deleted() -> None:
+    async def reached() -> None:
         events = list_watch(
             api,
             resource,
@@ -100,16 +108,39 @@ async def wait_gone(
         async with contextlib.aclosing(events):
             async for event in events:
                 match event:
-                    case Deleted():
+                    case Applied(obj) if done(obj):
                         return
-                    case Listed(_, items) if not items:
+                    case Deleted() if done(None):
+                        return
+                    case Listed(_, items) if done(items[0] if items else None):
                         return
 
     try:
-        await asyncio.wait_for(deleted(), timeout_s)
+        await asyncio.wait_for(reached(), timeout_s)
     except TimeoutError:
         return False
     return True
+
+
+async def wait_gone(
+    api: KubeApi,
+    resource: Resource[K],
+    namespace: str,
+    name: str,
+    *,
+    resource_version: str,
+    timeout_s: float,
+) -> bool:
+    """Whether the object, as it was at `resource_version`, is deleted within `timeout_s`."""
+    return await wait_until(
+        api,
+        resource,
+        namespace,
+        name,
+        resource_version=resource_version,
+        done=lambda obj: obj is None,
+        timeout_s=timeout_s,
+    )
 
 
 async def delete_and_wait(

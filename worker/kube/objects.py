@@ -19,11 +19,17 @@ Manifest: TypeAlias = dict[str, JSONValue]
 """An object (or a patch) as the API server takes it."""
 
 
-class _View(msgspec.Struct, frozen=True, rename="camel"):
+class View(msgspec.Struct, frozen=True, rename="camel"):
     """Kubernetes spells fields in camelCase; these views in snake_case."""
 
 
-class ObjectMeta(_View, frozen=True):
+class OwnerReference(View, frozen=True):
+    kind: str = ""
+    name: str = ""
+    uid: str = ""
+
+
+class ObjectMeta(View, frozen=True):
     name: str = ""
     namespace: str = ""
     uid: str = ""
@@ -32,20 +38,21 @@ class ObjectMeta(_View, frozen=True):
     deletion_timestamp: str | None = None
     labels: dict[str, str] = {}
     annotations: dict[str, str] = {}
+    owner_references: tuple[OwnerReference, ...] = ()
 
 
-class Condition(_View, frozen=True):
+class Condition(View, frozen=True):
     type: str = ""
     status: str = ""
     reason: str = ""
     message: str = ""
 
 
-class ListMeta(_View, frozen=True):
+class ListMeta(View, frozen=True):
     resource_version: str = ""
 
 
-class Object(_View, frozen=True):
+class Object(View, frozen=True):
     """What every object has; the base of the views below."""
 
     metadata: ObjectMeta = ObjectMeta()
@@ -54,47 +61,47 @@ class Object(_View, frozen=True):
 # --- core/v1 Pod --------------------------------------------------------------------------
 
 
-class ContainerStateWaiting(_View, frozen=True):
+class ContainerStateWaiting(View, frozen=True):
     reason: str = ""
     message: str = ""
 
 
-class ContainerStateRunning(_View, frozen=True):
+class ContainerStateRunning(View, frozen=True):
     started_at: str = ""
 
 
-class ContainerStateTerminated(_View, frozen=True):
+class ContainerStateTerminated(View, frozen=True):
     exit_code: int = 0
     reason: str = ""
     message: str = ""
 
 
-class ContainerState(_View, frozen=True):
+class ContainerState(View, frozen=True):
     waiting: ContainerStateWaiting | None = None
     running: ContainerStateRunning | None = None
     terminated: ContainerStateTerminated | None = None
 
 
-class ContainerStatus(_View, frozen=True):
+class ContainerStatus(View, frozen=True):
     name: str = ""
     state: ContainerState = ContainerState()
 
 
-class ResourceRequirements(_View, frozen=True):
+class ResourceRequirements(View, frozen=True):
     limits: dict[str, str] = {}
     requests: dict[str, str] = {}
 
 
-class Container(_View, frozen=True):
+class Container(View, frozen=True):
     name: str = ""
     resources: ResourceRequirements = ResourceRequirements()
 
 
-class PodSpec(_View, frozen=True):
+class PodSpec(View, frozen=True):
     containers: tuple[Container, ...] = ()
 
 
-class PodStatus(_View, frozen=True):
+class PodStatus(View, frozen=True):
     phase: str = ""
     reason: str = ""
     message: str = ""
@@ -119,11 +126,11 @@ class Pod(Object, frozen=True):
 # --- batch/v1 Job -------------------------------------------------------------------------
 
 
-class JobSpec(_View, frozen=True):
+class JobSpec(View, frozen=True):
     active_deadline_seconds: int | None = None
 
 
-class JobStatus(_View, frozen=True):
+class JobStatus(View, frozen=True):
     conditions: tuple[Condition, ...] = ()
 
 

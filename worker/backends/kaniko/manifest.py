@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import posixpath
 import re
+from dataclasses import dataclass
 from typing import Final
 
 from producer.contract import BuildRequest, GitSource, LocalSource
@@ -61,8 +62,23 @@ def kaniko_git_context(source: GitSource) -> tuple[str, str]:
     return context, method
 
 
-def executor_args(request: BuildRequest, settings: KanikoSettings) -> tuple[list[str], str]:
-    """The executor's arguments and the GIT_PULL_METHOD for `request`."""
+@dataclass(frozen=True, slots=True)
+class ExecutorCall:
+    """What the Kaniko executor is asked to build, in the parts a Job passes as one
+    argument list and a Tekton TaskRun passes as params."""
+
+    context: str
+    """The executor's `--context` (`git://HOST/PATH#REF#COMMIT`)."""
+    dockerfile: str
+    """The executor's `--dockerfile`, relative to the context."""
+    pull_method: str
+    """GIT_PULL_METHOD for the executor's environment: http or https."""
+    flags: list[str]
+    """Every other flag but `--digest-file`."""
+
+
+def executor_call(request: BuildRequest, settings: KanikoSettings) -> ExecutorCall:
+    """How the executor builds `request` (refusing what it cannot build)."""
     match request.source:
         case LocalSource():
             raise PermanentBuildError(
@@ -77,34 +93,44 @@ def executor_args(request: BuildRequest, settings: KanikoSettings) -> tuple[list
         )
     sub = posixpath.normpath(request.context)
     dockerfile = posixpath.normpath(request.dockerfile)
+    flags = []
     if sub != ".":
         # request.dockerfile is relative to the source root; kaniko resolves it in the
         # context directory.
         dockerfile = posixpath.relpath(dockerfile, sub)
-    args = [f"--context={context}", f"--dockerfile={dockerfile}"]
-    if sub != ".":
-        args.append(f"--context-sub-path={sub}")
+        flags.append(f"--context-sub-path={sub}")
     if request.push:
-        args.extend(f"--destination={image}" for image in request.images)
+        flags.extend(f"--destination={image}" for image in request.images)
     else:
-        args.append("--no-push")
-    args.extend(f"--build-arg={k}={v}" for k, v in sorted(request.build_args.items()))
+        flags.append("--no-push")
+    flags.extend(f"--build-arg={k}={v}" for k, v in sorted(request.build_args.items()))
     if request.target:
-        args.append(f"--target={request.target}")
+        flags.append(f"--target={request.target}")
     if request.platforms:
-        args.append(f"--custom-platform={request.platforms[0]}")
+        flags.append(f"--custom-platform={request.platforms[0]}")
     cache_repo = request.cache.export_ref or settings.cache_repo
     if cache_repo and not request.cache.disabled:
-        args.extend(["--cache=true", f"--cache-repo={cache_repo}"])
-    args.extend(
+        flags.extend(["--cache=true", f"--cache-repo={cache_repo}"])
+    flags.extend(
         [
-            f"--digest-file={TERMINATION_LOG}",
             f"--push-retry={settings.push_retry}",
             f"--snapshot-mode={settings.snapshot_mode}",
             *settings.extra_args,
         ]
     )
-    return args, method
+    return ExecutorCall(context, dockerfile, method, flags)
+
+
+def executor_args(request: BuildRequest, settings: KanikoSettings) -> tuple[list[str], str]:
+    """The executor's arguments in a Job, and the GIT_PULL_METHOD, for `request`."""
+    call = executor_call(request, settings)
+    args = [
+        f"--context={call.context}",
+        f"--dockerfile={call.dockerfile}",
+        *call.flags,
+        f"--digest-file={TERMINATION_LOG}",
+    ]
+    return args, call.pull_method
 
 
 def resources(settings: KanikoSettings) -> Manifest:
