@@ -15,7 +15,8 @@ does, so that the tekton backend is tested against real watches, status patches 
   TaskRunCancelled.
 
 In a test:   `async with running_controller(api, namespace): ...`
-Standalone:  `python tests/tekton_controller.py KUBECONFIG NAMESPACE` (benchmarks).
+Standalone:  `python tests/tekton_controller.py KUBECONFIG NAMESPACE` (benchmarks; prints
+             "ready" once it follows the namespace).
 """
 
 from __future__ import annotations
@@ -110,16 +111,22 @@ class TektonController:
         self.started: dict[str, float] = {}
         self.ended: set[str] = set()
         self._patched: dict[str, str] = {}
+        self.ready = asyncio.Event()
+        """Set once the controller has listed the TaskRuns and pods it follows."""
 
     async def run(self) -> None:
         runs = list_watch(self.api, TASKRUNS, self.namespace)
         pods = list_watch(self.api, PODS, self.namespace, label_selector=TASKRUN_LABEL)
         streams: list[AsyncIterator[object]] = [runs, pods, ticks(0.2, None)]
+        listed = 0
         async for event in merge(*streams):
             match event:
                 case Listed(_, items):
                     for item in items:
                         self._remember(item)
+                    listed += 1
+                    if listed >= 2:
+                        self.ready.set()
                 case Applied(obj):
                     self._remember(obj)
                 case Deleted(ControlledTaskRun() as gone):
@@ -282,7 +289,11 @@ async def running_controller(api: KubeApi, namespace: str) -> AsyncIterator[Tekt
 async def _main(kubeconfig: str, namespace: str) -> None:
     api = await KubeApi.connect(kubeconfig=kubeconfig)
     try:
-        await TektonController(api, namespace).run()
+        controller = TektonController(api, namespace)
+        task = asyncio.create_task(controller.run())
+        await controller.ready.wait()
+        print("ready", flush=True)
+        await task
     finally:
         await api.aclose()
 
