@@ -12,16 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from worker.backends.kubenames import ANNOTATION_BUILD_ID, MANAGED_SELECTOR
 from worker.errors import TemporaryBuildError
 from worker.kube.api import KubeApi
-from worker.kube.errors import KubeConflict, KubeNotFound
+from worker.kube.errors import KubeConflict, KubeError, KubeNotFound
 from worker.kube.objects import Applied, Deleted, K, Listed, Manifest, Resource
 from worker.kube.watch import list_watch
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("buildfleet.kube")
 
 
 async def create_or_adopt(
@@ -180,3 +180,16 @@ async def reap_orphans(
             await api.delete(resource, namespace, meta.name, propagation="Background")
         deleted.append(meta.name)
     return deleted
+
+
+async def clean_up_after_cancel(cleanup: Awaitable[bool], what: str) -> None:
+    """Run a cancelled attempt's `cleanup` (true when it finished in time) to its end even
+    if the task awaiting it is cancelled again; its trouble is logged, never raised."""
+    task = asyncio.ensure_future(cleanup)
+    try:
+        if not await asyncio.shield(task):
+            log.warning("cancel: %s has not finished yet", what)
+    except KubeError as exc:
+        log.warning("cancel: %s: %s", what, exc)
+    except asyncio.CancelledError:
+        log.warning("cancel: %s goes on in the background", what)

@@ -16,7 +16,7 @@ from typing import Final
 from worker.kube.api import KubeApi
 from worker.kube.errors import KubeError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("buildfleet.kube")
 
 _TRIES: Final = 5
 

@@ -15,6 +15,7 @@ client. The only module that imports kubernetes_asyncio (an import-linter contra
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager
@@ -313,6 +314,44 @@ class KubeApi:
             resp.release()
 
 
+class LazyKubeApi:
+    """A `KubeApi` connected on first use, once (a backend is made before its event loop
+    runs), or the one given."""
+
+    def __init__(
+        self,
+        *,
+        kubeconfig: str | None,
+        context: str | None,
+        max_connections: int,
+        api: KubeApi | None = None,
+    ) -> None:
+        self._options = (kubeconfig, context, max_connections)
+        self._api = api
+        self._lock = asyncio.Lock()
+
+    @property
+    def calls(self) -> int:
+        """Requests sent so far (a watch or log stream counts once)."""
+        return self._api.calls if self._api is not None else 0
+
+    async def get(self) -> KubeApi:
+        if self._api is not None:
+            return self._api
+        async with self._lock:
+            if self._api is None:
+                kubeconfig, context, max_connections = self._options
+                self._api = await KubeApi.connect(
+                    kubeconfig=kubeconfig, context=context, max_connections=max_connections
+                )
+            return self._api
+
+    async def aclose(self) -> None:
+        if self._api is not None:
+            await self._api.aclose()
+        self._api = None
+
+
 def _selectors(label_selector: str, field_selector: str) -> Query:
     query: Query = []
     if label_selector:
@@ -343,4 +382,4 @@ def _watch_event(
         raise KubeUnreachable(what, f"undecodable watch event: {exc}") from exc
 
 
-__all__ = ["KubeApi", "KubeError", "check_response"]
+__all__ = ["KubeApi", "KubeError", "LazyKubeApi", "check_response"]

@@ -33,7 +33,7 @@ from typing import Final, Protocol, TypeVar
 from worker.kube.errors import RETRYABLE, KubeGone
 from worker.kube.objects import Applied, Bookmark, Deleted, K, Listed, Resource, WatchEvent
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("buildfleet.kube")
 
 _BACKOFF_START_S: Final = 0.2
 _BACKOFF_MAX_S: Final = 5.0

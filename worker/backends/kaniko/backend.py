@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -32,18 +31,21 @@ from worker.backends.base import BuildJob, Built, ProgressSink
 from worker.backends.kaniko.manifest import CONTAINER, build_job_manifest
 from worker.backends.kaniko.stages import KanikoStages
 from worker.backends.kaniko.verdict import assess, container_started, pending_reason, pod_ended
-from worker.backends.kubeattempt import create_or_adopt, delete_and_wait, reap_orphans
+from worker.backends.kubeattempt import (
+    clean_up_after_cancel,
+    create_or_adopt,
+    delete_and_wait,
+    reap_orphans,
+)
 from worker.backends.kubenames import attempt_name
 from worker.backends.outcome import to_result
 from worker.backends.podlogs import LogPosition, drain, follow_log
 from worker.errors import BuildError, TemporaryBuildError
-from worker.kube.api import KubeApi
+from worker.kube.api import KubeApi, LazyKubeApi
 from worker.kube.errors import KubeError, KubeNotFound, as_build_error
 from worker.kube.objects import JOBS, PODS, Applied, Deleted, Job, Listed, Pod, WatchEvent
 from worker.kube.watch import list_watch, merge, ticks
 from worker.settings import DEFAULT_LOG_TAIL_LINES, KanikoSettings
-
-log = logging.getLogger(__name__)
 
 _TICK_S: Final = 1.0
 
@@ -72,46 +74,35 @@ class KanikoBackend:
         `tail_lines`: how many last log lines a failure carries."""
         self.settings = settings or KanikoSettings()
         self.tail_lines = tail_lines
-        self._api = api
-        self._lock = asyncio.Lock()
+        self._api = LazyKubeApi(
+            kubeconfig=self.settings.kubeconfig,
+            context=self.settings.context,
+            max_connections=self.settings.max_connections,
+            api=api,
+        )
 
     @property
     def api_calls(self) -> int:
         """Requests sent to the API server so far (a watch or log stream counts once)."""
-        return self._api.calls if self._api is not None else 0
-
-    async def _client(self) -> KubeApi:
-        if self._api is not None:
-            return self._api
-        async with self._lock:
-            if self._api is None:
-                settings = self.settings
-                self._api = await KubeApi.connect(
-                    kubeconfig=settings.kubeconfig,
-                    context=settings.context,
-                    max_connections=settings.max_connections,
-                )
-            return self._api
+        return self._api.calls
 
     async def reap_orphans(self, live_build_ids: set[str]) -> list[str]:
         """Delete this backend's Jobs whose build is not live; the names of those deleted."""
         try:
-            api = await self._client()
+            api = await self._api.get()
             return await reap_orphans(api, JOBS, self.settings.namespace, live_build_ids)
         except KubeError as exc:
             raise as_build_error(exc) from exc
 
     async def aclose(self) -> None:
-        if self._api is not None:
-            await self._api.aclose()
-        self._api = None
+        await self._api.aclose()
 
     async def build(self, job: BuildJob, progress: ProgressSink) -> Built:
         namespace = job.placement or self.settings.namespace
         manifest = build_job_manifest(job, self.settings, namespace)
         name = attempt_name(job.request.id, job.attempt)
         try:
-            api = await self._client()
+            api = await self._api.get()
             try:
                 created, adopted = await create_or_adopt(
                     api,
@@ -127,23 +118,14 @@ class KanikoBackend:
                 )
                 return await attempt.follow(created, adopted, self.tail_lines)
             except asyncio.CancelledError:
-                await self._delete_after_cancel(api, namespace, name)
+                # The Pod goes first (foreground); the Job is watched until it is gone.
+                deleted = delete_and_wait(
+                    api, JOBS, namespace, name, wait_s=self.settings.cancel_wait_s
+                )
+                await clean_up_after_cancel(deleted, f"deleting Job {namespace}/{name}")
                 raise
         except KubeError as exc:
             raise as_build_error(exc) from exc
-
-    async def _delete_after_cancel(self, api: KubeApi, namespace: str, name: str) -> None:
-        """Delete the Job (the Pod goes first) and wait until it is gone, within bounds."""
-        task = asyncio.ensure_future(
-            delete_and_wait(api, JOBS, namespace, name, wait_s=self.settings.cancel_wait_s)
-        )
-        try:
-            if not await asyncio.shield(task):
-                log.warning("cancel: Job %s/%s is not gone yet", namespace, name)
-        except KubeError as exc:
-            log.warning("cancel: deleting Job %s/%s: %s", namespace, name, exc)
-        except asyncio.CancelledError:
-            log.warning("cancel: deleting Job %s/%s goes on in the background", namespace, name)
 
 
 class _Attempt:

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections import deque
 
 from producer.contract import Log
 from worker.backends.base import BuildJob, Built, ProgressSink
-from worker.backends.kubeattempt import create_or_adopt, wait_until
+from worker.backends.kubeattempt import clean_up_after_cancel, create_or_adopt, wait_until
 from worker.backends.kubenames import ANNOTATION_BUILD_ID, MANAGED_SELECTOR, attempt_name
 from worker.backends.outcome import to_result
 from worker.backends.podlogs import LogPosition, drain, follow_log
@@ -37,13 +36,11 @@ from worker.backends.tekton.manifest import build_taskrun_manifest
 from worker.backends.tekton.taskrun import CANCELLED, TASKRUNS, StepState, TaskRun
 from worker.backends.tekton.verdict import StepTracker, assess
 from worker.errors import BuildError, TemporaryBuildError
-from worker.kube.api import KubeApi
+from worker.kube.api import KubeApi, LazyKubeApi
 from worker.kube.errors import KubeError, KubeNotFound, as_build_error
 from worker.kube.objects import Applied, Deleted, Listed, Manifest
 from worker.kube.watch import list_watch
 from worker.settings import DEFAULT_LOG_TAIL_LINES, KanikoSettings, TektonSettings
-
-log = logging.getLogger(__name__)
 
 _CANCEL: Manifest = {"spec": {"status": CANCELLED, "statusMessage": "cancelled by buildfleet"}}
 
@@ -71,37 +68,26 @@ class TektonBackend:
         self.settings = settings or TektonSettings()
         self.kaniko = kaniko or KanikoSettings()
         self.tail_lines = tail_lines
-        self._api = api
-        self._lock = asyncio.Lock()
+        self._api = LazyKubeApi(
+            kubeconfig=self.settings.kubeconfig,
+            context=self.settings.context,
+            max_connections=self.settings.max_connections,
+            api=api,
+        )
 
     @property
     def api_calls(self) -> int:
         """Requests sent to the API server so far (a watch or log stream counts once)."""
-        return self._api.calls if self._api is not None else 0
-
-    async def _client(self) -> KubeApi:
-        if self._api is not None:
-            return self._api
-        async with self._lock:
-            if self._api is None:
-                settings = self.settings
-                self._api = await KubeApi.connect(
-                    kubeconfig=settings.kubeconfig,
-                    context=settings.context,
-                    max_connections=settings.max_connections,
-                )
-            return self._api
+        return self._api.calls
 
     async def aclose(self) -> None:
-        if self._api is not None:
-            await self._api.aclose()
-        self._api = None
+        await self._api.aclose()
 
     async def reap_orphans(self, live_build_ids: set[str]) -> list[str]:
         """Cancel the unfinished TaskRuns whose build is not live; the names cancelled."""
         namespace = self.settings.namespace
         try:
-            api = await self._client()
+            api = await self._api.get()
             items, _ = await api.list(TASKRUNS, namespace, label_selector=MANAGED_SELECTOR)
             cancelled = []
             for taskrun in items:
@@ -125,7 +111,7 @@ class TektonBackend:
         manifest = build_taskrun_manifest(job, self.settings, self.kaniko, namespace)
         name = attempt_name(job.request.id, job.attempt)
         try:
-            api = await self._client()
+            api = await self._api.get()
             try:
                 taskrun, _adopted = await create_or_adopt(
                     api,
@@ -140,37 +126,28 @@ class TektonBackend:
                 run = _Run(api, self.settings, job=job, progress=progress)
                 return await run.follow(taskrun, self.tail_lines)
             except asyncio.CancelledError:
-                await self._cancel(api, namespace, name)
+                cancelled = _cancel(api, namespace, name, wait_s=self.settings.cancel_wait_s)
+                await clean_up_after_cancel(cancelled, f"cancelling TaskRun {namespace}/{name}")
                 raise
         except KubeError as exc:
             raise as_build_error(exc) from exc
 
-    async def _cancel(self, api: KubeApi, namespace: str, name: str) -> None:
-        """Ask Tekton to cancel the TaskRun and wait until it says it has, within bounds."""
 
-        async def cancel() -> bool:
-            try:
-                taskrun = await api.patch(TASKRUNS, namespace, name, _CANCEL)
-            except KubeNotFound:
-                return True
-            return taskrun.finished() or await wait_until(
-                api,
-                TASKRUNS,
-                namespace,
-                name,
-                resource_version=taskrun.metadata.resource_version,
-                done=lambda tr: tr is None or tr.finished(),
-                timeout_s=self.settings.cancel_wait_s,
-            )
-
-        task = asyncio.ensure_future(cancel())
-        try:
-            if not await asyncio.shield(task):
-                log.warning("cancel: TaskRun %s/%s has not stopped yet", namespace, name)
-        except KubeError as exc:
-            log.warning("cancel: TaskRun %s/%s: %s", namespace, name, exc)
-        except asyncio.CancelledError:
-            log.warning("cancel: TaskRun %s/%s goes on in the background", namespace, name)
+async def _cancel(api: KubeApi, namespace: str, name: str, *, wait_s: float) -> bool:
+    """Ask Tekton to cancel the TaskRun; whether it says it has within `wait_s`."""
+    try:
+        taskrun = await api.patch(TASKRUNS, namespace, name, _CANCEL)
+    except KubeNotFound:
+        return True
+    return taskrun.finished() or await wait_until(
+        api,
+        TASKRUNS,
+        namespace,
+        name,
+        resource_version=taskrun.metadata.resource_version,
+        done=lambda tr: tr is None or tr.finished(),
+        timeout_s=wait_s,
+    )
 
 
 class _Run:
