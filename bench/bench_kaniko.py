@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
+from pathlib import Path
 
-from kubebench import DIGEST, run_builds
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from worker.backends.kaniko import KanikoBackend, KanikoSettings
-from worker.kube.api import KubeApi
 
 from kube import DELAY_ANNOTATION, DIGEST_ANNOTATION, OUTCOME_LABEL, KubeCluster
+from kubebench import DIGEST, Row, header, parse_args, reproduce, run_builds
 
 
 def kaniko_settings(cluster: KubeCluster, namespace: str, pod_seconds: int) -> KanikoSettings:
@@ -36,47 +38,30 @@ def kaniko_settings(cluster: KubeCluster, namespace: str, pod_seconds: int) -> K
     )
 
 
+async def kaniko_row(args: argparse.Namespace, cluster: KubeCluster, concurrency: int) -> Row:
+    namespace = f"bench-kaniko-{concurrency}"
+    cluster.ensure_namespace(namespace)
+    settings = kaniko_settings(cluster, namespace, args.pod_seconds)
+    return await run_builds(
+        "kaniko",
+        lambda api: KanikoBackend(settings, api=api),
+        kubeconfig=str(cluster.kubeconfig),
+        workers=args.workers,
+        concurrency=concurrency,
+        builds=args.builds,
+    )
+
+
 async def run(args: argparse.Namespace, cluster: KubeCluster) -> None:
-    print(
-        f"{args.builds} builds per row through {args.workers} workers; kwok pods run "
-        f"{args.pod_seconds}s; kube {cluster.tools.kube_version}"
-    )
+    print(header(args, cluster.tools.kube_version))
     for concurrency in args.concurrency:
-        namespace = f"bench-kaniko-{concurrency}"
-        cluster.ensure_namespace(namespace)
-        settings = kaniko_settings(cluster, namespace, args.pod_seconds)
-
-        def backend(api: KubeApi, settings: KanikoSettings = settings) -> KanikoBackend:
-            return KanikoBackend(settings, api=api)
-
-        row = await run_builds(
-            "kaniko",
-            backend,
-            kubeconfig=str(cluster.kubeconfig),
-            workers=args.workers,
-            concurrency=concurrency,
-            builds=args.builds,
-        )
+        row = await kaniko_row(args, cluster, concurrency)
         print(row.report(args.pod_seconds))
-    print(
-        "reproduce: .venv/bin/python bench/bench_kaniko.py "
-        f"--builds {args.builds} --workers {args.workers} "
-        f"--concurrency {','.join(map(str, args.concurrency))} --pod-seconds {args.pod_seconds}"
-    )
+    print(reproduce("bench_kaniko.py", args))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--builds", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument(
-        "--concurrency",
-        type=lambda text: [int(n) for n in text.split(",")],
-        default=[2, 8, 25],
-        help="builds in flight per worker, comma-separated: one row each",
-    )
-    parser.add_argument("--pod-seconds", type=int, default=1)
-    args = parser.parse_args()
+    args = parse_args(__doc__ or "", [2, 8, 25])
     cluster = KubeCluster.start()
     try:
         asyncio.run(run(args, cluster))

@@ -9,6 +9,7 @@ scheduler add to the build itself.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import resource
 import statistics
@@ -153,3 +154,33 @@ async def run_builds(
     for backend in backends:
         await backend.aclose()
     return row
+
+
+def parse_args(doc: str, concurrency: list[int]) -> argparse.Namespace:
+    """The options every Kubernetes benchmark takes."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--builds", type=int, default=100, help="builds per row")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--concurrency",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=concurrency,
+        help="builds in flight per worker, comma-separated: one row each",
+    )
+    parser.add_argument("--pod-seconds", type=int, default=1)
+    return parser.parse_args()
+
+
+def header(args: argparse.Namespace, kube_version: str) -> str:
+    return (
+        f"{args.builds} builds per row through {args.workers} workers; kwok pods run "
+        f"{args.pod_seconds}s; kube {kube_version}"
+    )
+
+
+def reproduce(script: str, args: argparse.Namespace) -> str:
+    return (
+        f"reproduce: .venv/bin/python bench/{script} --builds {args.builds} "
+        f"--workers {args.workers} --concurrency {','.join(map(str, args.concurrency))} "
+        f"--pod-seconds {args.pod_seconds}"
+    )

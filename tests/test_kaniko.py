@@ -8,10 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from producer.contract import BuildRequest, CachePolicy, GitSource, LocalSource, Log, Step
+from producer.contract import BuildRequest, CachePolicy, GitSource, LocalSource, Step
 from worker.backends.base import BuildJob
 from worker.backends.kaniko import KanikoBackend, KanikoSettings
 from worker.backends.kaniko.manifest import build_job_manifest, executor_args, kaniko_git_context
@@ -67,7 +63,10 @@ from kube import (
     DIGEST_ANNOTATION,
     FAIL_LOG_NAMESPACE,
     OUTCOME_LABEL,
+    EventSink,
     KubeCluster,
+    start_build_worker,
+    wait_for,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -299,7 +298,7 @@ async def test_unreachable_api_server_is_a_temporary_error(tmp_path: Path) -> No
     backend = KanikoBackend(KanikoSettings(kubeconfig=str(config)))
     try:
         with pytest.raises(TemporaryBuildError) as info:
-            await backend.build(BuildJob(make_request(), 1), Sink())
+            await backend.build(BuildJob(make_request(), 1), EventSink())
     finally:
         await backend.aclose()
     assert info.value.error_class == "kube_unreachable"
@@ -396,18 +395,6 @@ def test_log_position_skips_replayed_lines() -> None:
 # --- against the real control plane -----------------------------------------------------
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.events: list[Step | Log] = []
-
-    async def __call__(self, event: Step | Log) -> None:
-        self.events.append(event)
-
-    @property
-    def lines(self) -> list[str]:
-        return [e.text for e in self.events if isinstance(e, Log)]
-
-
 @pytest.fixture
 def namespace(kube_cluster: KubeCluster) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"
@@ -444,17 +431,6 @@ def pods_of(cluster: KubeCluster, namespace: str, build_id: str) -> list[dict[st
     return cluster.kubectl_json(
         "get", "pods", "-n", namespace, "-l", f"{LABEL_BUILD_ID}={label_value(build_id)}"
     )["items"]
-
-
-def wait_for(what: str, predicate: Any, bound: float = BOUND) -> Any:
-    give_up = time.monotonic() + bound
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > give_up:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.2)
 
 
 async def test_job_spec_is_accepted_by_the_api_server(
@@ -504,7 +480,7 @@ async def test_success_reports_digest_and_streams_logs(
         pod_annotations={DIGEST_ANNOTATION: digest, DELAY_ANNOTATION: "3s"},
     )
     request = make_request()
-    sink = Sink()
+    sink = EventSink()
     try:
         built = await asyncio.wait_for(backend.build(BuildJob(request, 1), sink), BOUND)
     finally:
@@ -531,7 +507,7 @@ async def test_a_build_costs_at_most_four_api_requests(
     backend = backend_for(
         kubeconfig, namespace, "success", pod_annotations={DIGEST_ANNOTATION: digest}
     )
-    sink = Sink()
+    sink = EventSink()
     try:
         built = await asyncio.wait_for(backend.build(BuildJob(make_request(), 1), sink), BOUND)
         requests = backend.api_calls
@@ -548,7 +524,7 @@ async def test_failure_is_permanent_with_log_tail(
 ) -> None:
     kube_cluster.ensure_namespace(FAIL_LOG_NAMESPACE)
     backend = backend_for(kubeconfig, FAIL_LOG_NAMESPACE, "fail")
-    sink = Sink()
+    sink = EventSink()
     try:
         with pytest.raises(PermanentBuildError) as info:
             await asyncio.wait_for(backend.build(BuildJob(make_request(), 1), sink), BOUND)
@@ -569,7 +545,7 @@ async def test_oom_is_permanent_and_names_the_memory_limit(
     backend = backend_for(kubeconfig, namespace, "oom", memory_limit="3Gi")
     try:
         with pytest.raises(PermanentBuildError) as info:
-            await asyncio.wait_for(backend.build(BuildJob(make_request(), 1), Sink()), BOUND)
+            await asyncio.wait_for(backend.build(BuildJob(make_request(), 1), EventSink()), BOUND)
     finally:
         await backend.aclose()
     assert info.value.error_class == "oom"
@@ -585,7 +561,9 @@ async def test_deadline_fails_with_timeout(
     request = make_request(timeout_s=2)
     try:
         with pytest.raises(PermanentBuildError) as info:
-            await asyncio.wait_for(backend.build(BuildJob(request, 1, timeout_s=2), Sink()), BOUND)
+            await asyncio.wait_for(
+                backend.build(BuildJob(request, 1, timeout_s=2), EventSink()), BOUND
+            )
     finally:
         await backend.aclose()
     assert info.value.error_class == "timeout"
@@ -600,7 +578,7 @@ async def test_cancel_deletes_job_and_pod(
 ) -> None:
     backend = backend_for(kubeconfig, namespace, "hang")
     request = make_request()
-    task = asyncio.create_task(backend.build(BuildJob(request, 1), Sink()))
+    task = asyncio.create_task(backend.build(BuildJob(request, 1), EventSink()))
     try:
         await asyncio.to_thread(
             wait_for,
@@ -630,7 +608,7 @@ async def test_unschedulable_is_temporary_and_deletes_the_job(
     request = make_request()
     try:
         with pytest.raises(TemporaryBuildError) as info:
-            await asyncio.wait_for(backend.build(BuildJob(request, 1), Sink()), BOUND)
+            await asyncio.wait_for(backend.build(BuildJob(request, 1), EventSink()), BOUND)
     finally:
         await backend.aclose()
     assert info.value.error_class == "unschedulable"
@@ -644,7 +622,7 @@ async def test_image_pull_failure_is_temporary(
     backend = backend_for(kubeconfig, namespace, "imagepull")
     try:
         with pytest.raises(TemporaryBuildError) as info:
-            await asyncio.wait_for(backend.build(BuildJob(make_request(), 1), Sink()), BOUND)
+            await asyncio.wait_for(backend.build(BuildJob(make_request(), 1), EventSink()), BOUND)
     finally:
         await backend.aclose()
     assert info.value.error_class == "image_pull"
@@ -655,29 +633,10 @@ async def test_eviction_is_temporary(kubeconfig: Path, namespace: str) -> None:
     backend = backend_for(kubeconfig, namespace, "evicted")
     try:
         with pytest.raises(TemporaryBuildError) as info:
-            await asyncio.wait_for(backend.build(BuildJob(make_request(), 1), Sink()), BOUND)
+            await asyncio.wait_for(backend.build(BuildJob(make_request(), 1), EventSink()), BOUND)
     finally:
         await backend.aclose()
     assert info.value.error_class == "evicted"
-
-
-ORPHAN_WORKER = textwrap.dedent("""
-    import asyncio, sys
-    import msgspec
-    from producer.contract import BuildRequest, decode_request
-    from worker.backends.base import BuildJob
-    from worker.backends.kaniko import KanikoBackend
-    from worker.settings import KanikoSettings
-
-    async def main():
-        settings = msgspec.json.decode(sys.argv[1], type=KanikoSettings)
-        request = decode_request(sys.argv[2])
-        async def sink(event):
-            print("event", flush=True)
-        await KanikoBackend(settings).build(BuildJob(request, 1), sink)
-
-    asyncio.run(main())
-""")
 
 
 async def test_worker_sigkilled_mid_build_job_is_adopted(
@@ -685,10 +644,6 @@ async def test_worker_sigkilled_mid_build_job_is_adopted(
     kubeconfig: Path,
     namespace: str,
 ) -> None:
-    import msgspec
-
-    from producer.contract import encode
-
     digest = "sha256:" + "d" * 64
     settings = KanikoSettings(
         kubeconfig=str(kubeconfig),
@@ -697,20 +652,7 @@ async def test_worker_sigkilled_mid_build_job_is_adopted(
         pod_annotations={DIGEST_ANNOTATION: digest, DELAY_ANNOTATION: "4s"},
     )
     request = make_request()
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            ORPHAN_WORKER,
-            msgspec.json.encode(settings).decode(),
-            encode(request).decode(),
-        ],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    worker = start_build_worker(KanikoBackend, settings, request)
     try:
         await asyncio.to_thread(
             wait_for, "the first worker's Job", lambda: jobs_of(kube_cluster, namespace, request.id)
@@ -722,7 +664,7 @@ async def test_worker_sigkilled_mid_build_job_is_adopted(
     (orphan,) = jobs_of(kube_cluster, namespace, request.id)
 
     backend = KanikoBackend(settings)
-    sink = Sink()
+    sink = EventSink()
     try:
         built = await asyncio.wait_for(backend.build(BuildJob(request, 1), sink), BOUND)
     finally:
@@ -750,7 +692,7 @@ async def test_two_workers_on_one_attempt_share_one_job(
     request = make_request()
     try:
         results = await asyncio.wait_for(
-            asyncio.gather(*(b.build(BuildJob(request, 1), Sink()) for b in backends)), BOUND
+            asyncio.gather(*(b.build(BuildJob(request, 1), EventSink()) for b in backends)), BOUND
         )
     finally:
         for b in backends:
@@ -783,12 +725,12 @@ async def test_backend_works_with_only_the_deploy_role(
     )
     digest = "sha256:" + "f" * 64
     backend = backend_for(sa_kubeconfig, ns, "success", pod_annotations={DIGEST_ANNOTATION: digest})
-    sink = Sink()
+    sink = EventSink()
     request = make_request()
     try:
         built = await asyncio.wait_for(backend.build(BuildJob(request, 1), sink), BOUND)
         cancelled = make_request()
-        task = asyncio.create_task(backend.build(BuildJob(cancelled, 1), Sink()))
+        task = asyncio.create_task(backend.build(BuildJob(cancelled, 1), EventSink()))
         await asyncio.to_thread(
             wait_for, "a Job to cancel", lambda: jobs_of(kube_cluster, ns, cancelled.id)
         )

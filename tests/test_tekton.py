@@ -10,10 +10,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import textwrap
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,10 +17,9 @@ from typing import Any
 
 import msgspec
 import pytest
-from tekton_controller import running_controller
 
 from buildfleet.config import load_config
-from producer.contract import BuildRequest, GitSource, Log, Step, encode
+from producer.contract import BuildRequest, GitSource
 from worker.backends.base import BuildJob
 from worker.backends.factory import make_backend, placement_targets
 from worker.backends.kubenames import LABEL_ATTEMPT, LABEL_BUILD_ID, attempt_name, label_value
@@ -37,7 +32,17 @@ from worker.errors import PermanentBuildError, TemporaryBuildError
 from worker.kube.api import KubeApi
 from worker.settings import KanikoSettings
 
-from kube import DELAY_ANNOTATION, DIGEST_ANNOTATION, FAIL_LOG_NAMESPACE, OUTCOME_LABEL, KubeCluster
+from kube import (
+    DELAY_ANNOTATION,
+    DIGEST_ANNOTATION,
+    FAIL_LOG_NAMESPACE,
+    OUTCOME_LABEL,
+    EventSink,
+    KubeCluster,
+    start_build_worker,
+    wait_for,
+)
+from tekton_controller import running_controller
 
 REPO = Path(__file__).resolve().parent.parent
 CRD = Path(__file__).resolve().parent / "tekton" / "taskruns-crd.yaml"
@@ -234,22 +239,6 @@ def test_tekton_workers_lease_capacity_per_namespace(tmp_path: Path) -> None:
 # --- against the real API server ---------------------------------------------------------
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.events: list[Step | Log] = []
-
-    async def __call__(self, event: Step | Log) -> None:
-        self.events.append(event)
-
-    @property
-    def lines(self) -> list[str]:
-        return [e.text for e in self.events if isinstance(e, Log)]
-
-    @property
-    def steps(self) -> list[Step]:
-        return [e for e in self.events if isinstance(e, Step)]
-
-
 @pytest.fixture(scope="session")
 def tekton_crd(kube_cluster: KubeCluster) -> None:
     kube_cluster.install_crd(CRD)
@@ -305,17 +294,6 @@ def succeeded(taskrun: dict[str, Any]) -> dict[str, Any]:
     return next(c for c in taskrun["status"]["conditions"] if c["type"] == "Succeeded")
 
 
-def wait_for(what: str, predicate: Any, bound: float = BOUND) -> Any:
-    give_up = time.monotonic() + bound
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > give_up:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.2)
-
-
 async def test_success_reports_the_digest_result_and_streams_step_logs(
     kube_cluster: KubeCluster, kubeconfig: Path, controller: str
 ) -> None:
@@ -325,7 +303,7 @@ async def test_success_reports_the_digest_result_and_streams_step_logs(
     )
     backend = TektonBackend(settings)
     request = make_request()
-    sink = Sink()
+    sink = EventSink()
     try:
         built = await asyncio.wait_for(backend.build(BuildJob(request, 1), sink), BOUND)
         requests = backend.api_calls
@@ -350,7 +328,7 @@ async def test_a_failed_step_is_permanent_with_its_log(
 ) -> None:
     kube_cluster.ensure_namespace(FAIL_LOG_NAMESPACE)  # kwok serves fail.log there
     backend = TektonBackend(settings_for(kubeconfig, FAIL_LOG_NAMESPACE, "fail"))
-    sink = Sink()
+    sink = EventSink()
     async with running_controller(admin, FAIL_LOG_NAMESPACE):
         try:
             with pytest.raises(PermanentBuildError) as info:
@@ -372,7 +350,9 @@ async def test_timeout_is_the_builds_deadline(
     request = make_request(timeout_s=2)
     try:
         with pytest.raises(PermanentBuildError) as info:
-            await asyncio.wait_for(backend.build(BuildJob(request, 1, timeout_s=2), Sink()), BOUND)
+            await asyncio.wait_for(
+                backend.build(BuildJob(request, 1, timeout_s=2), EventSink()), BOUND
+            )
     finally:
         await backend.aclose()
     assert info.value.error_class == "timeout"
@@ -386,7 +366,7 @@ async def test_cancel_sets_spec_status_and_keeps_the_taskrun(
 ) -> None:
     backend = TektonBackend(settings_for(kubeconfig, controller, "hang"))
     request = make_request()
-    task = asyncio.create_task(backend.build(BuildJob(request, 1), Sink()))
+    task = asyncio.create_task(backend.build(BuildJob(request, 1), EventSink()))
     name = attempt_name(request.id, 1)
     try:
         await asyncio.to_thread(
@@ -411,30 +391,12 @@ async def test_cancel_sets_spec_status_and_keeps_the_taskrun(
     digest = "sha256:" + "5" * 64
     again = TektonBackend(settings_for(kubeconfig, controller, **{DIGEST_ANNOTATION: digest}))
     try:
-        built = await asyncio.wait_for(again.build(BuildJob(request, 1), Sink()), BOUND)
+        built = await asyncio.wait_for(again.build(BuildJob(request, 1), EventSink()), BOUND)
     finally:
         await again.aclose()
     assert built.digest == digest
     (rerun,) = taskruns_of(kube_cluster, controller, request.id)
     assert rerun["metadata"]["uid"] != taskrun["metadata"]["uid"]
-
-
-ORPHAN_WORKER = textwrap.dedent("""
-    import asyncio, sys
-    import msgspec
-    from producer.contract import decode_request
-    from worker.backends.base import BuildJob
-    from worker.backends.tekton import TektonBackend, TektonSettings
-
-    async def main():
-        settings = msgspec.json.decode(sys.argv[1], type=TektonSettings)
-        request = decode_request(sys.argv[2])
-        async def sink(event):
-            print("event", flush=True)
-        await TektonBackend(settings).build(BuildJob(request, 1), sink)
-
-    asyncio.run(main())
-""")
 
 
 async def test_worker_killed_while_the_taskrun_runs_is_adopted(
@@ -445,17 +407,7 @@ async def test_worker_killed_while_the_taskrun_runs_is_adopted(
         kubeconfig, controller, **{DIGEST_ANNOTATION: digest, DELAY_ANNOTATION: "4s"}
     )
     request = make_request()
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    argv = [
-        sys.executable,
-        "-c",
-        ORPHAN_WORKER,
-        msgspec.json.encode(settings).decode(),
-        encode(request).decode(),
-    ]
-    worker = subprocess.Popen(
-        argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    worker = start_build_worker(TektonBackend, settings, request)
     try:
         await asyncio.to_thread(
             wait_for,
@@ -473,7 +425,7 @@ async def test_worker_killed_while_the_taskrun_runs_is_adopted(
     (orphan,) = taskruns_of(kube_cluster, controller, request.id)
 
     backend = TektonBackend(settings)
-    sink = Sink()
+    sink = EventSink()
     try:
         built = await asyncio.wait_for(backend.build(BuildJob(request, 1), sink), BOUND)
     finally:
@@ -501,7 +453,7 @@ async def test_orphan_sweep_cancels_only_unfinished_runs_of_dead_builds(
         kube_cluster.kubectl("create", "-f", "-", input=json.dumps(manifest))
     done = TektonBackend(settings_for(kubeconfig, controller))
     try:
-        await asyncio.wait_for(done.build(BuildJob(finished, 1), Sink()), BOUND)
+        await asyncio.wait_for(done.build(BuildJob(finished, 1), EventSink()), BOUND)
     finally:
         await done.aclose()
     backend = TektonBackend(settings)
@@ -547,11 +499,11 @@ async def test_backend_works_with_only_the_deploy_role(
     digest = "sha256:" + "f" * 64
     backend = TektonBackend(settings_for(sa_kubeconfig, ns, **{DIGEST_ANNOTATION: digest}))
     request, cancelled = make_request(), make_request()
-    sink = Sink()
+    sink = EventSink()
     async with running_controller(admin, ns):
         try:
             built = await asyncio.wait_for(backend.build(BuildJob(request, 1), sink), BOUND)
-            task = asyncio.create_task(backend.build(BuildJob(cancelled, 1), Sink()))
+            task = asyncio.create_task(backend.build(BuildJob(cancelled, 1), EventSink()))
             await asyncio.to_thread(
                 wait_for, "a TaskRun to cancel", lambda: taskruns_of(kube_cluster, ns, cancelled.id)
             )
