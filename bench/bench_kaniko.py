@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from worker.backends.kaniko import KanikoBackend, KanikoSettings
 
 from kube import DELAY_ANNOTATION, DIGEST_ANNOTATION, OUTCOME_LABEL, KubeCluster
-from kubebench import DIGEST, Row, header, parse_args, reproduce, run_builds
+from kubebench import DIGEST, Row, header, parse_args, prepare_namespace, reproduce, run_builds
 
 
 def kaniko_settings(cluster: KubeCluster, namespace: str, pod_seconds: int) -> KanikoSettings:
@@ -40,7 +40,7 @@ def kaniko_settings(cluster: KubeCluster, namespace: str, pod_seconds: int) -> K
 
 async def kaniko_row(args: argparse.Namespace, cluster: KubeCluster, concurrency: int) -> Row:
     namespace = f"bench-kaniko-{concurrency}"
-    cluster.ensure_namespace(namespace)
+    prepare_namespace(cluster, namespace)
     settings = kaniko_settings(cluster, namespace, args.pod_seconds)
     return await run_builds(
         "kaniko",

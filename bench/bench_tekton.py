@@ -28,7 +28,17 @@ from worker.backends.tekton import TektonBackend, TektonSettings
 
 from bench_kaniko import kaniko_row
 from kube import DELAY_ANNOTATION, DIGEST_ANNOTATION, OUTCOME_LABEL, KubeCluster
-from kubebench import DIGEST, REPO, Row, header, parse_args, percentile, reproduce, run_builds
+from kubebench import (
+    DIGEST,
+    REPO,
+    Row,
+    header,
+    parse_args,
+    percentile,
+    prepare_namespace,
+    reproduce,
+    run_builds,
+)
 
 GOAL_P50_S = 0.5
 EXECUTOR = KanikoSettings(cpu_request=None, memory_request=None)
@@ -37,7 +47,7 @@ EXECUTOR = KanikoSettings(cpu_request=None, memory_request=None)
 async def tekton_row(args: argparse.Namespace, cluster: KubeCluster, concurrency: int) -> Row:
     """The row of the tekton backend, with the stand-in controller in its own process."""
     namespace = f"bench-tekton-{concurrency}"
-    cluster.ensure_namespace(namespace)
+    prepare_namespace(cluster, namespace)
     controller = subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "tekton_controller.py"),
          str(cluster.kubeconfig), namespace],

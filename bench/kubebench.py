@@ -156,6 +156,17 @@ async def run_builds(
     return row
 
 
+def prepare_namespace(cluster: Any, namespace: str) -> None:
+    """Create `namespace` and wait for its default ServiceAccount: until it exists no pod
+    can be made there, and the first build would measure that wait."""
+    cluster.ensure_namespace(namespace)
+    give_up = time.monotonic() + 60
+    while not cluster.kubectl("get", "serviceaccount", "default", "-n", namespace, check=False):
+        if time.monotonic() > give_up:
+            raise RuntimeError(f"no default ServiceAccount in {namespace}")
+        time.sleep(0.1)
+
+
 def parse_args(doc: str, concurrency: list[int]) -> argparse.Namespace:
     """The options every Kubernetes benchmark takes."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
