@@ -27,6 +27,7 @@ from worker.settings import (
     KanikoSettings,
     SchedulingSettings,
     SimulateSettings,
+    TektonSettings,
     WorkerConfig,
     WorkerSettings,
 )
@@ -49,6 +50,7 @@ class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     kaniko: KanikoSettings = msgspec.field(default_factory=KanikoSettings)
     docker: DockerSettings = DockerSettings()
     buildah: BuildahSettings = BuildahSettings()
+    tekton: TektonSettings = msgspec.field(default_factory=TektonSettings)
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
 
     def for_worker(self) -> WorkerConfig:
@@ -63,6 +65,7 @@ class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             kaniko=self.kaniko,
             docker=self.docker,
             buildah=self.buildah,
+            tekton=self.tekton,
         )
 
 

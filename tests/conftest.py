@@ -18,10 +18,12 @@ When a test fails, the logs of the services it used are attached to its report.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import os
 import secrets
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
@@ -210,3 +212,21 @@ def pytest_runtest_makereport(
 async def fleet(redis: aioredis.Redis, redis_url: str) -> AsyncIterator[BuildfleetClient]:
     async with BuildfleetClient.from_url(redis_url) as client:
         yield client
+
+
+def _dump_tasks() -> None:
+    """Every asyncio task's stack, to stderr: what a hung test was waiting on."""
+    for task in asyncio.all_tasks():
+        print(f"\n--- {task!r}", file=sys.stderr)
+        task.print_stack(limit=12, file=sys.stderr)
+
+
+@pytest.fixture(autouse=True)
+async def _tasks_dumped_before_a_timeout(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    marker = request.node.get_closest_marker("timeout")
+    timeout = float(marker.args[0]) if marker and marker.args else request.config.getini("timeout")
+    handle = asyncio.get_running_loop().call_later(max(1.0, float(timeout) - 5.0), _dump_tasks)
+    try:
+        yield
+    finally:
+        handle.cancel()

@@ -27,13 +27,16 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
+
+from producer.contract import BuildRequest, Log, Step, encode
 
 REPO = Path(__file__).resolve().parent.parent
 KWOK_DIR = Path(__file__).resolve().parent / "kwok"
@@ -360,6 +363,14 @@ class KubeCluster:
     def apply(self, *manifests: dict[str, Any]) -> None:
         self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(manifests))
 
+    def install_crd(self, path: Path) -> None:
+        """Apply a CustomResourceDefinition and wait until the API server serves it."""
+        crd = yaml.safe_load(path.read_text())
+        self.kubectl("apply", "-f", str(path))
+        self.kubectl(
+            "wait", "--for=condition=Established", "--timeout=60s", f"crd/{crd['metadata']['name']}"
+        )
+
     def ensure_namespace(self, name: str) -> None:
         self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
 
@@ -419,6 +430,75 @@ class KubeCluster:
             self._kwokctl("delete", "cluster", "--kubeconfig", str(self.kubeconfig))
         _kill_components(self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --- what the Kubernetes backends' tests share ----------------------------------------------
+
+
+class EventSink:
+    """A backend's progress sink that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.events: list[Step | Log] = []
+
+    async def __call__(self, event: Step | Log) -> None:
+        self.events.append(event)
+
+    @property
+    def lines(self) -> list[str]:
+        return [e.text for e in self.events if isinstance(e, Log)]
+
+    @property
+    def steps(self) -> list[Step]:
+        return [e for e in self.events if isinstance(e, Step)]
+
+
+def wait_for(what: str, predicate: Callable[[], Any], bound: float = 120) -> Any:
+    """`predicate()` once it is truthy (polled); AssertionError after `bound` seconds."""
+    give_up = time.monotonic() + bound
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > give_up:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.2)
+
+
+_BUILD_WORKER = """
+import asyncio, importlib, sys
+import msgspec
+from producer.contract import decode_request
+from worker.backends.base import BuildJob
+
+module = importlib.import_module(sys.argv[1])
+backend_class, settings_class = getattr(module, sys.argv[2]), getattr(module, sys.argv[3])
+
+async def main():
+    settings = msgspec.json.decode(sys.argv[4], type=settings_class)
+    async def sink(event):
+        print("event", flush=True)
+    await backend_class(settings).build(BuildJob(decode_request(sys.argv[5]), 1), sink)
+
+asyncio.run(main())
+"""
+
+
+def start_build_worker(backend: type, settings: msgspec.Struct, request: BuildRequest) -> Any:
+    """A separate process building attempt 1 of `request` with `backend(settings)` (to be
+    SIGKILLed mid-build); the caller kills and waits for it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    argv = [
+        sys.executable,
+        "-c",
+        _BUILD_WORKER,
+        backend.__module__.rsplit(".", 1)[0],
+        backend.__name__,
+        type(settings).__name__,
+        msgspec.json.encode(settings).decode(),
+        encode(request).decode(),
+    ]
+    return subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 @pytest.fixture(scope="session")

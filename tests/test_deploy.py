@@ -175,6 +175,7 @@ def test_kustomize_renders_the_whole_fleet(rendered: list[Manifest]) -> None:
     find(rendered, "StatefulSet", BUILDKITD)
     find(rendered, "ScaledObject", "buildfleet-worker")
     find(rendered, "Role", "buildfleet-kaniko")  # deploy/kaniko is part of the whole
+    find(rendered, "Role", "buildfleet-tekton")  # and deploy/tekton
     for doc in rendered:
         if doc["kind"] != "Namespace":
             assert doc["metadata"].get("namespace") == NAMESPACE, doc["metadata"]["name"]

@@ -8,41 +8,53 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+import msgspec
 import pytest
 
-from producer.contract import BuildRequest, CachePolicy, GitSource, LocalSource, Log, Step
+from producer.contract import BuildRequest, CachePolicy, GitSource, LocalSource, Step
 from worker.backends.base import BuildJob
-from worker.backends.kaniko import (
+from worker.backends.kaniko import KanikoBackend, KanikoSettings
+from worker.backends.kaniko.manifest import build_job_manifest, executor_args, kaniko_git_context
+from worker.backends.kaniko.stages import KanikoStages
+from worker.backends.kaniko.verdict import assess
+from worker.backends.kubeattempt import reap_orphans
+from worker.backends.kubenames import (
     ANNOTATION_BUILD_ID,
     LABEL_ATTEMPT,
     LABEL_BUILD_ID,
     LABEL_MANAGED_BY,
-    KanikoBackend,
-    KanikoSettings,
-    KanikoStages,
-    _LogPosition,
-    api_error,
-    assess,
-    build_job_manifest,
-    executor_args,
-    job_name,
-    kaniko_git_context,
     label_value,
-    load_api_client,
-    reap_orphan_jobs,
-    to_result,
 )
+from worker.backends.kubenames import attempt_name as job_name
+from worker.backends.outcome import to_result
+from worker.backends.podlogs import LogPosition
 from worker.errors import PermanentBuildError, TemporaryBuildError
+from worker.kube.api import KubeApi
+from worker.kube.errors import (
+    KubeError,
+    KubeGone,
+    KubeUnreachable,
+    as_build_error,
+    error_for_status,
+)
+from worker.kube.objects import (
+    JOBS,
+    PODS,
+    Applied,
+    Bookmark,
+    Deleted,
+    Job,
+    Listed,
+    ObjectMeta,
+    Pod,
+    WatchEvent,
+)
+from worker.kube.watch import list_watch
 
 # tests/ is on sys.path (conftest.py loads `kube` as a plugin: the kube_cluster and
 # kubeconfig session fixtures come from there).
@@ -51,7 +63,10 @@ from kube import (
     DIGEST_ANNOTATION,
     FAIL_LOG_NAMESPACE,
     OUTCOME_LABEL,
+    EventSink,
     KubeCluster,
+    start_build_worker,
+    wait_for,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -150,7 +165,7 @@ def test_manifest_is_unprivileged_and_bounded() -> None:
         tolerations=({"key": "build", "operator": "Exists"},),
     )
     request = make_request(timeout_s=90.5)
-    manifest = build_job_manifest(BuildJob(request, 2), settings, "builds")
+    manifest = build_job_manifest(BuildJob(request, 2, timeout_s=90.5), settings, "builds")
     spec = manifest["spec"]
     assert manifest["metadata"]["name"] == job_name(request.id, 2)
     assert manifest["metadata"]["labels"] == {
@@ -179,13 +194,14 @@ def test_manifest_is_unprivileged_and_bounded() -> None:
     assert container["resources"]["limits"]["memory"] == settings.memory_limit
 
 
-def _pod(phase: str, *, state: dict[str, Any] | None = None, **status: Any) -> dict[str, Any]:
+def _pod(phase: str, *, state: dict[str, Any] | None = None, **status: Any) -> Pod:
     containers = [{"name": "kaniko", "state": state}] if state else []
-    return {
+    pod = {
         "metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:00Z"},
         "spec": {"containers": [{"name": "kaniko", "resources": {"limits": {"memory": "2Gi"}}}]},
         "status": {"phase": phase, "containerStatuses": containers, **status},
     }
+    return msgspec.convert(pod, Pod)
 
 
 def test_assess_classifies_outcomes() -> None:
@@ -212,12 +228,15 @@ def test_assess_classifies_outcomes() -> None:
     err = to_result(evicted)  # type: ignore[arg-type]
     assert isinstance(err, TemporaryBuildError) and err.error_class == "evicted"
 
-    deadline_job = {
-        "spec": {"activeDeadlineSeconds": 5},
-        "status": {
-            "conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]
+    deadline_job = msgspec.convert(
+        {
+            "spec": {"activeDeadlineSeconds": 5},
+            "status": {
+                "conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]
+            },
         },
-    }
+        Job,
+    )
     timeout = assess(deadline_job, None)
     err = to_result(timeout)  # type: ignore[arg-type]
     assert isinstance(err, PermanentBuildError) and err.error_class == "timeout"
@@ -255,98 +274,96 @@ def test_assess_classifies_outcomes() -> None:
 
 
 def test_api_errors_map_to_domain_errors() -> None:
-    from kubernetes_asyncio.client.exceptions import ApiException
-
-    def exc(status: int, **headers: str) -> ApiException:
-        e = ApiException(status=status, reason="r")
-        e.body = json.dumps({"message": f"status {status}"})
-        e.headers = headers
-        return e
-
-    invalid = api_error(exc(422), "create Job")
+    invalid = as_build_error(error_for_status(422, "create jobs in ns", "status 422"))
     assert isinstance(invalid, PermanentBuildError) and invalid.error_class == "invalid_job"
     assert "status 422" in invalid.message
-    forbidden = api_error(exc(403), "create Job")
+    forbidden = as_build_error(error_for_status(403, "create jobs in ns", "no"))
     assert isinstance(forbidden, TemporaryBuildError)
     assert forbidden.error_class == "kube_forbidden" and forbidden.daemon_at_fault
-    throttled = api_error(exc(429, **{"Retry-After": "7"}), "list")
+    throttled = as_build_error(error_for_status(429, "list", "slow down", retry_after=7.0))
     assert isinstance(throttled, TemporaryBuildError) and throttled.delay == 7.0
-    down = api_error(ConnectionRefusedError("refused"), "watch")
+    assert isinstance(error_for_status(410, "watch", "too old"), KubeGone)
+    down = as_build_error(KubeUnreachable("watch", "connection refused"))
     assert isinstance(down, TemporaryBuildError) and down.error_class == "kube_unreachable"
 
 
-class _FakeResponse:
-    def __init__(
-        self, body: Any = None, lines: tuple[Any, ...] = (), drop: bool = False, hang: bool = False
-    ) -> None:
-        self.status, self.reason = 200, "OK"
-        self._body, self._lines, self._drop, self._hang = body, lines, drop, hang
-
-    async def read(self) -> bytes:
-        return json.dumps(self._body).encode()
-
-    def release(self) -> None:
-        return None
-
-    async def __aenter__(self) -> _FakeResponse:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-    @property
-    def content(self) -> Any:
-        return self._iterate()
-
-    async def _iterate(self) -> Any:
-        for line in self._lines:
-            yield (json.dumps(line) + "\n").encode()
-        if self._drop:
-            raise aiohttp.ClientPayloadError("connection dropped")
-        if self._hang:
-            await asyncio.Event().wait()
+async def test_unreachable_api_server_is_a_temporary_error(tmp_path: Path) -> None:
+    config = tmp_path / "kubeconfig"
+    config.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: k, cluster: {server: 'http://127.0.0.1:9'}}]\n"
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: c, context: {cluster: k, user: u}}]\n"
+    )
+    backend = KanikoBackend(KanikoSettings(kubeconfig=str(config)))
+    try:
+        with pytest.raises(TemporaryBuildError) as info:
+            await backend.build(BuildJob(make_request(), 1), EventSink())
+    finally:
+        await backend.aclose()
+    assert info.value.error_class == "kube_unreachable"
 
 
-def _obj(name: str, rv: str) -> dict[str, Any]:
-    return {"metadata": {"name": name, "resourceVersion": rv}}
+def _obj(name: str, rv: str) -> Pod:
+    return Pod(metadata=ObjectMeta(name=name, resource_version=rv))
+
+
+class FakeWatchApi:
+    """A fake of KubeApi's list and watch (a real API server cannot be made to drop a
+    watch or expire its version on cue): answers from a script, records the requests."""
+
+    def __init__(self, script: list[tuple[Any, ...]]) -> None:
+        self.script = script
+        self.requests: list[tuple[str, str | None]] = []
+
+    async def list(self, resource: Any, namespace: str, **selectors: str) -> tuple[Any, str]:
+        self.requests.append(("list", None))
+        kind, items, version = self.script.pop(0)
+        assert kind == "list"
+        return items, version
+
+    async def watch(self, resource: Any, namespace: str, **kwargs: Any) -> Any:
+        self.requests.append(("watch", kwargs["resource_version"]))
+        kind, events, end = self.script.pop(0)
+        assert kind == "watch"
+        for event in events:
+            yield event
+        if isinstance(end, KubeError):
+            raise end
+        await asyncio.Event().wait()  # the watch stays open
 
 
 async def test_watch_resumes_after_drop_and_relists_after_410() -> None:
-    script = [
-        _FakeResponse(body={"metadata": {"resourceVersion": "1"}, "items": [_obj("a", "1")]}),
-        _FakeResponse(lines=({"type": "MODIFIED", "object": _obj("a", "2")},), drop=True),
-        _FakeResponse(lines=({"type": "ERROR", "object": {"code": 410, "message": "gone"}},)),
-        _FakeResponse(body={"metadata": {"resourceVersion": "5"}, "items": [_obj("a", "5")]}),
-        _FakeResponse(
-            lines=(
-                {"type": "BOOKMARK", "object": _obj("", "6")},
-                {"type": "ADDED", "object": _obj("b", "7")},
-            ),
-            hang=True,
-        ),
-    ]
-    calls: list[tuple[bool, str | None]] = []
-
-    async def list_fn(namespace: str, **kwargs: Any) -> _FakeResponse:
-        calls.append((bool(kwargs.get("watch")), kwargs.get("resource_version")))
-        return script.pop(0)
-
-    backend = KanikoBackend(KanikoSettings(), api_client=object())
-    queue: asyncio.Queue[tuple[str, str, Any]] = asyncio.Queue()
-    task = asyncio.create_task(
-        backend._list_watch("pod", list_fn, "ns", queue, {"label_selector": "x=y"})
+    api = FakeWatchApi(
+        [
+            ("list", (_obj("a", "1"),), "1"),
+            ("watch", [Applied(_obj("a", "2"))], KubeUnreachable("watch", "dropped")),
+            ("watch", [], KubeGone("watch", "too old", status=410)),
+            ("list", (_obj("a", "5"),), "5"),
+            ("watch", [Bookmark("6"), Applied(_obj("b", "7")), Deleted(_obj("a", "8"))], None),
+        ]
     )
-    try:
-        events = [await asyncio.wait_for(queue.get(), BOUND) for _ in range(4)]
-    finally:
-        task.cancel()
-    assert [(kind, event) for kind, event, _ in events] == [
-        ("pod", "SYNC"),
-        ("pod", "MODIFIED"),
-        ("pod", "SYNC"),
-        ("pod", "ADDED"),
+    seen: list[WatchEvent[Pod]] = []
+    events = list_watch(api, PODS, "ns", label_selector="x=y")  # type: ignore[arg-type]
+    async for event in events:
+        seen.append(event)
+        if len(seen) == 5:
+            break
+    await events.aclose()
+    assert seen == [
+        Listed(PODS, (_obj("a", "1"),)),
+        Applied(_obj("a", "2")),
+        Listed(PODS, (_obj("a", "5"),)),
+        Applied(_obj("b", "7")),
+        Deleted(_obj("a", "8")),
     ]
-    assert calls == [(False, None), (True, "1"), (True, "2"), (False, None), (True, "5")]
+    assert api.requests == [
+        ("list", None),
+        ("watch", "1"),
+        ("watch", "2"),
+        ("list", None),
+        ("watch", "5"),
+    ]
 
 
 def test_kaniko_stages_become_steps() -> None:
@@ -366,7 +383,7 @@ def test_kaniko_stages_become_steps() -> None:
 
 
 def test_log_position_skips_replayed_lines() -> None:
-    pos = _LogPosition()
+    pos = LogPosition()
     first = ["t1 a", "t2 b", "t2 c"]
     pos.new_stream()
     assert [pos.new_text(line) for line in first] == ["a", "b", "c"]
@@ -376,18 +393,6 @@ def test_log_position_skips_replayed_lines() -> None:
 
 
 # --- against the real control plane -----------------------------------------------------
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.events: list[Step | Log] = []
-
-    async def __call__(self, event: Step | Log) -> None:
-        self.events.append(event)
-
-    @property
-    def lines(self) -> list[str]:
-        return [e.text for e in self.events if isinstance(e, Log)]
 
 
 @pytest.fixture
@@ -426,17 +431,6 @@ def pods_of(cluster: KubeCluster, namespace: str, build_id: str) -> list[dict[st
     return cluster.kubectl_json(
         "get", "pods", "-n", namespace, "-l", f"{LABEL_BUILD_ID}={label_value(build_id)}"
     )["items"]
-
-
-def wait_for(what: str, predicate: Any, bound: float = BOUND) -> Any:
-    give_up = time.monotonic() + bound
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > give_up:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.2)
 
 
 async def test_job_spec_is_accepted_by_the_api_server(
@@ -486,7 +480,7 @@ async def test_success_reports_digest_and_streams_logs(
         pod_annotations={DIGEST_ANNOTATION: digest, DELAY_ANNOTATION: "3s"},
     )
     request = make_request()
-    sink = Sink()
+    sink = EventSink()
     try:
         built = await asyncio.wait_for(backend.build(BuildJob(request, 1), sink), BOUND)
     finally:
@@ -505,13 +499,32 @@ async def test_success_reports_digest_and_streams_logs(
     assert job["metadata"]["labels"][LABEL_ATTEMPT] == "1"
 
 
+async def test_a_build_costs_at_most_four_api_requests(
+    kubeconfig: Path,
+    namespace: str,
+) -> None:
+    digest = "sha256:" + "7" * 64
+    backend = backend_for(
+        kubeconfig, namespace, "success", pod_annotations={DIGEST_ANNOTATION: digest}
+    )
+    sink = EventSink()
+    try:
+        built = await asyncio.wait_for(backend.build(BuildJob(make_request(), 1), sink), BOUND)
+        requests = backend.api_calls
+    finally:
+        await backend.aclose()
+    assert built.digest == digest
+    assert "hello from kaniko" in sink.lines
+    assert requests <= 4  # create the Job, watch it, watch its pod, follow the log
+
+
 async def test_failure_is_permanent_with_log_tail(
     kube_cluster: KubeCluster,
     kubeconfig: Path,
 ) -> None:
     kube_cluster.ensure_namespace(FAIL_LOG_NAMESPACE)
     backend = backend_for(kubeconfig, FAIL_LOG_NAMESPACE, "fail")
-    sink = Sink()
+    sink = EventSink()
     try:
         with pytest.raises(PermanentBuildError) as info:
             await asyncio.wait_for(backend.build(BuildJob(make_request(), 1), sink), BOUND)
@@ -532,7 +545,7 @@ async def test_oom_is_permanent_and_names_the_memory_limit(
     backend = backend_for(kubeconfig, namespace, "oom", memory_limit="3Gi")
     try:
         with pytest.raises(PermanentBuildError) as info:
-            await asyncio.wait_for(backend.build(BuildJob(make_request(), 1), Sink()), BOUND)
+            await asyncio.wait_for(backend.build(BuildJob(make_request(), 1), EventSink()), BOUND)
     finally:
         await backend.aclose()
     assert info.value.error_class == "oom"
@@ -548,7 +561,9 @@ async def test_deadline_fails_with_timeout(
     request = make_request(timeout_s=2)
     try:
         with pytest.raises(PermanentBuildError) as info:
-            await asyncio.wait_for(backend.build(BuildJob(request, 1), Sink()), BOUND)
+            await asyncio.wait_for(
+                backend.build(BuildJob(request, 1, timeout_s=2), EventSink()), BOUND
+            )
     finally:
         await backend.aclose()
     assert info.value.error_class == "timeout"
@@ -563,7 +578,7 @@ async def test_cancel_deletes_job_and_pod(
 ) -> None:
     backend = backend_for(kubeconfig, namespace, "hang")
     request = make_request()
-    task = asyncio.create_task(backend.build(BuildJob(request, 1), Sink()))
+    task = asyncio.create_task(backend.build(BuildJob(request, 1), EventSink()))
     try:
         await asyncio.to_thread(
             wait_for,
@@ -593,7 +608,7 @@ async def test_unschedulable_is_temporary_and_deletes_the_job(
     request = make_request()
     try:
         with pytest.raises(TemporaryBuildError) as info:
-            await asyncio.wait_for(backend.build(BuildJob(request, 1), Sink()), BOUND)
+            await asyncio.wait_for(backend.build(BuildJob(request, 1), EventSink()), BOUND)
     finally:
         await backend.aclose()
     assert info.value.error_class == "unschedulable"
@@ -607,7 +622,7 @@ async def test_image_pull_failure_is_temporary(
     backend = backend_for(kubeconfig, namespace, "imagepull")
     try:
         with pytest.raises(TemporaryBuildError) as info:
-            await asyncio.wait_for(backend.build(BuildJob(make_request(), 1), Sink()), BOUND)
+            await asyncio.wait_for(backend.build(BuildJob(make_request(), 1), EventSink()), BOUND)
     finally:
         await backend.aclose()
     assert info.value.error_class == "image_pull"
@@ -618,29 +633,10 @@ async def test_eviction_is_temporary(kubeconfig: Path, namespace: str) -> None:
     backend = backend_for(kubeconfig, namespace, "evicted")
     try:
         with pytest.raises(TemporaryBuildError) as info:
-            await asyncio.wait_for(backend.build(BuildJob(make_request(), 1), Sink()), BOUND)
+            await asyncio.wait_for(backend.build(BuildJob(make_request(), 1), EventSink()), BOUND)
     finally:
         await backend.aclose()
     assert info.value.error_class == "evicted"
-
-
-ORPHAN_WORKER = textwrap.dedent("""
-    import asyncio, sys
-    import msgspec
-    from producer.contract import BuildRequest, decode_request
-    from worker.backends.base import BuildJob
-    from worker.backends.kaniko import KanikoBackend
-    from worker.settings import KanikoSettings
-
-    async def main():
-        settings = msgspec.json.decode(sys.argv[1], type=KanikoSettings)
-        request = decode_request(sys.argv[2])
-        async def sink(event):
-            print("event", flush=True)
-        await KanikoBackend(settings).build(BuildJob(request, 1), sink)
-
-    asyncio.run(main())
-""")
 
 
 async def test_worker_sigkilled_mid_build_job_is_adopted(
@@ -648,10 +644,6 @@ async def test_worker_sigkilled_mid_build_job_is_adopted(
     kubeconfig: Path,
     namespace: str,
 ) -> None:
-    import msgspec
-
-    from producer.contract import encode
-
     digest = "sha256:" + "d" * 64
     settings = KanikoSettings(
         kubeconfig=str(kubeconfig),
@@ -660,20 +652,7 @@ async def test_worker_sigkilled_mid_build_job_is_adopted(
         pod_annotations={DIGEST_ANNOTATION: digest, DELAY_ANNOTATION: "4s"},
     )
     request = make_request()
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            ORPHAN_WORKER,
-            msgspec.json.encode(settings).decode(),
-            encode(request).decode(),
-        ],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    worker = start_build_worker(KanikoBackend, settings, request)
     try:
         await asyncio.to_thread(
             wait_for, "the first worker's Job", lambda: jobs_of(kube_cluster, namespace, request.id)
@@ -685,7 +664,7 @@ async def test_worker_sigkilled_mid_build_job_is_adopted(
     (orphan,) = jobs_of(kube_cluster, namespace, request.id)
 
     backend = KanikoBackend(settings)
-    sink = Sink()
+    sink = EventSink()
     try:
         built = await asyncio.wait_for(backend.build(BuildJob(request, 1), sink), BOUND)
     finally:
@@ -713,7 +692,7 @@ async def test_two_workers_on_one_attempt_share_one_job(
     request = make_request()
     try:
         results = await asyncio.wait_for(
-            asyncio.gather(*(b.build(BuildJob(request, 1), Sink()) for b in backends)), BOUND
+            asyncio.gather(*(b.build(BuildJob(request, 1), EventSink()) for b in backends)), BOUND
         )
     finally:
         for b in backends:
@@ -733,12 +712,12 @@ async def test_backend_works_with_only_the_deploy_role(
     for verb, resource, allowed in (
         ("create", "jobs.batch", "yes"),
         ("delete", "jobs.batch", "yes"),
-        ("get", "pods/log", "yes"),
+        ("get", "pods --subresource=log", "yes"),  # "pods/log" would mean the pod "log"
         ("create", "pods", "no"),
         ("get", "secrets", "no"),
     ):
         answer = kube_cluster.kubectl(
-            "auth", "can-i", verb, resource, "-n", ns, "--as", sa, check=False
+            "auth", "can-i", verb, *resource.split(), "-n", ns, "--as", sa, check=False
         ).strip()
         assert answer == allowed, (verb, resource, answer)
     sa_kubeconfig = kube_cluster.token_kubeconfig(
@@ -746,12 +725,12 @@ async def test_backend_works_with_only_the_deploy_role(
     )
     digest = "sha256:" + "f" * 64
     backend = backend_for(sa_kubeconfig, ns, "success", pod_annotations={DIGEST_ANNOTATION: digest})
-    sink = Sink()
+    sink = EventSink()
     request = make_request()
     try:
         built = await asyncio.wait_for(backend.build(BuildJob(request, 1), sink), BOUND)
         cancelled = make_request()
-        task = asyncio.create_task(backend.build(BuildJob(cancelled, 1), Sink()))
+        task = asyncio.create_task(backend.build(BuildJob(cancelled, 1), EventSink()))
         await asyncio.to_thread(
             wait_for, "a Job to cancel", lambda: jobs_of(kube_cluster, ns, cancelled.id)
         )
@@ -764,11 +743,11 @@ async def test_backend_works_with_only_the_deploy_role(
     assert "hello from kaniko" in sink.lines
     assert jobs_of(kube_cluster, ns, cancelled.id) == []
 
-    api = await load_api_client(KanikoSettings(kubeconfig=str(sa_kubeconfig)))
+    api = await KubeApi.connect(kubeconfig=str(sa_kubeconfig))
     try:
-        deleted = await reap_orphan_jobs(api, ns, live_build_ids=set())
+        deleted = await reap_orphans(api, JOBS, ns, live_build_ids=set())
     finally:
-        await api.close()
+        await api.aclose()
     assert job_name(request.id, 1) in deleted
 
 
@@ -786,11 +765,11 @@ async def test_reap_orphan_jobs_deletes_only_unleased_builds(
             "-",
             input=json.dumps(build_job_manifest(BuildJob(request, 1), settings, namespace)),
         )
-    api = await load_api_client(KanikoSettings(kubeconfig=str(kubeconfig)))
+    api = await KubeApi.connect(kubeconfig=str(kubeconfig))
     try:
-        deleted = await reap_orphan_jobs(api, namespace, live_build_ids={live.id})
+        deleted = await reap_orphans(api, JOBS, namespace, live_build_ids={live.id})
     finally:
-        await api.close()
+        await api.aclose()
     assert deleted == [job_name(orphan.id, 1)]
     assert len(jobs_of(kube_cluster, namespace, live.id)) == 1
     assert jobs_of(kube_cluster, namespace, orphan.id) == []

@@ -38,9 +38,8 @@ from producer.resilience import (
 from producer.scripts import ScriptRunner
 from producer.store import BuildStore
 from producer.workers import DaemonBeat, WorkerBeat
-from worker.backends.base import Backend
+from worker.backends.base import Backend, SweepsOrphans
 from worker.backends.factory import make_backend, make_health, placement_targets
-from worker.backends.kaniko import KanikoBackend
 from worker.capacity import Capacity, decode_notice
 from worker.errors import BuildError
 from worker.recovery import Reaper, Watchdog
@@ -132,19 +131,20 @@ async def _sample_queue_depth(
 
 
 async def _reap_orphan_jobs(
-    redis: ArqRedis, queue: str, backend: KanikoBackend, health: RedisHealth
+    redis: ArqRedis, queue: str, backend: SweepsOrphans, health: RedisHealth
 ) -> None:
-    """Delete Kaniko Jobs whose build is no longer queued, running or waiting to retry.
+    """Sweep the objects (Kaniko Jobs, TaskRuns) of builds no longer queued, running or
+    waiting to retry.
 
     A build keeps its arq job in the queue until it ends, so the queue is the set of live
-    builds. A build whose worker died stays live: its re-run adopts the Job.
+    builds. A build whose worker died stays live: its re-run adopts the object.
     """
 
     async def sweep() -> None:
         live = {member.decode() for member in await redis.zrange(queue, 0, -1)}
         try:
             for name in await backend.reap_orphans(live):
-                logger.info("deleted orphaned Kaniko Job %s", name)
+                logger.info("deleted orphaned build object %s", name)
         except BuildError as exc:
             logger.warning("orphaned Job sweep failed: %s", exc)
 
@@ -269,7 +269,7 @@ async def running_worker(
     if daemons.probe is not None:
         await daemons.probe_all()
         chores.append(daemons.run())
-    if isinstance(backend, KanikoBackend):
+    if isinstance(backend, SweepsOrphans):
         chores.append(_reap_orphan_jobs(redis, config.queue.name, backend, health))
     background = [asyncio.create_task(chore) for chore in chores]
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Final, Literal
 
 import msgspec
 
@@ -15,6 +15,8 @@ from worker.retry import RetrySettings
 
 DEFAULT_BUILD_TIMEOUT_S: Final = 3600.0
 """How long a build attempt may take when its request names no timeout."""
+DEFAULT_LOG_TAIL_LINES: Final = 20
+"""How many last log lines a failed build carries."""
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -24,7 +26,7 @@ NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One worker process."""
 
-    backend: Literal["buildkit", "docker", "buildah", "kaniko", "simulate"] = "buildkit"
+    backend: Literal["buildkit", "docker", "buildah", "kaniko", "tekton", "simulate"] = "buildkit"
     concurrency: PositiveInt = 8
     """Builds this process runs at once (arq's `max_jobs`)."""
     name: str = msgspec.field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
@@ -35,7 +37,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """On SIGTERM, how long in-flight builds may go on before they are re-queued."""
     log_cap_bytes: PositiveInt = 1 << 20
     """Log bytes kept per build attempt; past it one marker says how much was dropped."""
-    log_tail_lines: PositiveInt = 20
+    log_tail_lines: PositiveInt = DEFAULT_LOG_TAIL_LINES
 
     def timeout_for(self, request: BuildRequest) -> float:
         """The one build deadline: the request's own timeout, else the default."""
@@ -207,6 +209,10 @@ class KanikoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     - `watch_timeout_s`: the server-side timeout of one watch request (then it resumes).
     - `max_connections`: the API client's connection pool; each build in flight keeps
       three connections open (two watches, one log stream).
+
+    A Job's deadline (`activeDeadlineSeconds`) is the build's one deadline, the request's
+    timeout or `[worker].default_timeout_s`; a failure carries `[worker].log_tail_lines`
+    of the log.
     """
 
     namespace: str = "buildfleet"
@@ -226,20 +232,57 @@ class KanikoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     cpu_limit: str | None = None
     memory_limit: str | None = "4Gi"
     node_selector: dict[str, str] = msgspec.field(default_factory=dict)
-    tolerations: tuple[dict[str, Any], ...] = ()
+    tolerations: tuple[dict[str, str | int], ...] = ()
     capabilities: tuple[str, ...] = KANIKO_CAPABILITIES
     pod_labels: dict[str, str] = msgspec.field(default_factory=dict)
     pod_annotations: dict[str, str] = msgspec.field(default_factory=dict)
-    default_timeout_s: float = 3600.0
     ttl_seconds_after_finished: int = 600
     unschedulable_timeout_s: float = 300.0
     image_pull_timeout_s: float = 120.0
-    log_tail_lines: int = 50
     log_drain_s: float = 5.0
     log_idle_s: float = 0.5
     cancel_wait_s: float = 30.0
     watch_timeout_s: int = 120
     max_connections: int = 512
+
+
+class TektonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How the tekton backend creates and follows its TaskRuns (API `tekton.dev/v1`).
+
+    Each attempt is a TaskRun whose one step runs the Kaniko executor: the executor and
+    its flags (`executor_image`, `cache_repo`, `snapshot_mode`, `push_retry`,
+    `extra_args`, `cpu_*`/`memory_*`, `capabilities`, `registry_secret`) are `[kaniko]`'s,
+    said once there; this section says where TaskRuns go and how they are followed.
+
+    - `namespace`, `max_builds`, `kubeconfig`, `context`, `service_account`,
+      `node_selector`, `tolerations`, `watch_timeout_s`, `max_connections`: as in
+      `[kaniko]`, for TaskRuns (the service account's token is not mounted in the pod).
+    - `task_ref`: run this Task of the namespace instead of the inline taskSpec. It takes
+      the params CONTEXT, DOCKERFILE, GIT_PULL_METHOD, IMAGES, BUILD_ARGS and
+      EXECUTOR_ARGS and gives the result IMAGE_DIGEST (worker/backends/tekton/taskrun.py).
+    - `labels` / `annotations`: added to each TaskRun; Tekton copies them to its pod
+      (tests choose a kwok outcome with them).
+    - `log_drain_s` / `log_idle_s`: once the outcome is known, how long step logs may
+      still deliver lines (at most / after the last line).
+    - `cancel_wait_s`: after a cancel, how long to wait for Tekton to stop the TaskRun.
+    """
+
+    namespace: str = "buildfleet"
+    max_builds: PositiveInt = 20
+    """TaskRuns at once in the namespace, across the whole fleet (capacity leases)."""
+    kubeconfig: str | None = None
+    context: str | None = None
+    service_account: str | None = None
+    task_ref: str | None = None
+    node_selector: dict[str, str] = msgspec.field(default_factory=dict)
+    tolerations: tuple[dict[str, str | int], ...] = ()
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    annotations: dict[str, str] = msgspec.field(default_factory=dict)
+    log_drain_s: NonNegativeFloat = 5.0
+    log_idle_s: NonNegativeFloat = 0.5
+    cancel_wait_s: NonNegativeFloat = 30.0
+    watch_timeout_s: PositiveInt = 120
+    max_connections: PositiveInt = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,3 +299,4 @@ class WorkerConfig:
     kaniko: KanikoSettings = field(default_factory=KanikoSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
     buildah: BuildahSettings = field(default_factory=BuildahSettings)
+    tekton: TektonSettings = field(default_factory=TektonSettings)

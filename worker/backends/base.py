@@ -74,4 +74,13 @@ class Probed(Protocol):
 
     async def probe(self, address: str) -> bool:
         """True when the daemon at `address` answers; never raises for a daemon that is down."""
+
+
+@runtime_checkable
+class SweepsOrphans(Protocol):
+    """A backend whose builds leave objects behind when their worker dies (Kubernetes
+    Jobs, TaskRuns): the worker sweeps those whose build is no longer live."""
+
+    async def reap_orphans(self, live_build_ids: set[str]) -> list[str]:
+        """Delete the objects of builds not in `live_build_ids`; the names deleted."""
         ...

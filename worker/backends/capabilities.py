@@ -102,11 +102,13 @@ SURVEY: Final[tuple[Capabilities, ...]] = (
     ),
     Capabilities(
         builder="Tekton",
-        backend=None,
-        privileges="as the Task's step (Kaniko: unprivileged)",
+        backend="tekton",
+        privileges="as the Task's step (the Kaniko executor: unprivileged)",
         daemon="Tekton controller; a TaskRun per build",
-        where="a Kubernetes cluster running Tekton Pipelines",
-        status="not a backend yet (issue #13)",
+        where="a Kubernetes cluster running Tekton Pipelines (tekton.dev/v1)",
+        cache_export_modes=_BOTH,
+        cache_note="Kaniko's layer cache repository (cache.export_ref, read and written)",
+        platforms=True,
     ),
     Capabilities(
         builder="Skaffold",

@@ -8,8 +8,7 @@ those are daemons it can probe, a `probe` method on the backend).
 
 from __future__ import annotations
 
-from worker.backends.base import Backend, BuildJob, Built, Probed, ProgressSink
-from worker.backends.capabilities import ensure_capable
+from worker.backends.base import Backend, Probed
 from worker.scheduling import DaemonHealth
 from worker.settings import DaemonSettings, WorkerConfig
 
@@ -34,29 +33,25 @@ def make_backend(config: WorkerConfig) -> Backend:
 
             return SimulateBackend(config.simulate)
         case "kaniko":
-            return _checked_kaniko(config)
+            from worker.backends.kaniko import KanikoBackend
 
+            return KanikoBackend(config.kaniko, tail_lines=tail_lines)
+        case "tekton":
+            from worker.backends.tekton import TektonBackend
 
-def _checked_kaniko(config: WorkerConfig) -> Backend:
-    """The Kaniko backend, refusing what the capability table says Kaniko cannot do (it
-    would silently ignore `cache.import_refs`)."""
-    from worker.backends.kaniko import KanikoBackend
-
-    class CheckedKanikoBackend(KanikoBackend):
-        async def build(self, job: BuildJob, progress: ProgressSink) -> Built:
-            ensure_capable(job.request, "kaniko")
-            return await super().build(job, progress)
-
-    return CheckedKanikoBackend(config.kaniko)
+            return TektonBackend(config.tekton, config.kaniko, tail_lines=tail_lines)
 
 
 def placement_targets(config: WorkerConfig) -> tuple[DaemonSettings, ...]:
     """Where builds can go, each with its cap: BuildKit or Docker daemons, or the Kaniko
-    namespace. Buildah builds on the worker itself: its `concurrency` is the cap."""
+    (Tekton) namespace. Buildah builds on the worker itself: its `concurrency` is the cap."""
     match config.worker.backend:
         case "kaniko":
             kaniko = config.kaniko
             return (DaemonSettings(address=kaniko.namespace, max_builds=kaniko.max_builds),)
+        case "tekton":
+            tekton = config.tekton
+            return (DaemonSettings(address=tekton.namespace, max_builds=tekton.max_builds),)
         case "docker":
             return config.docker.daemons
         case "buildah":
