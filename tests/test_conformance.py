@@ -42,7 +42,8 @@ from producer.contract import (
 from worker.backends.base import BuildJob, Built
 from worker.backends.capabilities import BY_BACKEND, Capabilities, markdown_table
 from worker.backends.docker import capabilities as docker_capabilities
-from worker.backends.kaniko import executor_args, label_value
+from worker.backends.kaniko.manifest import executor_args
+from worker.backends.kubenames import label_value
 from worker.errors import PermanentBuildError
 from worker.routing import rank
 from worker.settings import DockerSettings, KanikoSettings
