@@ -47,7 +47,7 @@ def free_port() -> int:
 
 
 def gateway_settings(port: int, event_loop: str = "auto", supersede: bool = True) -> object:
-    from producer.gateway.app import load_gateway_settings
+    from producer.gateway.settings import load_gateway_settings
 
     return load_gateway_settings(
         {
@@ -71,7 +71,7 @@ def gateway_settings(port: int, event_loop: str = "auto", supersede: bool = True
 
 
 def serve_gateway(port: int, redis_url: str, event_loop: str, supersede: bool) -> None:
-    from producer.gateway.app import run_gateway
+    from producer.gateway.server import run_gateway
     from producer.gateway.settings import GatewaySettings
     from producer.settings import RedisSettings
 
@@ -280,7 +280,7 @@ def main() -> int:
             r"^buildfleet_gateway_superseded_total (\S+)$", metrics, re.MULTILINE
         )
 
-        from producer.gateway.app import event_loop_factory
+        from producer.gateway.server import event_loop_factory
 
         loop = "uvloop" if event_loop_factory(args.event_loop) else "asyncio"
         print(f"payload: {size} bytes signed GitHub push, {len(REPOS) * len(BRANCHES)} repo/refs")

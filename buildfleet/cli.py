@@ -198,7 +198,7 @@ async def _worker(config: FleetConfig, args: argparse.Namespace) -> int:
 
 
 def _gateway(config: FleetConfig, args: argparse.Namespace) -> int:
-    from producer.gateway.app import run_gateway
+    from producer.gateway.server import run_gateway
 
     run_gateway(config.gateway, config.redis, config.queue)
     return EXIT_OK

@@ -14,8 +14,6 @@ from typing import Final, Self
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.contract import (
     TERMINAL_STATUSES,
@@ -29,6 +27,11 @@ from producer.contract import (
     new_build_id,
     result_of,
 )
+from producer.errors import (
+    BuildNotFound,
+    FleetUnavailable,
+    unavailable,
+)
 from producer.keys import (
     ARQ_HEALTH_CHECK_SUFFIX,
     ARQ_IN_PROGRESS_PREFIX,
@@ -39,6 +42,15 @@ from producer.keys import (
 )
 from producer.settings import QueueSettings, RedisSettings
 from producer.store import BuildStore, CancelOutcome, Submission
+
+__all__ = [
+    "BuildNotFound",
+    "BuildfleetClient",
+    "DeadLetter",
+    "FleetStatus",
+    "FleetUnavailable",
+    "connect",
+]
 
 _BLOCK_MS: Final = 5_000
 
@@ -56,16 +68,6 @@ class DeadLetter(msgspec.Struct, frozen=True):
     at: float
     request: bytes
     """The request as it was queued (or the unreadable bytes that were)."""
-
-
-class FleetUnavailable(ConnectionError):
-    """Redis cannot be reached: nothing was submitted, read or cancelled."""
-
-
-class BuildNotFound(LookupError):
-    def __init__(self, build_id: str) -> None:
-        super().__init__(f"no build with id {build_id!r} (unknown, or expired)")
-        self.build_id = build_id
 
 
 def connect(settings: RedisSettings) -> Redis:
@@ -100,6 +102,11 @@ class BuildfleetClient:
     async def aclose(self) -> None:
         await self.redis.aclose()
 
+    async def ping(self) -> None:
+        """Returns once Redis answers; FleetUnavailable if it cannot be reached."""
+        with unavailable("reach Redis"):
+            await self.redis.ping()
+
     async def submit(self, request: BuildRequest) -> str:
         """Enqueue one build and return its id; the same id twice makes one build."""
         [submission] = await self.submit_many([request])
@@ -107,25 +114,19 @@ class BuildfleetClient:
 
     async def submit_many(self, requests: Sequence[BuildRequest]) -> list[Submission]:
         """Enqueue many builds in one round trip."""
-        try:
+        with unavailable("submit"):
             return await self.store.submit_many(requests)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise FleetUnavailable(f"cannot submit: Redis unreachable ({exc})") from exc
 
     async def get(self, build_id: str) -> BuildState:
-        try:
+        with unavailable("read build"):
             state = await self.store.state(build_id)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise FleetUnavailable(f"cannot read build: Redis unreachable ({exc})") from exc
         if state is None:
             raise BuildNotFound(build_id)
         return state
 
     async def cancel(self, build_id: str, reason: str = "cancelled by request") -> CancelOutcome:
-        try:
+        with unavailable("cancel"):
             outcome = await self.store.cancel(build_id, reason)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise FleetUnavailable(f"cannot cancel: Redis unreachable ({exc})") from exc
         if outcome is CancelOutcome.UNKNOWN:
             raise BuildNotFound(build_id)
         return outcome
@@ -145,13 +146,13 @@ class BuildfleetClient:
         """The raw entries of a build's stream, up to and including the terminal one."""
         key = events_key(build_id)
         last_id = after
-        if not await self.redis.exists(key):
+        with unavailable("watch"):
+            found = await self.redis.exists(key)
+        if not found:
             raise BuildNotFound(build_id)
         while True:
-            try:
+            with unavailable("watch"):
                 response = await self.redis.xread({key: last_id}, block=_BLOCK_MS, count=500)
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                raise FleetUnavailable(f"cannot watch: Redis unreachable ({exc})") from exc
             for _stream, entries in response:
                 for entry_id, fields in entries:
                     last_id = entry_id.decode()
@@ -172,10 +173,8 @@ class BuildfleetClient:
         (`from_start`), or from just after the entry `after` (see `last_event_id`)."""
         last_id = after or ("0-0" if from_start else "$")
         while True:
-            try:
+            with unavailable("tail events"):
                 response = await self.redis.xread({EVENTS_STREAM: last_id}, block=_BLOCK_MS)
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                raise FleetUnavailable(f"cannot tail events: Redis unreachable ({exc})") from exc
             for _stream, entries in response:
                 for entry_id, fields in entries:
                     last_id = entry_id
@@ -183,16 +182,14 @@ class BuildfleetClient:
 
     async def last_event_id(self) -> str:
         """Where the fleet-wide stream ends now: `tail(after=...)` misses nothing after it."""
-        try:
+        with unavailable("read events"):
             newest = await self.redis.xrevrange(EVENTS_STREAM, count=1)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise FleetUnavailable(f"cannot read events: Redis unreachable ({exc})") from exc
         return newest[0][0].decode() if newest else "0-0"
 
     async def status(self) -> FleetStatus:
         """Queue depth, builds running, workers alive, dead letters kept."""
         queue = self.store.queue.name
-        try:
+        with unavailable("read status"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.zcard(queue)
                 pipe.xlen(DEAD_LETTER_STREAM)
@@ -204,8 +201,6 @@ class BuildfleetClient:
                 key
                 async for key in self.redis.scan_iter(match=f"{queue}{ARQ_HEALTH_CHECK_SUFFIX}*")
             ]
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise FleetUnavailable(f"cannot read status: Redis unreachable ({exc})") from exc
         return FleetStatus(
             queued=depth - len(running),
             running=len(running),
@@ -215,10 +210,8 @@ class BuildfleetClient:
 
     async def dead_letters(self, count: int = 100) -> list[DeadLetter]:
         """The newest dead-lettered builds, newest first, with their full requests."""
-        try:
+        with unavailable("read dead letters"):
             entries = await self.redis.xrevrange(DEAD_LETTER_STREAM, count=count)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise FleetUnavailable(f"cannot read dead letters: Redis unreachable ({exc})") from exc
         return [
             DeadLetter(
                 build_id=fields[b"build_id"].decode(),

@@ -19,8 +19,6 @@ from typing import Any, Final, cast
 
 import msgspec
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
 from producer import jobcodec
 from producer.contract import (
@@ -47,6 +45,7 @@ from producer.keys import (
     job_key,
     lease_key,
 )
+from producer.lua import ScriptCall, run_scripts
 from producer.settings import QueueSettings
 
 logger = logging.getLogger("buildfleet.store")
@@ -146,8 +145,6 @@ return 1
 
 _DEAD_LETTERS_MAXLEN: Final = 10_000
 
-ScriptCall = tuple[AsyncScript, list[str], list[Any]]
-
 
 class CancelOutcome(Enum):
     CANCELLED = "cancelled"
@@ -194,7 +191,6 @@ class BuildStore:
         self._publish = redis.register_script(_PUBLISH)
         self._cancel = redis.register_script(_CANCEL)
         self._reschedule = redis.register_script(_RESCHEDULE)
-        self._scripts_loaded = False
         self._pending: list[tuple[list[str], list[Any], asyncio.Future[PublishOutcome] | None]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -204,27 +200,13 @@ class BuildStore:
         return now_ms
 
     async def _run_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
-        """Run many script calls in one pipelined round trip, by sha.
-
-        (redis-py's Script objects in a pipeline cost an extra SCRIPT EXISTS round trip per
-        pipeline; here scripts are loaded once, and again only if Redis lost them.)
-        """
-        for _ in range(2):
-            if not self._scripts_loaded:
-                for script in (self._submit, self._publish, self._cancel, self._reschedule):
-                    await self.redis.script_load(script.script)
-                self._scripts_loaded = True
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for script, keys, args in calls:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
-            if not any(isinstance(reply, NoScriptError) for reply in replies):
-                for reply in replies:
-                    if isinstance(reply, Exception):
-                        raise reply
-                return replies
-            self._scripts_loaded = False  # Redis restarted or flushed its scripts
-        raise AssertionError("unreachable: scripts were just loaded")
+        """Run many script calls in one pipelined round trip, by sha (producer.lua); the
+        first call Redis refused fails them all."""
+        replies = await run_scripts(self.redis, calls)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     async def submit_many(self, requests: Sequence[BuildRequest]) -> list[Submission]:
         """Enqueue every request in one round trip; an id that exists already is left as is."""

@@ -43,7 +43,8 @@ from producer.contract import (
     Started,
     Succeeded,
 )
-from producer.gateway.app import GATEWAY, event_loop_factory, make_app, start_gateway
+from producer.gateway.app import GATEWAY, make_app
+from producer.gateway.server import event_loop_factory, start_gateway
 from producer.gateway.settings import GatewaySettings
 from producer.keys import DEFAULT_QUEUE, build_key
 
@@ -834,7 +835,8 @@ def test_run_gateway_serves_until_sigterm_then_exits_cleanly(redis_url: str) -> 
     port = free_port()
     script = (
         "import sys\n"
-        "from producer.gateway.app import load_gateway_settings, run_gateway\n"
+        "from producer.gateway.server import run_gateway\n"
+        "from producer.gateway.settings import load_gateway_settings\n"
         "from producer.settings import RedisSettings\n"
         f"settings = load_gateway_settings({{'port': {port}, 'event_loop': 'asyncio'}})\n"
         f"run_gateway(settings, RedisSettings(url={redis_url!r}),\n"

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from test_gateway_payloads import body_of, gitea_push, github_push, gitlab_push
 
 from producer.client import BuildfleetClient
-from producer.gateway.app import GatewayServer, start_gateway
+from producer.gateway.server import GatewayServer, start_gateway
 from producer.gateway.settings import GatewaySettings
 
 SECRET = "fuzz-secret-0xdeadbeef"

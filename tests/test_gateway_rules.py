@@ -25,9 +25,8 @@ from test_gateway_payloads import (
     sha_for,
 )
 
-from producer.gateway.app import load_gateway_settings
 from producer.gateway.rules import plan, slug
-from producer.gateway.settings import IMAGE_NAME, GatewaySettings, Rule
+from producer.gateway.settings import IMAGE_NAME, GatewaySettings, Rule, load_gateway_settings
 from producer.gateway.webhooks import (
     BadRequest,
     Ignored,

@@ -22,7 +22,7 @@ import msgspec
 import pytest
 
 from producer.client import BuildfleetClient
-from producer.gateway.app import GatewayServer, start_gateway
+from producer.gateway.server import GatewayServer, start_gateway
 from producer.gateway.settings import GatewaySettings
 
 from fleet import worker_config, worker_in_task

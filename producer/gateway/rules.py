@@ -1,4 +1,5 @@
-"""Which images a push builds: the configured rules applied to a ref update. Pure.
+"""Which images a push builds, as build requests: the configured rules applied to a ref
+update. Pure.
 
 Every rule whose repository glob matches and whose branch (or tag) patterns match the
 pushed ref yields one build, pushing every image its templates render to. A deleted ref
@@ -12,12 +13,15 @@ import fnmatch
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
+from producer.contract import BuildRequest, ContractError, TraceContext, request_from_builtins
 from producer.gateway.settings import IMAGE_NAME, Priority, Rule
-from producer.gateway.webhooks import Push
+from producer.gateway.webhooks import Delivery, Push
 
 _NOT_TAG_CHAR: Final = re.compile(r"[^a-z0-9_.-]+")
+_TRACEPARENT: Final = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_TRACESTATE: Final = re.compile(r"^[\x20-\x7e]{0,512}$")
 SHORT_SHA: Final = 7
 
 
@@ -134,3 +138,61 @@ def plan(rules: Sequence[Rule], push: Push) -> Plan:
     else:
         message = f"no rule matches {push.repo} {push.ref}: nothing to build"
     return Plan(tuple(builds), tuple(skipped), message)
+
+
+# --- requests ------------------------------------------------------------------------------
+
+
+def trace_context(traceparent: str, tracestate: str) -> TraceContext | None:
+    """The caller's W3C trace context from its headers, when it is well formed (else the
+    build starts a trace of its own)."""
+    traceparent = traceparent.strip()
+    if not _TRACEPARENT.fullmatch(traceparent):
+        return None
+    tracestate = tracestate.strip()
+    if not _TRACESTATE.fullmatch(tracestate):
+        tracestate = ""
+    return TraceContext(traceparent=traceparent, tracestate=tracestate or None)
+
+
+def requests_for(
+    plan: Plan, push: Push, delivery: Delivery, trace: TraceContext | None
+) -> tuple[list[BuildRequest], list[PlannedBuild], list[Skipped]]:
+    """The plan's builds as requests, and the builds that could not be made (`skipped`)."""
+    skipped = list(plan.skipped)
+    requests: list[BuildRequest] = []
+    planned: list[PlannedBuild] = []
+    for build in plan.builds:
+        try:
+            requests.append(build_request(build, push, delivery, trace))
+            planned.append(build)
+        except ContractError as exc:
+            skipped.append(Skipped(build.rule, str(exc)))
+    return requests, planned, skipped
+
+
+def build_request(
+    build: PlannedBuild, push: Push, delivery: Delivery, trace: TraceContext | None
+) -> BuildRequest:
+    labels = {"origin": "webhook", "forge": push.forge, "repo": push.repo, "ref": push.ref}
+    labels["rule"] = str(build.rule)
+    if delivery.delivery_id is not None:
+        labels["delivery"] = delivery.delivery_id
+    obj: dict[str, Any] = {
+        "source": {"type": "git", "url": push.clone_url, "ref": push.ref, "commit": push.sha},
+        "images": build.images,
+        "dockerfile": build.dockerfile,
+        "context": build.context,
+        "build_args": build.build_args,
+        "platforms": build.platforms,
+        "priority": build.priority,
+        "push": build.push,
+        "labels": labels,
+    }
+    if build.target is not None:
+        obj["target"] = build.target
+    if build.supersede_key is not None:
+        obj["supersede_key"] = build.supersede_key
+    if trace is not None:
+        obj["trace"] = {"traceparent": trace.traceparent, "tracestate": trace.tracestate}
+    return request_from_builtins(obj)

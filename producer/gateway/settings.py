@@ -196,3 +196,12 @@ class GatewaySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
             if candidate.exact:
                 return candidate.secret
         return candidates[0].secret if candidates else None
+
+
+def load_gateway_settings(data: object) -> GatewaySettings:
+    """The `[gateway]` table (TOML values, or strings from environment overrides) validated;
+    a ValueError names the field and what was expected."""
+    try:
+        return msgspec.convert(data, GatewaySettings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"gateway: {exc}") from exc
