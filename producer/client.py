@@ -40,6 +40,7 @@ from producer.keys import (
     EVENTS_STREAM,
     events_key,
 )
+from producer.policy import RequestPolicy, check_request
 from producer.settings import QueueSettings, RedisSettings
 from producer.store import BuildStore, CancelOutcome, Submission
 
@@ -80,13 +81,26 @@ def connect(settings: RedisSettings) -> Redis:
 
 
 class BuildfleetClient:
-    def __init__(self, redis: Redis, queue: QueueSettings | None = None) -> None:
+    """With a `policy`, every request is checked against it before it is submitted
+    (producer.policy.PolicyError names the field): what the gateway does for API callers, a
+    trusted producer can do for itself (`RequestPolicy.trusted()`)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        queue: QueueSettings | None = None,
+        *,
+        policy: RequestPolicy | None = None,
+    ) -> None:
         self.redis = redis
         self.store = BuildStore(redis, queue or QueueSettings())
+        self.policy = policy
 
     @classmethod
-    def from_url(cls, url: str, queue: QueueSettings | None = None) -> Self:
-        return cls(connect(RedisSettings(url=url)), queue)
+    def from_url(
+        cls, url: str, queue: QueueSettings | None = None, *, policy: RequestPolicy | None = None
+    ) -> Self:
+        return cls(connect(RedisSettings(url=url)), queue, policy=policy)
 
     async def __aenter__(self) -> Self:
         return self
@@ -114,6 +128,9 @@ class BuildfleetClient:
 
     async def submit_many(self, requests: Sequence[BuildRequest]) -> list[Submission]:
         """Enqueue many builds in one round trip."""
+        if self.policy is not None:
+            for request in requests:
+                check_request(request, self.policy)
         with unavailable("submit"):
             return await self.store.submit_many(requests)
 

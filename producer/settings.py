@@ -30,3 +30,7 @@ class QueueSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     interactive_head_start_s: PositiveFloat = 60.0
     """An interactive build is ordered as if submitted this much earlier than a batch one,
     so it goes first; a batch build older than this overtakes new interactive ones (aging)."""
+    max_timeout_s: PositiveFloat = 6 * 3600.0
+    """The longest `timeout_s` a request may ask for: producers refuse a longer one (the
+    gateway with 400 naming the field) and workers never run an attempt longer. Keep the
+    worker's `default_timeout_s` at or below it."""

@@ -3,17 +3,20 @@
     app = make_app(settings, client)      # for tests and embedding; serving: gateway.server
 
 Middlewares, outermost first:
-- errors and metrics: a body over the limit is 413 before it is read; Redis unreachable is
-  503 (never a 500, never a false 202); an unknown build is 404; anything else is a logged
-  500. Every answer is counted by route, method and status.
-- authentication: every /v1 route needs a valid bearer token, checked in constant time.
+- errors and metrics: a body over its route's limit is 413 before it is read; Redis
+  unreachable is 503 (never a 500, never a false 202); an unknown build is 404; anything
+  else is a logged 500. Every answer is counted by route, method and status.
+- authentication: every /v1 route needs a configured bearer token (its SHA-256 compared in
+  constant time), then passes that token's rate limit (429 with Retry-After). The token
+  is put on the request (`producer.gateway.http.TOKEN`) for the handlers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -24,9 +27,12 @@ from redis.exceptions import RedisError
 
 from producer.client import BuildfleetClient
 from producer.errors import BuildNotFound, FleetUnavailable
-from producer.gateway.handlers import Gateway, error
+from producer.gateway import api, hooks
+from producer.gateway.http import TOKEN, BodyTooLarge, error, too_many
+from producer.gateway.limits import retry_after
 from producer.gateway.openapi import openapi_document
-from producer.gateway.settings import Forge, GatewaySettings
+from producer.gateway.settings import GatewaySettings
+from producer.gateway.state import Gateway
 
 log = logging.getLogger("buildfleet.gateway")
 
@@ -35,6 +41,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _API_PREFIX: Final = "/v1/"
+_HOOKS_PREFIX: Final = "/hooks/"
+_UNAUTHORIZED: Final = {"WWW-Authenticate": 'Bearer realm="buildfleet"'}
 _json: Final = msgspec.json.Encoder()
 
 
@@ -46,18 +54,24 @@ def _route_name(request: web.Request) -> str:
     return resource.canonical
 
 
-def _errors_and_metrics(gateway: Gateway) -> Middleware:
-    limit = gateway.settings.body_limit_bytes
+def _body_limit(settings: GatewaySettings, request: web.Request) -> int:
+    if request.path.startswith(_HOOKS_PREFIX):
+        return settings.body_limit_bytes
+    return settings.api_body_limit_bytes
 
+
+def _errors_and_metrics(gateway: Gateway) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         response: web.StreamResponse
         try:
+            limit = _body_limit(gateway.settings, request)
             if request.content_length is not None and request.content_length > limit:
-                response = error(413, f"request body larger than {limit} bytes")
-                response.force_close()
-            else:
-                response = await handler(request)
+                raise BodyTooLarge(limit)
+            response = await handler(request)
+        except BodyTooLarge as exc:
+            response = error(413, str(exc))
+            response.force_close()
         except web.HTTPException as exc:
             response = error(exc.status, exc.reason, _allow_header(exc))
             if exc.status == 413:
@@ -79,27 +93,19 @@ def _errors_and_metrics(gateway: Gateway) -> Middleware:
     return middleware
 
 
-def _authentication(settings: GatewaySettings) -> Middleware:
-    tokens = tuple(token.encode() for token in settings.api_tokens)
-
-    def authorized(request: web.Request) -> bool:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return False
-        given = token.strip().encode("utf-8", "replace")
-        found = False
-        for candidate in tokens:  # every token is compared: no early exit
-            found |= hmac.compare_digest(candidate, given)
-        return found
-
+def _authentication(gateway: Gateway) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if _route_name(request).startswith(_API_PREFIX) and not authorized(request):
-            return error(
-                401,
-                "missing or invalid bearer token",
-                {"WWW-Authenticate": 'Bearer realm="buildfleet"'},
-            )
+        if not _route_name(request).startswith(_API_PREFIX):
+            return await handler(request)
+        token = gateway.tokens.verify(request.headers.get("Authorization", ""))
+        if token is None:
+            return error(401, "missing or invalid bearer token (Authorization)", _UNAUTHORIZED)
+        wait = gateway.api_rate.take(token.name, time.monotonic())
+        if wait:
+            gateway.metrics.limited.inc("rate")
+            return too_many("too many requests for this token; retry later", retry_after(wait))
+        request[TOKEN] = token
         return await handler(request)
 
     return middleware
@@ -114,17 +120,11 @@ def make_app(settings: GatewaySettings, client: BuildfleetClient) -> web.Applica
     """The gateway as an aiohttp Application over `client` (which the caller closes)."""
     gateway = Gateway(settings, client)
     app = web.Application(
-        client_max_size=settings.body_limit_bytes,
-        middlewares=[_errors_and_metrics(gateway), _authentication(settings)],
+        client_max_size=max(settings.body_limit_bytes, settings.api_body_limit_bytes),
+        middlewares=[_errors_and_metrics(gateway), _authentication(gateway)],
     )
     app[GATEWAY] = gateway
-    document = _json.encode(openapi_document(settings))
-
-    def hook(forge: Forge) -> Handler:
-        async def handler(request: web.Request) -> web.StreamResponse:
-            return await gateway.webhook(request, forge)
-
-        return handler
+    document = _json.encode(openapi_document(settings, client.store.queue))
 
     async def openapi(_request: web.Request) -> web.StreamResponse:
         return web.Response(body=document, content_type="application/json")
@@ -132,15 +132,24 @@ def make_app(settings: GatewaySettings, client: BuildfleetClient) -> web.Applica
     async def on_shutdown(_app: web.Application) -> None:
         gateway.stopping.set()
 
+    async def on_cleanup(_app: web.Application) -> None:
+        await gateway.aclose()
+
+    def route(handler: Callable[[Gateway, web.Request], Awaitable[web.StreamResponse]]) -> Handler:
+        return functools.partial(handler, gateway)
+
     app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
     for forge in ("github", "gitlab", "gitea"):
-        app.router.add_post(f"/hooks/{forge}", hook(forge))
-    app.router.add_post("/v1/builds", gateway.submit)
-    app.router.add_get("/v1/builds/{build_id}", gateway.get, allow_head=False)
-    app.router.add_delete("/v1/builds/{build_id}", gateway.cancel)
-    app.router.add_get("/v1/builds/{build_id}/events", gateway.events, allow_head=False)
-    app.router.add_get("/healthz", gateway.healthz, allow_head=False)
-    app.router.add_get("/readyz", gateway.readyz, allow_head=False)
-    app.router.add_get("/metrics", gateway.metrics_text, allow_head=False)
+        app.router.add_post(
+            f"/hooks/{forge}", functools.partial(hooks.webhook, gateway, forge=forge)
+        )
+    app.router.add_post("/v1/builds", route(api.submit))
+    app.router.add_get("/v1/builds/{build_id}", route(api.get), allow_head=False)
+    app.router.add_delete("/v1/builds/{build_id}", route(api.cancel))
+    app.router.add_get("/v1/builds/{build_id}/events", route(api.events), allow_head=False)
+    app.router.add_get("/healthz", route(api.healthz), allow_head=False)
+    app.router.add_get("/readyz", route(api.readyz), allow_head=False)
+    app.router.add_get("/metrics", route(api.metrics), allow_head=False)
     app.router.add_get("/openapi.json", openapi, allow_head=False)
     return app

@@ -6,11 +6,15 @@ Invariants:
 - A delivery id is claimed once (`buildfleet:delivery:{forge}:{id}` holds the build ids it
   made). A repeat is `Duplicate`, or `Resubmit` when its first arrival recorded ids it never
   enqueued (Redis went away in between), so a redelivery finishes the job.
-- Each supersede key's record names its latest build. Recording a new build returns the one
-  it replaced, which is cancelled if it has not started (or, if so configured, even if it
-  has). A build recorded before it was enqueued may be overtaken meanwhile by a newer push
-  that could not cancel it yet: it cancels itself (`overtaken_check`). Whatever the
-  interleaving, one of the two cancels the older build.
+- A ref's push history remembers the commits its pushes built, and the ones they moved the
+  ref away from. A new delivery of a push to one of them is `Stale` and builds nothing: a
+  replayed push (a fresh delivery id on captured bytes) or one that arrives after a newer
+  one would move the ref's images back to an older commit.
+- Each supersede key's record (one per tenant and key) names its latest build. Recording
+  a new build returns the one it replaced, which is cancelled if it has not started (or, if
+  so configured, even if it has). A build recorded before it was enqueued may be overtaken
+  meanwhile by a newer push that could not cancel it yet: it cancels itself
+  (`overtaken_check`). Whatever the interleaving, one of the two cancels the older build.
 - Concurrent calls made in the same event-loop turn share one round trip (producer.batching).
 """
 
@@ -55,20 +59,43 @@ local function swap(first_key, ttl, prefix, first_id)
 end
 """
 
-# A new delivery, in one round trip: record it and, for each supersede key, record its new
-# build as the latest and return the build it replaces with that build's status.
-# Returns {0, recorded ids} for a repeated delivery (nothing changed), else {1, old, status,
-# old, status, ...} ('' and '' where nothing was replaced).
+# A new delivery, in one round trip: record it and its commit in the ref's push history,
+# and, for each supersede key, record its new build as the latest and return the build it
+# replaces with that build's status.
+# Returns {0, recorded ids} for a repeated delivery, {2, 'b' or 'r'} for a commit already
+# built ('b') or moved past ('r') (nothing changed then), else {1, old, status, old,
+# status, ...} ('' and '' where nothing was replaced). History values are a mark and the
+# push's number; only the newest `keep` pushes are kept.
 _CLAIM: Final = (
     _SWAP_FUNCTION
     + """
-local delivery = KEYS[1]                 -- then one supersede record per new build
+local delivery, history = KEYS[1], KEYS[2]  -- then one supersede record per new build
 local build_ids, delivery_ttl = ARGV[1], ARGV[2]   -- ids as JSON
-local record_ttl, build_prefix = ARGV[3], ARGV[4]  -- then one new build id per record
+local record_ttl, build_prefix = ARGV[3], ARGV[4]
+local sha, before, history_ttl, keep = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
+local first_id = 9                                 -- one new build id per record
 local previous = redis.call('GET', delivery)
 if previous then return {0, previous} end
+if sha ~= '' then
+  local seen = redis.call('HGET', history, sha)
+  if seen then return {2, string.sub(seen, 1, 1)} end
+end
 redis.call('SET', delivery, build_ids, 'EX', delivery_ttl)
-local out = swap(2, record_ttl, build_prefix, 5)
+if sha ~= '' then
+  local n = redis.call('HINCRBY', history, '#', 1)
+  redis.call('HSET', history, sha, 'b' .. n)
+  if before ~= '' and before ~= sha then redis.call('HSETNX', history, before, 'r' .. n) end
+  redis.call('EXPIRE', history, history_ttl)
+  if redis.call('HLEN', history) > 2 * keep + 1 then
+    local all = redis.call('HGETALL', history)
+    for i = 1, #all, 2 do
+      if all[i] ~= '#' and tonumber(string.sub(all[i + 1], 2)) <= n - keep then
+        redis.call('HDEL', history, all[i])
+      end
+    end
+  end
+end
+local out = swap(3, record_ttl, build_prefix, first_id)
 table.insert(out, 1, 1)
 return out
 """
@@ -121,17 +148,43 @@ class Resubmit:
     requests: list[BuildRequest]
 
 
-ClaimOutcome = Claimed | Duplicate | Resubmit
+@dataclass(frozen=True, slots=True)
+class Stale:
+    """The pushed commit was already built for the ref (`built`), or the ref has moved past
+    it (`older`): building it would move the ref's images back."""
+
+    built: bool
+
+
+ClaimOutcome = Claimed | Duplicate | Resubmit | Stale
+
+
+@dataclass(frozen=True, slots=True)
+class PushRecord:
+    """Where a delivery's push goes in the ref's history ('' sha: it builds nothing)."""
+
+    history_key: str
+    sha: str
+    before: str
 
 
 class Ledger:
     def __init__(
-        self, redis: Redis, store: BuildStore, supersede: SupersedeSettings, delivery_ttl_s: int
+        self,
+        redis: Redis,
+        store: BuildStore,
+        supersede: SupersedeSettings,
+        *,
+        delivery_ttl_s: int,
+        history_ttl_s: int,
+        history_kept: int = 256,
     ) -> None:
         self.redis = redis
         self.store = store
         self.supersede = supersede
         self.delivery_ttl_s = delivery_ttl_s
+        self.history_ttl_s = history_ttl_s
+        self.history_kept = history_kept
         self._claim = redis.register_script(_CLAIM)
         self._swap = redis.register_script(_SWAP)
         self._claims: Coalescer[ScriptCall, Any] = Coalescer(self._run_batch)
@@ -144,22 +197,34 @@ class Ledger:
         self,
         forge: str,
         delivery_id: str,
+        push: PushRecord,
         requests: Sequence[BuildRequest],
         running_too: Sequence[bool | None],
     ) -> ClaimOutcome:
-        """Record a new delivery and swap its supersede records; for a repeat, what it made."""
+        """Record a new delivery, its push, and swap its supersede records; for a repeat,
+        what it made; for a commit already built or moved past, Stale."""
         keyed = self._supersedable(requests, running_too)
-        keys = [delivery_key(forge, delivery_id), *(_record(r) for r, _ in keyed)]
+        keys = [
+            delivery_key(forge, delivery_id),
+            push.history_key,
+            *(_record(r) for r, _ in keyed),
+        ]
         args = [
             _json.encode([r.id for r in requests]),
             self.delivery_ttl_s,
             self.supersede.record_ttl_s,
             BUILD_PREFIX,
+            push.sha,
+            push.before,
+            self.history_ttl_s,
+            self.history_kept,
             *(r.id for r, _ in keyed),
         ]
         reply = await self._claims((self._claim, keys, args))
         if int(reply[0]) == 1:
             return Claimed(_replaced(keyed, reply[1:]))
+        if int(reply[0]) == 2:
+            return Stale(built=_text(reply[1]) == "b")
         recorded = _decode_ids(reply[1])
         if len(recorded) == len(requests) and not await self._all_exist(recorded):
             return Resubmit(
@@ -167,11 +232,15 @@ class Ledger:
             )
         return Duplicate(recorded)
 
-    async def release(self, forge: str, delivery_id: str) -> None:
+    async def release(self, forge: str, delivery_id: str, push: PushRecord) -> None:
         """Forget a claimed delivery whose builds could not be enqueued, so that its
         redelivery makes them (best effort: Redis is usually what failed)."""
         with unavailable("release the delivery"):
-            await self.redis.delete(delivery_key(forge, delivery_id))
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(delivery_key(forge, delivery_id))
+                if push.sha:
+                    pipe.hdel(push.history_key, push.sha)
+                await pipe.execute()
 
     async def _all_exist(self, build_ids: Sequence[str]) -> bool:
         if not build_ids:
@@ -268,7 +337,7 @@ class Ledger:
 
 def _record(request: BuildRequest) -> str:
     """The record of the latest build for a request's supersede key (callers filter on it)."""
-    return supersede_record_key(request.supersede_key or "")
+    return supersede_record_key(request.tenant, request.supersede_key or "")
 
 
 def _replaced(keyed: Sequence[tuple[BuildRequest, bool]], reply: Sequence[Any]) -> list[Replaced]:

@@ -39,6 +39,22 @@ class Counter:
         return lines
 
 
+class Gauge:
+    """A value set as it changes (event streams open)."""
+
+    def __init__(self, name: str, help_text: str) -> None:
+        self.name = name
+        self.help = help_text
+        self.value = 0.0
+
+    def render(self) -> list[str]:
+        return [
+            f"# HELP {self.name} {self.help}",
+            f"# TYPE {self.name} gauge",
+            f"{self.name} {self.value:g}",
+        ]
+
+
 class Histogram:
     def __init__(self, name: str, help_text: str, buckets: tuple[float, ...]) -> None:
         self.name = name
@@ -92,9 +108,20 @@ class GatewayMetrics:
         )
         self.rejected = Counter(
             "buildfleet_gateway_backpressure_total",
-            "API submissions refused with 429 because the queue was too deep.",
+            "Submissions and pushes refused with 429 because the queue was too deep.",
             (),
         )
+        self.limited = Counter(
+            "buildfleet_gateway_limited_total",
+            "Requests refused with 429 by a limit: rate, tenant, token or streams.",
+            ("limit",),
+        )
+        self.refused = Counter(
+            "buildfleet_gateway_policy_refusals_total",
+            "API submissions refused by policy (403), by the field refused.",
+            ("field",),
+        )
+        self.streams = Gauge("buildfleet_gateway_event_streams", "Event streams (SSE) open now.")
         self.enqueue = Histogram(
             "buildfleet_gateway_enqueue_seconds",
             "Time to enqueue the builds of one request (submit and supersede) in Redis.",
@@ -103,13 +130,17 @@ class GatewayMetrics:
 
     def render(self) -> str:
         lines: list[str] = []
-        for metric in (
+        metrics: tuple[Counter | Gauge | Histogram, ...] = (
             self.requests,
             self.webhooks,
             self.builds,
             self.superseded,
             self.rejected,
-        ):
+            self.limited,
+            self.refused,
+            self.streams,
+            self.enqueue,
+        )
+        for metric in metrics:
             lines.extend(metric.render())
-        lines.extend(self.enqueue.render())
         return "\n".join(lines) + "\n"

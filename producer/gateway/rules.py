@@ -15,13 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from producer import policy, reference
 from producer.contract import BuildRequest, ContractError, TraceContext, request_from_builtins
-from producer.gateway.settings import IMAGE_NAME, Priority, Rule
+from producer.gateway.settings import Priority, Rule
 from producer.gateway.webhooks import Delivery, Push
 
 _NOT_TAG_CHAR: Final = re.compile(r"[^a-z0-9_.-]+")
-_TRACEPARENT: Final = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
-_TRACESTATE: Final = re.compile(r"^[\x20-\x7e]{0,512}$")
+_TRACEPARENT: Final = re.compile(policy.TRACEPARENT_PATTERN)
+_TRACESTATE: Final = re.compile(rf"^[\x20-\x7e]{{0,{policy.TRACESTATE_MAX}}}$")
 SHORT_SHA: Final = 7
 
 
@@ -112,7 +113,7 @@ def plan(rules: Sequence[Rule], push: Push) -> Plan:
         except KeyError as exc:  # a {tag} template on a branch push: the rule allows both
             skipped.append(Skipped(index, f"placeholder {exc} is not defined for {push.ref}"))
             continue
-        bad = [image for image in images if not IMAGE_NAME.match(image) or len(image) > 512]
+        bad = [image for image in images if not reference.is_reference(image)]
         if bad:
             skipped.append(Skipped(index, f"invalid image name {bad[0]!r}"))
             continue
@@ -155,8 +156,19 @@ def trace_context(traceparent: str, tracestate: str) -> TraceContext | None:
     return TraceContext(traceparent=traceparent, tracestate=tracestate or None)
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a push's builds come from and whose they are."""
+
+    delivery: Delivery
+    clone_url: str
+    """From the forge's configured clone URL, never from the payload."""
+    tenant: str
+    trace: TraceContext | None
+
+
 def requests_for(
-    plan: Plan, push: Push, delivery: Delivery, trace: TraceContext | None
+    plan: Plan, push: Push, origin: Origin
 ) -> tuple[list[BuildRequest], list[PlannedBuild], list[Skipped]]:
     """The plan's builds as requests, and the builds that could not be made (`skipped`)."""
     skipped = list(plan.skipped)
@@ -164,22 +176,19 @@ def requests_for(
     planned: list[PlannedBuild] = []
     for build in plan.builds:
         try:
-            requests.append(build_request(build, push, delivery, trace))
+            requests.append(build_request(build, push, origin))
             planned.append(build)
         except ContractError as exc:
             skipped.append(Skipped(build.rule, str(exc)))
     return requests, planned, skipped
 
 
-def build_request(
-    build: PlannedBuild, push: Push, delivery: Delivery, trace: TraceContext | None
-) -> BuildRequest:
+def build_request(build: PlannedBuild, push: Push, origin: Origin) -> BuildRequest:
     labels = {"origin": "webhook", "forge": push.forge, "repo": push.repo, "ref": push.ref}
     labels["rule"] = str(build.rule)
-    if delivery.delivery_id is not None:
-        labels["delivery"] = delivery.delivery_id
+    labels["delivery"] = origin.delivery.delivery_id
     obj: dict[str, Any] = {
-        "source": {"type": "git", "url": push.clone_url, "ref": push.ref, "commit": push.sha},
+        "source": {"type": "git", "url": origin.clone_url, "ref": push.ref, "commit": push.sha},
         "images": build.images,
         "dockerfile": build.dockerfile,
         "context": build.context,
@@ -188,11 +197,13 @@ def build_request(
         "priority": build.priority,
         "push": build.push,
         "labels": labels,
+        "tenant": origin.tenant,
     }
     if build.target is not None:
         obj["target"] = build.target
     if build.supersede_key is not None:
         obj["supersede_key"] = build.supersede_key
-    if trace is not None:
+    if origin.trace is not None:
+        trace = origin.trace
         obj["trace"] = {"traceparent": trace.traceparent, "tracestate": trace.tracestate}
     return request_from_builtins(obj)
