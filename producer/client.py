@@ -15,12 +15,14 @@ from typing import Final, Self
 import msgspec
 from redis.asyncio import Redis
 
+from producer import deadletters
 from producer.contract import (
     TERMINAL_STATUSES,
     BuildEvent,
     BuildRequest,
     BuildResult,
     BuildState,
+    ContractError,
     decode_event,
     decode_request,
     event_kind,
@@ -68,7 +70,9 @@ class DeadLetter(msgspec.Struct, frozen=True):
     reason: str
     at: float
     request: bytes
-    """The request as it was queued (or the unreadable bytes that were)."""
+    """The request as it was queued (or the unreadable bytes that were); b"" if truncated."""
+    truncated: bool = False
+    """The request was over `[queue].dead_letter_max_bytes`: only its size was kept."""
 
 
 def connect(settings: RedisSettings) -> Redis:
@@ -235,6 +239,7 @@ class BuildfleetClient:
                 reason=fields[b"reason"].decode(errors="replace"),
                 at=float(fields[b"at"]),
                 request=fields[b"request"],
+                truncated=deadletters.TRUNCATED in fields,
             )
             for _entry_id, fields in entries
         ]
@@ -243,6 +248,11 @@ class BuildfleetClient:
         """Submit a dead-lettered build again, as a new build labelled `replay-of`."""
         for letter in await self.dead_letters(count=10_000):
             if letter.build_id == build_id:
+                if letter.truncated:
+                    raise ContractError(
+                        f"dead letter {build_id}: its request was over the dead-letter cap and "
+                        "was not kept, so it cannot be replayed"
+                    )
                 original = decode_request(letter.request)
                 again = msgspec.structs.replace(
                     original,

@@ -34,3 +34,7 @@ class QueueSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The longest `timeout_s` a request may ask for: producers refuse a longer one (the
     gateway with 400 naming the field) and workers never run an attempt longer. Keep the
     worker's `default_timeout_s` at or below it."""
+    dead_letter_max_bytes: PositiveInt = 64 * 1024
+    """A dead letter keeps its request up to this size (larger: its size only)."""
+    dead_letters_max_bytes: PositiveInt = 256 * 1024 * 1024
+    """The dead-letter stream's budget: it keeps as many entries as fit at the cap above."""

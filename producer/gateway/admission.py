@@ -31,19 +31,14 @@ GRACE_MS: Final = 60_000
 """An id admitted this recently counts even before its build record exists."""
 SET_TTL_S: Final = 30 * 24 * 3600
 
-_ADMIT: Final = """
-local queue, tenant_set, token_set = KEYS[1], KEYS[2], KEYS[3]
-local now, depth_limit, grace = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local prefix, ttl = ARGV[4], ARGV[5]
-local tenant_cap, token_cap = tonumber(ARGV[6]), tonumber(ARGV[7])
-local first_id = 8
-local count = #ARGV - first_id + 1
-
-local depth = redis.call('ZCARD', queue)
-if depth >= depth_limit then return {'queue', depth, depth_limit} end
-
--- How many of the set's builds still wait, dropping the others.
-local function waiting(set)
+# admit(queue, depth_limit, bounds, ids, now, grace, prefix, ttl): nil when `ids` may join
+# the queue (and they are counted in), else {bound, count, limit}. `bounds` lists
+# {name, set, cap} for each cap that applies. Shared by this module's script and the
+# webhook ledger's claim (producer.gateway.ledger), which admits a push's builds in the same
+# round trip as it claims the delivery.
+ADMIT_FUNCTION: Final = """
+local function waiting(set, now, grace, prefix)
+  -- How many of the set's builds still wait, dropping the others.
   local members = redis.call('ZRANGE', set, 0, -1, 'WITHSCORES')
   for i = 1, #members, 2 do
     local status = redis.call('HGET', prefix .. members[i], 'status')
@@ -58,23 +53,39 @@ local function waiting(set)
   return redis.call('ZCARD', set)
 end
 
-local bounds = {{'tenant', tenant_set, tenant_cap}, {'token', token_set, token_cap}}
-for _, bound in ipairs(bounds) do
-  local name, set, cap = bound[1], bound[2], bound[3]
-  if set and cap and redis.call('ZCARD', set) + count > cap then
-    local held = waiting(set)
-    if held + count > cap then return {name, held, cap} end
+local function admit(queue, depth_limit, bounds, ids, now, grace, prefix, ttl)
+  local depth = redis.call('ZCARD', queue)
+  if depth >= depth_limit then return {'queue', depth, depth_limit} end
+  for _, bound in ipairs(bounds) do
+    local name, set, cap = bound[1], bound[2], bound[3]
+    if redis.call('ZCARD', set) + #ids > cap then
+      local held = waiting(set, now, grace, prefix)
+      if held + #ids > cap then return {name, held, cap} end
+    end
   end
-end
-for _, bound in ipairs(bounds) do
-  local set, cap = bound[2], bound[3]
-  if set and cap then
-    for i = first_id, #ARGV do redis.call('ZADD', set, now, ARGV[i]) end
-    redis.call('EXPIRE', set, ttl)
+  for _, bound in ipairs(bounds) do
+    for _, id in ipairs(ids) do redis.call('ZADD', bound[2], now, id) end
+    redis.call('EXPIRE', bound[2], ttl)
   end
+  return nil
 end
-return {'ok'}
 """
+
+_ADMIT: Final = (
+    ADMIT_FUNCTION
+    + """
+local queue, tenant_set, token_set = KEYS[1], KEYS[2], KEYS[3]
+local now, depth_limit, grace = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local prefix, ttl = ARGV[4], ARGV[5]
+local tenant_cap, token_cap = tonumber(ARGV[6]), tonumber(ARGV[7])
+local ids = {}
+for i = 8, #ARGV do ids[#ids + 1] = ARGV[i] end
+local bounds = {}
+if tenant_cap then bounds[#bounds + 1] = {'tenant', tenant_set, tenant_cap} end
+if token_set and token_cap then bounds[#bounds + 1] = {'token', token_set, token_cap} end
+return admit(queue, depth_limit, bounds, ids, now, grace, prefix, ttl) or {'ok'}
+"""
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,19 +149,19 @@ class Admissions:
             "" if caps.token_cap is None else caps.token_cap,
             *build_ids,
         ]
-        reply = await self._calls((self._admit, keys, args))
-        name = _text(reply[0])
-        if name == "ok":
-            return Admitted()
-        bound: Literal["queue", "tenant", "token"] = (
-            "queue" if name == "queue" else "tenant" if name == "tenant" else "token"
-        )
-        return Refused(bound, int(reply[1]), int(reply[2]))
+        return admission_of(await self._calls((self._admit, keys, args)))
 
     async def _run(self, calls: list[ScriptCall]) -> list[Any]:
         with unavailable("admit builds"):
             return await run_scripts(self.redis, calls)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def admission_of(reply: Sequence[Any]) -> Admission:
+    """The admission `admit` (ADMIT_FUNCTION) answered: {'ok'} or {bound, count, limit}."""
+    name = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+    match name:
+        case "ok":
+            return Admitted()
+        case "queue" | "tenant" | "token":
+            return Refused(name, int(reply[1]), int(reply[2]))
+    raise ValueError(f"unexpected admission reply {reply!r}")

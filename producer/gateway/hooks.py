@@ -4,11 +4,11 @@ The order of the checks is the point:
 1. the body limit, before reading (producer.gateway.http.read_body);
 2. authentication, before the JSON is parsed (producer.gateway.webhooks);
 3. a rate limit per repository;
-4. admission: the queue's depth and the tenant's cap (429 with Retry-After, nothing
-   recorded, so the forge's redelivery can still build);
-5. the ledger: a repeated delivery answers what it made (200), a push of a commit already
-   built for its ref, or one the ref has moved past, builds nothing (409);
-6. enqueue, then supersede the older builds of the same ref and image.
+4. the ledger, in one round trip: a repeated delivery answers what it made (200); a push of
+   a commit already built for its ref, or one the ref has moved past, builds nothing (409);
+   admission (the queue's depth, the tenant's cap) may refuse it (429 with Retry-After,
+   nothing recorded, so the forge's redelivery can still build);
+5. enqueue, then supersede the older builds of the same ref and image.
 """
 
 from __future__ import annotations
@@ -98,18 +98,17 @@ async def _push(
     requests, planned, skipped = rules.requests_for(plan, push, origin)
     running_too = [p.cancel_running for p in planned]
     started = time.perf_counter()
-    if requests:
-        caps = Caps(settings.max_queue_depth_interactive, tenant, settings.tenant_cap(tenant))
-        admission = await gateway.admissions.admit([r.id for r in requests], caps)
-        if isinstance(admission, Refused):
-            return refused(metrics, admission, settings.retry_after_s)
     remembered = requests and settings.refuse_old_pushes
     record = PushRecord(
         push_history_key(forge, push.repo, push.ref), push.sha if remembered else "", push.before
     )
     duplicate = False
     replaced: list[Replaced] | None = None
-    match await gateway.ledger.claim(forge, delivery.delivery_id, record, requests, running_too):
+    caps = Caps(settings.max_queue_depth_interactive, tenant, settings.tenant_cap(tenant))
+    claim = await gateway.ledger.claim(
+        forge, delivery.delivery_id, record, requests, running_too=running_too, caps=caps
+    )
+    match claim:
         case Duplicate(build_ids=recorded):
             metrics.webhooks.inc(forge, "duplicate")
             message = f"delivery {delivery.delivery_id} was already received"
@@ -118,6 +117,8 @@ async def _push(
         case Stale(built=built):
             metrics.webhooks.inc(forge, "stale")
             return error(409, _stale_reason(push, built))
+        case Refused() as refusal:
+            return refused(metrics, refusal, settings.retry_after_s)
         case Resubmit(requests=again):
             requests, duplicate = again, True
         case Claimed(replaced=swapped):

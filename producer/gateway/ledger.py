@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -31,8 +32,22 @@ from redis.asyncio import Redis
 from producer.batching import Coalescer, regroup
 from producer.contract import BuildRequest
 from producer.errors import unavailable
+from producer.gateway.admission import (
+    ADMIT_FUNCTION,
+    GRACE_MS,
+    SET_TTL_S,
+    Caps,
+    Refused,
+    admission_of,
+)
 from producer.gateway.settings import SupersedeSettings
-from producer.keys import BUILD_PREFIX, build_key, delivery_key, supersede_record_key
+from producer.keys import (
+    BUILD_PREFIX,
+    build_key,
+    delivery_key,
+    supersede_record_key,
+    tenant_queued_key,
+)
 from producer.lua import ScriptCall, run_scripts
 from producer.store import BuildStore, CancelOutcome
 
@@ -59,26 +74,37 @@ local function swap(first_key, ttl, prefix, first_id)
 end
 """
 
-# A new delivery, in one round trip: record it and its commit in the ref's push history,
-# and, for each supersede key, record its new build as the latest and return the build it
-# replaces with that build's status.
+# A new delivery, in one round trip: admit its builds (producer.gateway.admission), record
+# the delivery and its commit in the ref's push history, and, for each supersede key, record
+# its new build as the latest and return the build it replaces with that build's status.
 # Returns {0, recorded ids} for a repeated delivery, {2, 'b' or 'r'} for a commit already
-# built ('b') or moved past ('r') (nothing changed then), else {1, old, status, old,
-# status, ...} ('' and '' where nothing was replaced). History values are a mark and the
-# push's number; only the newest `keep` pushes are kept.
+# built ('b') or moved past ('r'), {3, bound, count, limit} when admission refuses (nothing
+# changed in these three cases), else {1, old, status, old, status, ...} ('' and '' where
+# nothing was replaced). History values are a mark and the push's number; only the newest
+# `keep` pushes are kept.
 _CLAIM: Final = (
     _SWAP_FUNCTION
+    + ADMIT_FUNCTION
     + """
-local delivery, history = KEYS[1], KEYS[2]  -- then one supersede record per new build
+local delivery, history, queue, tenant_set = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local build_ids, delivery_ttl = ARGV[1], ARGV[2]   -- ids as JSON
 local record_ttl, build_prefix = ARGV[3], ARGV[4]
 local sha, before, history_ttl, keep = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
-local first_id = 9                                 -- one new build id per record
+local now, depth_limit, grace = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local set_ttl, tenant_cap = ARGV[12], tonumber(ARGV[13])
+local first_record, first_id = 5, 14       -- KEYS: records; ARGV: a new build id per record
 local previous = redis.call('GET', delivery)
 if previous then return {0, previous} end
 if sha ~= '' then
   local seen = redis.call('HGET', history, sha)
   if seen then return {2, string.sub(seen, 1, 1)} end
+end
+local ids = cjson.decode(build_ids)
+if #ids > 0 then
+  local bounds = {}
+  if tenant_cap then bounds[1] = {'tenant', tenant_set, tenant_cap} end
+  local refused = admit(queue, depth_limit, bounds, ids, now, grace, build_prefix, set_ttl)
+  if refused then return {3, refused[1], refused[2], refused[3]} end
 end
 redis.call('SET', delivery, build_ids, 'EX', delivery_ttl)
 if sha ~= '' then
@@ -95,7 +121,7 @@ if sha ~= '' then
     end
   end
 end
-local out = swap(3, record_ttl, build_prefix, first_id)
+local out = swap(first_record, record_ttl, build_prefix, first_id)
 table.insert(out, 1, 1)
 return out
 """
@@ -156,7 +182,7 @@ class Stale:
     built: bool
 
 
-ClaimOutcome = Claimed | Duplicate | Resubmit | Stale
+ClaimOutcome = Claimed | Duplicate | Resubmit | Stale | Refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,12 +201,14 @@ class Ledger:
         store: BuildStore,
         supersede: SupersedeSettings,
         *,
+        queue: str,
         delivery_ttl_s: int,
         history_ttl_s: int,
         history_kept: int = 256,
     ) -> None:
         self.redis = redis
         self.store = store
+        self.queue = queue
         self.supersede = supersede
         self.delivery_ttl_s = delivery_ttl_s
         self.history_ttl_s = history_ttl_s
@@ -199,14 +227,19 @@ class Ledger:
         delivery_id: str,
         push: PushRecord,
         requests: Sequence[BuildRequest],
+        *,
         running_too: Sequence[bool | None],
+        caps: Caps,
     ) -> ClaimOutcome:
-        """Record a new delivery, its push, and swap its supersede records; for a repeat,
-        what it made; for a commit already built or moved past, Stale."""
+        """Admit a new delivery's builds under `caps`, record it and its push, and swap its
+        supersede records; for a repeat, what it made; for a commit already built or moved
+        past, Stale; Refused (nothing recorded) when admission says no."""
         keyed = self._supersedable(requests, running_too)
         keys = [
             delivery_key(forge, delivery_id),
             push.history_key,
+            self.queue,
+            tenant_queued_key(caps.tenant),
             *(_record(r) for r, _ in keyed),
         ]
         args = [
@@ -218,14 +251,24 @@ class Ledger:
             push.before,
             self.history_ttl_s,
             self.history_kept,
+            int(time.time() * 1000),
+            caps.depth,
+            GRACE_MS,
+            SET_TTL_S,
+            "" if caps.tenant_cap is None else caps.tenant_cap,
             *(r.id for r, _ in keyed),
         ]
         reply = await self._claims((self._claim, keys, args))
-        if int(reply[0]) == 1:
-            return Claimed(_replaced(keyed, reply[1:]))
-        if int(reply[0]) == 2:
-            return Stale(built=_text(reply[1]) == "b")
-        recorded = _decode_ids(reply[1])
+        match int(reply[0]):
+            case 1:
+                return Claimed(_replaced(keyed, reply[1:]))
+            case 2:
+                return Stale(built=_text(reply[1]) == "b")
+            case 3:
+                refusal = admission_of(reply[1:])
+                assert isinstance(refusal, Refused), reply
+                return refusal
+        recorded = _decode_ids(reply[1])  # 0: a repeated delivery
         if len(recorded) == len(requests) and not await self._all_exist(recorded):
             return Resubmit(
                 [msgspec.structs.replace(r, id=i) for r, i in zip(requests, recorded, strict=True)]

@@ -34,6 +34,7 @@ class Gateway:
             client.redis,
             client.store,
             settings.supersede,
+            queue=queue.name,
             delivery_ttl_s=settings.delivery_ttl_s,
             history_ttl_s=settings.push_history_ttl_s,
         )
