@@ -47,7 +47,7 @@ def free_port() -> int:
 
 
 def gateway_settings(port: int, event_loop: str = "auto", supersede: bool = True) -> object:
-    from producer.gateway.app import load_gateway_settings
+    from producer.gateway.settings import load_gateway_settings
 
     return load_gateway_settings(
         {
@@ -55,6 +55,10 @@ def gateway_settings(port: int, event_loop: str = "auto", supersede: bool = True
             "port": port,
             "event_loop": event_loop,
             "supersede": {"enabled": supersede},
+            # The payloads repeat (wrk cannot sign new ones): measure pushes as if each were
+            # new, and no limit but the gateway's own speed.
+            "refuse_old_pushes": False,
+            "limits": {"webhooks_per_s": 1e9, "webhook_burst": 1_000_000_000},
             "webhook_secrets": [{"repo": "acme/*", "secret": SECRET}],
             "rules": [
                 {
@@ -71,7 +75,7 @@ def gateway_settings(port: int, event_loop: str = "auto", supersede: bool = True
 
 
 def serve_gateway(port: int, redis_url: str, event_loop: str, supersede: bool) -> None:
-    from producer.gateway.app import run_gateway
+    from producer.gateway.server import run_gateway
     from producer.gateway.settings import GatewaySettings
     from producer.settings import RedisSettings
 
@@ -280,7 +284,7 @@ def main() -> int:
             r"^buildfleet_gateway_superseded_total (\S+)$", metrics, re.MULTILINE
         )
 
-        from producer.gateway.app import event_loop_factory
+        from producer.gateway.server import event_loop_factory
 
         loop = "uvloop" if event_loop_factory(args.event_loop) else "asyncio"
         print(f"payload: {size} bytes signed GitHub push, {len(REPOS) * len(BRANCHES)} repo/refs")

@@ -25,6 +25,7 @@ from producer.contract import (
     ContractError,
     request_from_builtins,
 )
+from producer.policy import PolicyError, RequestPolicy
 
 EXIT_OK: Final = 0
 EXIT_BUILD_FAILED: Final = 1
@@ -90,7 +91,10 @@ def _print_result(result: BuildResult, as_json: bool) -> int:
 
 async def _submit(config: FleetConfig, args: argparse.Namespace) -> int:
     request = request_from_args(args)
-    async with BuildfleetClient.connect(config.redis, config.queue) as fleet:
+    # The CLI runs on the fleet's own host: a trusted producer (local directories, any git
+    # host), held to the reference grammar and the timeout bound all the same.
+    policy = RequestPolicy.trusted(max_timeout_s=config.queue.max_timeout_s)
+    async with BuildfleetClient.connect(config.redis, config.queue, policy=policy) as fleet:
         build_id = await fleet.submit(request)
         if not args.wait:
             sys.stdout.write(_json.encode({"id": build_id}).decode() if args.json else build_id)
@@ -197,7 +201,7 @@ async def _worker(config: FleetConfig, args: argparse.Namespace) -> int:
 
 
 def _gateway(config: FleetConfig, args: argparse.Namespace) -> int:
-    from producer.gateway.app import run_gateway
+    from producer.gateway.server import run_gateway
 
     run_gateway(config.gateway, config.redis, config.queue)
     return EXIT_OK
@@ -316,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(sync_handler(config, args))
         handler: Command = args.handler
         return asyncio.run(handler(config, args))
-    except (ConfigError, ContractError, UsageError) as exc:
+    except (ConfigError, ContractError, PolicyError, UsageError) as exc:
         print(f"buildfleet: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BuildNotFound as exc:

@@ -3,23 +3,26 @@
 Real services on free loopback ports (Redis unless `BUILDFLEET_REDIS_URL` names one, a
 registry, the builders of `--backend`: buildkitd, or a Docker daemon of its own, or buildah
 storage; a git daemon, a base image), then worker processes and the HTTP gateway pointed at
-them. The gateway's API token is made up for this fleet and printed.
+them. The gateway's API token is made up for this fleet and printed; it may push to the
+fleet's registry only, build from its git daemon and the usual forges, and, since `up` runs
+on the user's own host, from local directories under the current one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import sys
 import threading
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from buildfleet.config import FleetConfig
 from buildfleet.processes import Service, find_tool, free_port, spawn, wait_ready
 from buildfleet.services import Backend, LocalFleetServices, buildah_storage
+from producer.gateway.auth import hash_token, new_token
 
 
 def _backend_env(fleet: LocalFleetServices) -> dict[str, str]:
@@ -61,13 +64,31 @@ def _start_workers(fleet: LocalFleetServices, redis_url: str, count: int) -> lis
     ]
 
 
+def _gateway_policy(fleet: LocalFleetServices, token: str) -> dict[str, str]:
+    """The `[gateway]` settings of the fleet's token and sources, as environment overrides."""
+    tokens = [
+        {
+            "name": "local",
+            "sha256": hash_token(token),
+            "tenant": "default",  # the tenant of builds `buildfleet submit` makes
+            "images": [f"{fleet.registry}/*"],
+        }
+    ]
+    git_host = urllib.parse.urlsplit(fleet.git_url).netloc
+    sources = {"hosts": [git_host] if git_host else [], "local_roots": [str(Path.cwd())]}
+    return {
+        "BUILDFLEET_GATEWAY_TOKENS": json.dumps(tokens),
+        "BUILDFLEET_GATEWAY_SOURCES": json.dumps(sources),
+    }
+
+
 def _start_gateway(fleet: LocalFleetServices, redis_url: str, token: str) -> Service:
     port = free_port()
     env = {
         **os.environ,
         "BUILDFLEET_REDIS_URL": redis_url,
         "BUILDFLEET_GATEWAY_PORT": str(port),
-        "BUILDFLEET_GATEWAY_API_TOKENS": json.dumps([token]),
+        **_gateway_policy(fleet, token),
     }
     address = f"http://127.0.0.1:{port}"
     gateway = spawn(
@@ -102,7 +123,7 @@ def run_local_fleet(
     with LocalFleetServices(workdir, backend=backend, redis=own_redis) as fleet:
         redis_url = fleet.redis_url or config.redis.url
         fleet_workers = _start_workers(fleet, redis_url, workers)
-        token = secrets.token_urlsafe(24)
+        token = new_token()
         gateway = _start_gateway(fleet, redis_url, token)
         addresses = {
             **fleet.addresses(),

@@ -17,9 +17,8 @@ from typing import Final, Self, TypeVar
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from producer import deadletters
 from producer.connection import connect
 from producer.contract import (
     TERMINAL_STATUSES,
@@ -27,11 +26,17 @@ from producer.contract import (
     BuildRequest,
     BuildResult,
     BuildState,
+    ContractError,
     decode_event,
     decode_request,
     event_kind,
     new_build_id,
     result_of,
+)
+from producer.errors import (
+    BuildNotFound,
+    FleetUnavailable,
+    unavailable,
 )
 from producer.keys import (
     DEAD_LETTER_STREAM,
@@ -42,10 +47,21 @@ from producer.keys import (
     slot_key,
     waiting_key,
 )
+from producer.policy import RequestPolicy, check_request
 from producer.resilience import RedisHealth, persistently
 from producer.settings import QueueSettings, RedisSettings
 from producer.store import PRIORITIES, BuildStore, CancelOutcome, Submission
 from producer.workers import WORKER_STALE_S, DaemonBeat, WorkerBeat, worker_beat_decoder
+
+__all__ = [
+    "BuildNotFound",
+    "BuildfleetClient",
+    "DaemonStatus",
+    "DeadLetter",
+    "FleetStatus",
+    "FleetUnavailable",
+    "WorkerStatus",
+]
 
 _BLOCK_MS: Final = 5_000
 _T = TypeVar("_T")
@@ -81,37 +97,48 @@ class DeadLetter(msgspec.Struct, frozen=True):
     reason: str
     at: float
     request: bytes
-    """The request as it was queued (or the unreadable bytes that were)."""
-
-
-class FleetUnavailable(ConnectionError):
-    """Redis cannot be reached: nothing was submitted, read or cancelled."""
-
-
-class BuildNotFound(LookupError):
-    def __init__(self, build_id: str) -> None:
-        super().__init__(f"no build with id {build_id!r} (unknown, or expired)")
-        self.build_id = build_id
+    """The request as it was queued (or the unreadable bytes that were); b"" if truncated."""
+    truncated: bool = False
+    """The request was over `[queue].dead_letter_max_bytes`: only its size was kept."""
 
 
 class BuildfleetClient:
+    """With a `policy`, every request is checked against it before it is submitted
+    (producer.policy.PolicyError names the field): what the gateway does for API callers, a
+    trusted producer can do for itself (`RequestPolicy.trusted()`)."""
+
     RECONNECT_PATIENCE_S: Final = 30.0
     """How long `watch`, `wait` and `tail` ride out Redis being away (a restart, a failover)
     before they give up with FleetUnavailable; they resume where they were."""
 
-    def __init__(self, redis: Redis, queue: QueueSettings | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        queue: QueueSettings | None = None,
+        *,
+        policy: RequestPolicy | None = None,
+    ) -> None:
         self.redis = redis
         self.store = BuildStore(redis, queue or QueueSettings())
+        self.policy = policy
         self.health = RedisHealth(logging.getLogger("buildfleet.client"))
 
     @classmethod
-    def connect(cls, redis: RedisSettings, queue: QueueSettings | None = None) -> Self:
+    def connect(
+        cls,
+        redis: RedisSettings,
+        queue: QueueSettings | None = None,
+        *,
+        policy: RequestPolicy | None = None,
+    ) -> Self:
         """A client of the fleet configured by `redis` (URL, password, timeouts, Sentinel)."""
-        return cls(connect(redis, Redis), queue)
+        return cls(connect(redis, Redis), queue, policy=policy)
 
     @classmethod
-    def from_url(cls, url: str, queue: QueueSettings | None = None) -> Self:
-        return cls.connect(RedisSettings(url=url), queue)
+    def from_url(
+        cls, url: str, queue: QueueSettings | None = None, *, policy: RequestPolicy | None = None
+    ) -> Self:
+        return cls.connect(RedisSettings(url=url), queue, policy=policy)
 
     async def __aenter__(self) -> Self:
         return self
@@ -127,6 +154,11 @@ class BuildfleetClient:
     async def aclose(self) -> None:
         await self.redis.aclose()
 
+    async def ping(self) -> None:
+        """Returns once Redis answers; FleetUnavailable if it cannot be reached."""
+        with unavailable("reach Redis"):
+            await self.redis.ping()
+
     async def submit(self, request: BuildRequest) -> str:
         """Enqueue one build and return its id; the same id twice makes one build."""
         [submission] = await self.submit_many([request])
@@ -134,25 +166,22 @@ class BuildfleetClient:
 
     async def submit_many(self, requests: Sequence[BuildRequest]) -> list[Submission]:
         """Enqueue many builds in one round trip."""
-        try:
+        if self.policy is not None:
+            for request in requests:
+                check_request(request, self.policy)
+        with unavailable("submit"):
             return await self.store.submit_many(requests)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise FleetUnavailable(f"cannot submit: Redis unreachable ({exc})") from exc
 
     async def get(self, build_id: str) -> BuildState:
-        try:
+        with unavailable("read build"):
             state = await self.store.state(build_id)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise FleetUnavailable(f"cannot read build: Redis unreachable ({exc})") from exc
         if state is None:
             raise BuildNotFound(build_id)
         return state
 
     async def cancel(self, build_id: str, reason: str = "cancelled by request") -> CancelOutcome:
-        try:
+        with unavailable("cancel"):
             outcome = await self.store.cancel(build_id, reason)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise FleetUnavailable(f"cannot cancel: Redis unreachable ({exc})") from exc
         if outcome is CancelOutcome.UNKNOWN:
             raise BuildNotFound(build_id)
         return outcome
@@ -172,16 +201,14 @@ class BuildfleetClient:
         """The raw entries of a build's stream, up to and including the terminal one."""
         key = events_key(build_id)
         last_id = after
-        if not await self.redis.exists(key):
+        with unavailable("watch"):
+            found = await self.redis.exists(key)
+        if not found:
             raise BuildNotFound(build_id)
         while True:
-            try:
-                response = await self._patiently(
-                    functools.partial(self.redis.xread, {key: last_id}, block=_BLOCK_MS, count=500),
-                    "watching a build",
-                )
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                raise FleetUnavailable(f"cannot watch: Redis unreachable ({exc})") from exc
+            read = functools.partial(self.redis.xread, {key: last_id}, block=_BLOCK_MS, count=500)
+            with unavailable("watch"):
+                response = await self._patiently(read, "watching a build")
             for _stream, entries in response:
                 for entry_id, fields in entries:
                     last_id = entry_id.decode()
@@ -207,13 +234,9 @@ class BuildfleetClient:
         (`from_start`), or from just after the entry `after` (see `last_event_id`)."""
         last_id = after or ("0-0" if from_start else "$")
         while True:
-            try:
-                response = await self._patiently(
-                    functools.partial(self.redis.xread, {EVENTS_STREAM: last_id}, block=_BLOCK_MS),
-                    "tailing events",
-                )
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                raise FleetUnavailable(f"cannot tail events: Redis unreachable ({exc})") from exc
+            read = functools.partial(self.redis.xread, {EVENTS_STREAM: last_id}, block=_BLOCK_MS)
+            with unavailable("tail events"):
+                response = await self._patiently(read, "tailing events")
             for _stream, entries in response:
                 for entry_id, fields in entries:
                     last_id = entry_id
@@ -221,17 +244,15 @@ class BuildfleetClient:
 
     async def last_event_id(self) -> str:
         """Where the fleet-wide stream ends now: `tail(after=...)` misses nothing after it."""
-        try:
+        with unavailable("read events"):
             newest = await self.redis.xrevrange(EVENTS_STREAM, count=1)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise FleetUnavailable(f"cannot read events: Redis unreachable ({exc})") from exc
         return newest[0][0].decode() if newest else "0-0"
 
     async def status(self, *, stale_after_s: float = WORKER_STALE_S) -> FleetStatus:
         """Builds waiting by priority and running, the live workers (a worker whose last
         heartbeat is older than `stale_after_s` is left out), the daemons with their
         health and load against capacity, and the dead letters kept."""
-        try:
+        with unavailable("read status"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for priority in PRIORITIES:
                     pipe.zcard(waiting_key(priority))
@@ -249,8 +270,6 @@ class BuildfleetClient:
                 for address in daemons:
                     pipe.zcount(slot_key(address), int(now * 1000), "+inf")
                 loads = await pipe.execute()
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise FleetUnavailable(f"cannot read status: Redis unreachable ({exc})") from exc
         return FleetStatus(
             waiting=dict(zip(PRIORITIES, waiting, strict=True)),
             running=sum(len(beat.builds) for beat in fresh),
@@ -273,16 +292,15 @@ class BuildfleetClient:
 
     async def dead_letters(self, count: int = 100) -> list[DeadLetter]:
         """The newest dead-lettered builds, newest first, with their full requests."""
-        try:
+        with unavailable("read dead letters"):
             entries = await self.redis.xrevrange(DEAD_LETTER_STREAM, count=count)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise FleetUnavailable(f"cannot read dead letters: Redis unreachable ({exc})") from exc
         return [
             DeadLetter(
                 build_id=fields[b"build_id"].decode(),
                 reason=fields[b"reason"].decode(errors="replace"),
                 at=float(fields[b"at"]),
                 request=fields[b"request"],
+                truncated=deadletters.TRUNCATED in fields,
             )
             for _entry_id, fields in entries
         ]
@@ -291,6 +309,11 @@ class BuildfleetClient:
         """Submit a dead-lettered build again, as a new build labelled `replay-of`."""
         for letter in await self.dead_letters(count=10_000):
             if letter.build_id == build_id:
+                if letter.truncated:
+                    raise ContractError(
+                        f"dead letter {build_id}: its request was over the dead-letter cap and "
+                        "was not kept, so it cannot be replayed"
+                    )
                 original = decode_request(letter.request)
                 again = msgspec.structs.replace(
                     original,

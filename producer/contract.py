@@ -13,11 +13,15 @@ from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
 
+from producer import reference
+
 BUILD_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-_IMAGE_PATTERN: Final = r"^[a-z0-9][a-z0-9._:/@-]*$"
 
 BuildId = Annotated[str, msgspec.Meta(pattern=BUILD_ID_PATTERN)]
-ImageName = Annotated[str, msgspec.Meta(pattern=_IMAGE_PATTERN, max_length=512)]
+ImageName = Annotated[
+    str, msgspec.Meta(pattern=reference.REFERENCE_PATTERN, max_length=reference.MAX_LENGTH)
+]
+"""An image or cache reference (producer.reference): never an option string."""
 GitRef = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._/+-]*$", max_length=255)]
 BuildArgName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=255)]
 Priority = Literal["interactive", "batch"]
@@ -55,10 +59,11 @@ Source = GitSource | LocalSource
 
 
 class CachePolicy(msgspec.Struct, frozen=True, omit_defaults=True):
-    """Registry cache: import from `import_refs`, export to `export_ref`."""
+    """Registry cache: import from `import_refs`, export to `export_ref` (registry
+    references only)."""
 
-    import_refs: tuple[str, ...] = ()
-    export_ref: str | None = None
+    import_refs: tuple[ImageName, ...] = ()
+    export_ref: ImageName | None = None
     mode: Literal["min", "max"] = "max"
     disabled: bool = False
 

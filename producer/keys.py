@@ -32,6 +32,10 @@ _SLOTS: Final = "buildfleet:slots:"
 _WAITING: Final = "buildfleet:waiting:"
 _DELIVERY: Final = "buildfleet:delivery:"
 _SUPERSEDE: Final = "buildfleet:supersede:"
+_PUSHES: Final = "buildfleet:pushes:"
+_TENANT: Final = "buildfleet:tenant:"
+_TOKEN: Final = "buildfleet:token:"  # noqa: S105 - a key prefix, not a secret
+_GATEWAY: Final = "buildfleet:gateway:"
 
 EVENT_FIELD: Final = b"event"
 """The one field of an entry in an event stream: the encoded event."""
@@ -76,9 +80,31 @@ def delivery_key(forge: str, delivery_id: str) -> str:
     return f"{_DELIVERY}{forge}:{delivery_id}"
 
 
-def supersede_record_key(key: str) -> str:
-    """The latest build of one repository + ref + image, which a newer push replaces."""
-    return f"{_SUPERSEDE}{key}"
+def supersede_record_key(tenant: str, key: str) -> str:
+    """The latest build of one supersede key (a repository + ref + image) of one tenant,
+    which a newer build with that key replaces. A tenant never replaces another's builds."""
+    return f"{_SUPERSEDE}{tenant}:{key}"
+
+
+def push_history_key(forge: str, repo: str, ref: str) -> str:
+    """Hash: the commits a ref's pushes built (or moved past), so a replayed or late push of
+    one of them builds nothing."""
+    return f"{_PUSHES}{forge}:{repo.lower()}:{ref}"
+
+
+def tenant_queued_key(tenant: str) -> str:
+    """Sorted set: a tenant's builds counted against its cap of queued builds."""
+    return f"{_TENANT}{tenant}:queued"
+
+
+def token_queued_key(token: str) -> str:
+    """Sorted set: an API token's builds counted against its cap of queued builds."""
+    return f"{_TOKEN}{token}:queued"
+
+
+def gateway_wake_key(instance: str) -> str:
+    """Stream: a gateway process wakes its one event reader here when a stream starts."""
+    return f"{_GATEWAY}{instance}:wake"
 
 
 def job_key(build_id: str) -> str:

@@ -112,6 +112,18 @@ class RedisHealth:
         return 0.0 if self._lost_at is not None else time.monotonic() - self._back_at
 
 
+def raise_if_cancelling() -> None:
+    """Raise CancelledError when the current task has been asked to stop.
+
+    A cancellation can arrive as some other error (a library that turns it into a timeout
+    or a lost connection, as redis-py's socket handling can): a loop that retries such
+    errors must check, or it would retry forever after being cancelled.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def persistently(
     operation: Callable[[], Awaitable[_T]],
     *,
@@ -135,6 +147,7 @@ async def persistently(
         except Exception as exc:
             if not is_transient(exc) or (give_up_at is not None and time.monotonic() > give_up_at):
                 raise
+            raise_if_cancelling()
             health.failed(exc, doing)
             await asyncio.sleep(full_jitter(attempt, base=BACKOFF_BASE_S, cap=cap_s))
             attempt += 1

@@ -28,7 +28,8 @@ from typing import Final, cast
 import msgspec
 from redis.asyncio import Redis
 
-from producer import jobcodec, scripts
+from producer import deadletters, jobcodec, lua
+from producer.batching import Coalescer
 from producer.contract import (
     BuildEvent,
     BuildRequest,
@@ -58,8 +59,8 @@ from producer.keys import (
     lease_key,
     waiting_key,
 )
+from producer.lua import Arg, ScriptCall
 from producer.resilience import is_transient
-from producer.scripts import Arg, Call, ScriptRunner
 from producer.settings import QueueSettings
 
 logger = logging.getLogger("buildfleet.store")
@@ -67,7 +68,6 @@ logger = logging.getLogger("buildfleet.store")
 # A record outlives its build's longest plausible wait in the queue; it is shortened to the
 # result TTL when the build ends.
 PENDING_TTL_S: Final = 30 * 24 * 3600
-DEAD_LETTERS_MAXLEN: Final = 10_000
 PRIORITIES: Final[tuple[Priority, ...]] = ("interactive", "batch")
 _WAITING_KEYS: Final = tuple(waiting_key(priority) for priority in PRIORITIES)
 
@@ -141,23 +141,16 @@ class DeadLetterEntry:
     request: bytes
 
 
-@dataclass
-class _Pending:
-    call: Call
-    outcome: asyncio.Future[PublishOutcome] | None
-
-
 class BuildStore:
     """Reads and writes build records; shared by producers and workers."""
 
-    def __init__(
-        self, redis: Redis, queue: QueueSettings, runner: ScriptRunner | None = None
-    ) -> None:
+    def __init__(self, redis: Redis, queue: QueueSettings) -> None:
         self.redis = redis
         self.queue = queue
-        self.scripts = runner or ScriptRunner(redis)
-        self._pending: list[_Pending] = []
-        self._flusher: asyncio.Task[None] | None = None
+        # One batch at a time, in order: a later publish never overtakes an earlier one.
+        self._publishes: Coalescer[ScriptCall, PublishOutcome] = Coalescer(
+            self._publish_batch, serial=True
+        )
 
     # --- producers -------------------------------------------------------------------
 
@@ -180,7 +173,7 @@ class BuildStore:
                 )
         now = time.time()
         now_ms = int(now * 1000)
-        calls = []
+        calls: list[ScriptCall] = []
         for request in requests:
             stamped = request if request.submitted_at else _with_submitted_at(request, now)
             request_json = encode(stamped)
@@ -204,8 +197,8 @@ class BuildStore:
                 PENDING_TTL_S,
                 self.queue.events_maxlen,
             ]
-            calls.append(Call(scripts.SUBMIT, keys, args))
-        created = await self.scripts.run_many(calls)
+            calls.append((lua.SUBMIT, keys, args))
+        created = await lua.run_all(self.redis, calls)
         return [
             Submission(request.id, bool(flag))
             for request, flag in zip(requests, created, strict=True)
@@ -220,7 +213,7 @@ class BuildStore:
     ) -> list[CancelOutcome]:
         """Cancel (build id, reason) pairs in one round trip. With `only_queued`, a build
         that has started is left running (CancelOutcome.LEFT_RUNNING)."""
-        calls = []
+        calls: list[ScriptCall] = []
         for build_id, reason in cancels:
             result = BuildResult(
                 build_id=build_id, status="cancelled", error=reason, finished_at=time.time()
@@ -245,8 +238,8 @@ class BuildStore:
                 encode(CancelNotice(build_id=build_id, reason=reason)),
                 "1" if only_queued else "",
             ]
-            calls.append(Call(scripts.CANCEL, keys, args))
-        return [CancelOutcome(_text(reply)) for reply in await self.scripts.run_many(calls)]
+            calls.append((lua.CANCEL, keys, args))
+        return [CancelOutcome(_text(reply)) for reply in await lua.run_all(self.redis, calls)]
 
     async def cancel_requests(self, build_ids: Sequence[str]) -> list[CancelNotice]:
         """The cancels recorded for these builds."""
@@ -308,7 +301,7 @@ class BuildStore:
             now_ms + int(slot_ttl_s * 1000),
             *(limit for _, limit in slots),
         ]
-        reply = cast(list[int], await self.scripts.run(scripts.START, keys, args))
+        reply = cast(list[int], await lua.run(self.redis, lua.START, keys, args))
         if reply[0] != 1:
             return PublishOutcome(int(reply[0]))
         token = AttemptToken(started.build_id, started.attempt, int(reply[1]))
@@ -329,14 +322,13 @@ class BuildStore:
         Publishes issued while a round trip is under way go together in the next one, in
         order: a worker running many builds pays one round trip per batch, not per event.
         """
-        outcome: asyncio.Future[PublishOutcome] = asyncio.get_running_loop().create_future()
-        self._enqueue(self._publish_call(event, token, slot, dead_letter), outcome)
-        return await outcome
+        return await self._publishes(self._publish_call(event, token, slot, dead_letter))
 
     def publish_soon(self, event: BuildEvent, token: AttemptToken | None = None) -> None:
         """Queue a progress event without waiting for it; it still lands before anything the
         same process publishes after it. A failure is logged: progress is not worth a stall."""
-        self._enqueue(self._publish_call(event, token, None, None), None)
+        queued = self._publishes.enqueue(self._publish_call(event, token, None, None))
+        queued.add_done_callback(_log_if_failed)
 
     def _publish_call(
         self,
@@ -344,7 +336,7 @@ class BuildStore:
         token: AttemptToken | None,
         slot: str | None,
         dead_letter: DeadLetterEntry | None,
-    ) -> Call:
+    ) -> ScriptCall:
         result = result_of(event)
         keys = [
             build_key(event.build_id),
@@ -366,32 +358,32 @@ class BuildStore:
             self.queue.result_ttl_s,
             PENDING_TTL_S,
             token.holder if token is not None and slot else "",
-            "" if dead_letter is None or result is None else (result.error or result.status),
-            b"" if dead_letter is None else dead_letter.request,
-            DEAD_LETTERS_MAXLEN,
+            self._dead_letters_maxlen,
         ]
-        return Call(scripts.PUBLISH, keys, args)
+        if dead_letter is not None and result is not None:
+            reason = result.error or result.status
+            args += self._dead_letter_fields(event.build_id, reason, dead_letter.request)
+        return (lua.PUBLISH, keys, args)
 
-    def _enqueue(self, call: Call, outcome: asyncio.Future[PublishOutcome] | None) -> None:
-        self._pending.append(_Pending(call, outcome))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+    @property
+    def _dead_letters_maxlen(self) -> int:
+        return deadletters.maxlen(
+            self.queue.dead_letters_max_bytes, self.queue.dead_letter_max_bytes
+        )
 
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                replies = await self.scripts.run_many([pending.call for pending in batch])
-            except Exception as exc:  # handed to every publisher waiting on this batch
-                log = logger.debug if is_transient(exc) else logger.warning
-                log("publishing %d events failed: %s", len(batch), exc)
-                for pending in batch:
-                    if pending.outcome is not None and not pending.outcome.done():
-                        pending.outcome.set_exception(exc)
-                continue
-            for pending, reply in zip(batch, replies, strict=True):
-                if pending.outcome is not None and not pending.outcome.done():
-                    pending.outcome.set_result(PublishOutcome(int(cast(int, reply))))
+    def _dead_letter_fields(self, build_id: str, reason: str, request: bytes) -> list[Arg]:
+        """A dead letter's stream entry, as a flat list of field names and values."""
+        fields = deadletters.entry(
+            build_id, reason, time.time(), request, self.queue.dead_letter_max_bytes
+        )
+        return [item for pair in fields.items() for item in pair]
+
+    async def _publish_batch(self, calls: list[ScriptCall]) -> list[PublishOutcome | Exception]:
+        replies = await lua.run_scripts(self.redis, calls)
+        return [
+            reply if isinstance(reply, Exception) else PublishOutcome(int(reply))
+            for reply in replies
+        ]
 
     async def reschedule(
         self,
@@ -429,7 +421,7 @@ class BuildStore:
             token.holder if slot else "",
             self.score_ms(request, now_ms),
         ]
-        reply = await self.scripts.run(scripts.RESCHEDULE, keys, args)
+        reply = await lua.run(self.redis, lua.RESCHEDULE, keys, args)
         return PublishOutcome(int(cast(int, reply)))
 
     async def requeue_lost(self, build_id: str, *, max_requeues: int) -> str:
@@ -482,11 +474,10 @@ class BuildStore:
             encode(dead),
             encode(result),
             self.queue.result_ttl_s,
-            result.error or reason,
-            raw,
-            DEAD_LETTERS_MAXLEN,
+            self._dead_letters_maxlen,
+            *self._dead_letter_fields(build_id, result.error or reason, raw),
         ]
-        reply = int(cast(int, await self.scripts.run(scripts.REQUEUE, keys, args)))
+        reply = int(cast(int, await lua.run(self.redis, lua.REQUEUE, keys, args)))
         return {1: "requeued", 2: "dead_lettered"}.get(reply, "alive")
 
     async def lost_builds(self, build_ids: Sequence[str]) -> list[str]:
@@ -495,8 +486,16 @@ class BuildStore:
         keys = [self.queue.name, ACTIVE_BUILDS]
         for build_id in build_ids:
             keys += [build_key(build_id), job_key(build_id), lease_key(build_id)]
-        reply = cast(list[bytes], await self.scripts.run(scripts.ORPHANS, keys, build_ids))
+        reply = cast(list[bytes], await lua.run(self.redis, lua.ORPHANS, keys, build_ids))
         return [_text(item) for item in reply]
+
+
+def _log_if_failed(outcome: asyncio.Future[PublishOutcome]) -> None:
+    """Progress is best effort: a lost event is logged (quietly while Redis is away)."""
+    if outcome.cancelled() or (exc := outcome.exception()) is None:
+        return
+    log = logger.debug if is_transient(exc) else logger.warning
+    log("a progress event was not published: %s", exc)
 
 
 def _with_submitted_at(request: BuildRequest, now: float) -> BuildRequest:

@@ -228,7 +228,7 @@ def test_no_secret_values_in_manifests(rendered: list[Manifest]) -> None:
     toml = find_prefixed(rendered, "ConfigMap", "buildfleet-config-")["data"]["buildfleet.toml"]
     for line in toml.splitlines():
         setting = line.split("#", 1)[0]
-        assert not re.search(r"api_tokens|webhook_secrets|secret\s*=|password", setting), line
+        assert not re.search(r"tokens|webhook_secrets|secret\s*=|password", setting), line
         assert not re.search(r"rediss?://[^/\s\"]*@", setting), f"credentials in a URL: {line}"
 
 
@@ -311,7 +311,7 @@ def test_gateway_serves_its_configured_port(rendered: list[Manifest], tmp_path: 
     assert service["spec"]["ports"][0]["port"] == 8080
     assert pod_spec(gateway)["terminationGracePeriodSeconds"] > settings.shutdown_timeout_s
     secret_env = {e["name"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
-    assert {"BUILDFLEET_GATEWAY_API_TOKENS", "BUILDFLEET_GATEWAY_WEBHOOK_SECRETS"} <= secret_env
+    assert {"BUILDFLEET_GATEWAY_TOKENS", "BUILDFLEET_GATEWAY_WEBHOOK_SECRETS"} <= secret_env
 
 
 def test_keda_scales_the_worker_on_the_queue(rendered: list[Manifest], tmp_path: Path) -> None:

@@ -43,7 +43,9 @@ from producer.contract import (
     Started,
     Succeeded,
 )
-from producer.gateway.app import GATEWAY, event_loop_factory, make_app, start_gateway
+from producer.gateway.app import GATEWAY, make_app
+from producer.gateway.auth import hash_token
+from producer.gateway.server import event_loop_factory, start_gateway
 from producer.gateway.settings import GatewaySettings
 from producer.keys import DEFAULT_QUEUE, build_key
 
@@ -59,7 +61,14 @@ REGISTRY = "registry.local:5000"
 
 def make_settings(**overrides: Any) -> GatewaySettings:
     data: dict[str, Any] = {
-        "api_tokens": [TOKEN],
+        "tokens": [
+            {"name": "tests", "sha256": hash_token(TOKEN), "images": ["*"], "tenant": "default"}
+        ],
+        "forges": {
+            "gitlab": {"clone_url": "https://gitlab.example.com/{repo}.git"},
+            "gitea": {"clone_url": "https://gitea.example.com/{repo}.git"},
+        },
+        "sources": {"hosts": ["example.com"]},
         "webhook_secrets": [
             {"repo": "acme/*", "secret": OWNER_SECRET},
             {"repo": "acme/api", "secret": GH_SECRET},
@@ -711,7 +720,7 @@ async def test_unknown_routes_and_methods_answer_json_errors(
 
 
 async def test_a_body_over_the_limit_is_413(fleet: BuildfleetClient, redis: aioredis.Redis) -> None:
-    settings = make_settings(body_limit_bytes=10_000)
+    settings = make_settings(body_limit_bytes=10_000, api_body_limit_bytes=10_000)
     async with gateway(fleet, settings) as http:
         big = body_of(github_push("acme/api", commits=60))
         assert len(big) > 10_000
@@ -823,6 +832,7 @@ async def test_a_callers_trace_context_reaches_the_build(
     state = await fleet.get(reply["builds"][0]["id"])
     assert state.request is not None
     assert state.request.trace.traceparent == traceparent
+    body = body_of(github_push("acme/api", after=sha_for("another commit")))
     headers = {**github_headers(body, GH_SECRET), "traceparent": "garbage"}
     reply = await (await http.post("/hooks/github", data=body, headers=headers)).json()
     state = await fleet.get(reply["builds"][0]["id"])
@@ -834,7 +844,8 @@ def test_run_gateway_serves_until_sigterm_then_exits_cleanly(redis_url: str) -> 
     port = free_port()
     script = (
         "import sys\n"
-        "from producer.gateway.app import load_gateway_settings, run_gateway\n"
+        "from producer.gateway.server import run_gateway\n"
+        "from producer.gateway.settings import load_gateway_settings\n"
         "from producer.settings import RedisSettings\n"
         f"settings = load_gateway_settings({{'port': {port}, 'event_loop': 'asyncio'}})\n"
         f"run_gateway(settings, RedisSettings(url={redis_url!r}),\n"

@@ -13,6 +13,7 @@ from test_gateway_payloads import body_of, github_headers, github_push
 
 from producer.client import BuildfleetClient
 from producer.gateway.app import make_app
+from producer.gateway.auth import hash_token
 from producer.gateway.settings import GatewaySettings
 
 from fleet import worker_config, worker_in_task
@@ -47,7 +48,7 @@ async def test_a_signed_push_is_built_by_a_worker_and_pushed_to_the_registry(
     git_server: GitServer,
 ) -> None:
     repo = git_server.create_repo(
-        "gateway-e2e",
+        "acme/gateway-e2e",
         {
             "Dockerfile": "ARG BASE\nFROM ${BASE}\nCOPY greeting /greeting\nRUN cat /greeting\n",
             "greeting": "hello from a push\n",
@@ -55,7 +56,11 @@ async def test_a_signed_push_is_built_by_a_worker_and_pushed_to_the_registry(
     )
     settings = msgspec.convert(
         {
-            "api_tokens": [TOKEN],
+            "tokens": [
+                {"name": "e2e", "sha256": hash_token(TOKEN), "images": ["*"], "tenant": "acme"}
+            ],
+            # The build clones from the configured forge, never from the payload's URL.
+            "forges": {"github": {"clone_url": f"{git_server.url}{{repo}}.git"}},
             "webhook_secrets": [{"repo": "acme/*", "secret": SECRET}],
             "rules": [
                 {
@@ -68,7 +73,9 @@ async def test_a_signed_push_is_built_by_a_worker_and_pushed_to_the_registry(
         },
         GatewaySettings,
     )
-    payload = github_push("acme/gateway-e2e", "refs/heads/main", repo.head, clone_url=repo.url)
+    payload = github_push(
+        "acme/gateway-e2e", "refs/heads/main", repo.head, clone_url="https://evil.example/x.git"
+    )
     body = body_of(payload)
     async with (
         TestClient(TestServer(make_app(settings, fleet))) as http,
@@ -87,5 +94,8 @@ async def test_a_signed_push_is_built_by_a_worker_and_pushed_to_the_registry(
     assert digest.startswith("sha256:")
     assert served_digest(registry, "acme/gateway-e2e", "main") == digest
     assert served_digest(registry, "acme/gateway-e2e", repo.head) == digest
+    state = await fleet.get(build["id"])
+    assert state.request is not None
+    assert state.request.source.url == repo.url  # type: ignore[union-attr]
     logs = "".join(e.get("text", "") for e in events if e["type"] == "log")
     assert "hello from a push" in logs

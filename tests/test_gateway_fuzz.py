@@ -22,14 +22,22 @@ import pytest
 import redis as sync_redis
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_gateway_payloads import body_of, gitea_push, github_push, gitlab_push
+from test_gateway_payloads import (
+    body_of,
+    gitea_push,
+    github_events_without_a_repository,
+    github_push,
+    gitlab_push,
+)
 
 from producer.client import BuildfleetClient
-from producer.gateway.app import GatewayServer, start_gateway
+from producer.gateway.auth import hash_token
+from producer.gateway.server import GatewayServer, start_gateway
 from producer.gateway.settings import GatewaySettings
 
 SECRET = "fuzz-secret-0xdeadbeef"
 TOKEN = "fuzz-token"
+SCOPED = "fuzz-scoped-token"
 FORGES = ("github", "gitlab", "gitea")
 SIGNATURE_HEADER = {
     "github": "X-Hub-Signature-256",
@@ -87,7 +95,25 @@ def served(redis_url: str) -> Iterator[Served]:
     gateway_settings = msgspec.convert(
         {
             "port": 0,
-            "api_tokens": [TOKEN],
+            "tokens": [
+                {"name": "fuzz", "sha256": hash_token(TOKEN), "images": ["*"]},
+                {
+                    "name": "scoped",
+                    "sha256": hash_token(SCOPED),
+                    "images": ["reg.example:5000/team/*"],
+                    "sources": ["https://github.com/team/*"],
+                    "priorities": ["interactive"],
+                    "max_queued": 50,
+                },
+            ],
+            "tenants": [{"name": "fuzz", "owners": ["fuzz"], "max_queued": 10_000}],
+            "sources": {"hosts": ["git.example:9418"], "local_roots": ["/srv/builds"]},
+            "limits": {
+                "requests_per_s": 100_000,
+                "burst": 100_000,
+                "webhooks_per_s": 100_000,
+                "webhook_burst": 100_000,
+            },
             "body_limit_bytes": 64 * 1024,
             "webhook_secrets": [{"repo": "*", "secret": SECRET}],
             "rules": [
@@ -240,7 +266,119 @@ def test_random_api_submissions_never_5xx(
     data = json.dumps(body).encode() if not isinstance(body, str) else body.encode()
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     status, reply = served.request("POST", "/v1/builds", data, headers)
-    assert status in (400, 429) or status == 202, reply
+    assert status in (400, 403, 429) or status == 202, reply
+
+
+# Values aimed at the policy: the grammar's edges, option characters, other hosts and
+# schemes, paths out of the allowed roots, trace contexts, tenants.
+hostile_text = st.sampled_from(
+    [
+        "c,type=local,dest=/tmp/x", "type=s3,bucket=b", "reg.example:5000/team/app:1",
+        "reg.example:5000/other/app", "ghcr.io/team/app", "UPPER/x", "a//b", "x\n", "",
+        "file:///etc", "https://github.com/team/app.git", "https://github.com/team/app",
+        "https://github.com/other/app.git", "http://github.com/team/app.git",
+        "git://git.example:9418/team/x", "git://git.example:9419/x", "ext::sh -c id",
+        "https://u:p@github.com/team/a.git", "git@github.com:team/app.git", "-oProxyCommand=x",
+        "https://169.254.169.254/x.git", "/srv/builds/app", "/srv/builds/../../etc", "/etc",
+        "00-" + "a" * 32 + "-" + "b" * 16 + "-01", "00-zz", "k=" + "v" * 600, "linux/amd64",
+        "linux/amd64,type=local", "default", "someone-else", "interactive", "batch", "\x00",
+    ]
+) | st.text(max_size=40)  # fmt: skip
+
+
+@st.composite
+def build_requests(draw: st.DrawFn) -> dict[str, Any]:
+    """A request the scoped token may make, with up to three of its fields replaced by
+    values drawn from hostile ones (and valid ones, so that some get through)."""
+    request: dict[str, Any] = {
+        "source": {"type": "git", "url": "https://github.com/team/app.git"},
+        "images": ["reg.example:5000/team/app:1"],
+    }
+    fields = {
+        "source": st.builds(
+            lambda kind, where: {"type": kind, ("url" if kind == "git" else "path"): where},
+            st.sampled_from(["git", "local"]),
+            hostile_text,
+        ),
+        "images": st.lists(hostile_text, max_size=3),
+        "cache": st.fixed_dictionaries(
+            {}, optional={"import_refs": st.lists(hostile_text, max_size=2),
+                          "export_ref": hostile_text | st.none()}
+        ),
+        "timeout_s": st.floats(allow_nan=False, allow_infinity=False) | st.integers() | st.none(),
+        "trace": st.fixed_dictionaries(
+            {}, optional={"traceparent": hostile_text, "tracestate": hostile_text}
+        ),
+        "tenant": hostile_text,
+        "priority": st.sampled_from(["interactive", "batch"]) | hostile_text,
+        "platforms": st.lists(hostile_text, max_size=2),
+        "target": hostile_text | st.none(),
+        "supersede_key": hostile_text,
+        "labels": st.dictionaries(hostile_text, hostile_text, max_size=3),
+        "push": st.booleans(),
+        "id": hostile_text,
+    }  # fmt: skip
+    for name in draw(st.lists(st.sampled_from(sorted(fields)), max_size=3, unique=True)):
+        request[name] = draw(fields[name])
+    return request
+
+
+@FUZZ
+@given(body=build_requests(), scoped=st.booleans())
+def test_hostile_build_requests_never_5xx_and_what_is_refused_leaves_no_build(
+    served: Served, store: sync_redis.Redis, body: dict[str, Any], scoped: bool
+) -> None:
+    token = SCOPED if scoped else TOKEN
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    builds = len(list(store.scan_iter("buildfleet:build:*", count=1000)))
+    status, reply = served.request("POST", "/v1/builds", json.dumps(body).encode(), headers)
+    event(f"status {status}")
+    assert status in (200, 202, 400, 403, 409, 429), reply
+    if status >= 400:
+        assert "error" in json.loads(reply)
+        assert len(list(store.scan_iter("buildfleet:build:*", count=1000))) == builds
+    else:
+        created = json.loads(reply)["id"]
+        request = json.loads(store.hget(f"buildfleet:build:{created}", "request") or b"{}")
+        assert request["tenant"] == ("scoped" if scoped else "fuzz")
+        if scoped:  # what the scoped token got through is inside its scope
+            assert all(i.startswith("reg.example:5000/team/") for i in request.get("images", []))
+            assert request["source"]["url"].startswith("https://github.com/team/")
+
+
+@FUZZ
+@given(authorization=header_text | st.sampled_from([f"Bearer {TOKEN}x", f"bearer  {TOKEN} "]))
+def test_random_authorization_headers_never_5xx(served: Served, authorization: str) -> None:
+    status, reply = served.request(
+        "GET", "/v1/builds/some-build", None, {"Authorization": authorization}
+    )
+    assert status in (401, 404), reply
+
+
+@FUZZ
+@given(
+    event_name=st.sampled_from(sorted(github_events_without_a_repository("fuzz", 1))) | header_text,
+    mutate=st.booleans(),
+    extra=json_values.filter(lambda v: "Infinity" not in json.dumps(v)),  # valid JSON only
+)
+def test_signed_github_events_of_every_kind_are_never_refused_as_failures(
+    served: Served, store: sync_redis.Redis, event_name: str, mutate: bool, extra: Any
+) -> None:
+    payloads = github_events_without_a_repository("fuzz", 1)
+    payload = dict(payloads.get(event_name, {"action": "x"}))
+    if mutate:
+        payload["extra"] = extra
+    body = body_of(payload)
+    digest = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    headers = {
+        "X-GitHub-Event": event_name or "x",
+        "X-GitHub-Delivery": "fuzz-event",
+        "X-Hub-Signature-256": f"sha256={digest}",
+    }
+    before = store.dbsize()
+    status, reply = served.request("POST", "/hooks/github", body, headers)
+    assert status in (200, 202), reply
+    assert store.dbsize() == before
 
 
 @FUZZ

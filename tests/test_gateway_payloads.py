@@ -293,3 +293,74 @@ def test_deleted_refs_carry_the_zero_sha() -> None:
     assert github_push(deleted=True)["after"] == ZERO
     assert github_push(deleted=True)["head_commit"] is None
     assert gitlab_push(deleted=True)["checkout_sha"] is None
+
+
+# --- events that name no repository (shaped like GitHub's published examples) ---------------
+
+
+def _account(login: str, kind: str = "Organization") -> dict[str, Any]:
+    return {**_user(login), "type": kind}
+
+
+def _installation(installation: int, owner: str) -> dict[str, Any]:
+    return {
+        "id": installation,
+        "account": _account(owner),
+        "repository_selection": "selected",
+        "access_tokens_url": f"https://api.github.com/app/installations/{installation}/access_tokens",
+        "app_id": 1,
+        "target_id": 2,
+        "target_type": "Organization",
+        "permissions": {"contents": "read", "metadata": "read"},
+        "events": ["push"],
+    }
+
+
+def github_events_without_a_repository(owner: str, installation: int) -> dict[str, Any]:
+    """Event name -> payload, for the events GitHub sends to App and organization webhooks
+    that carry no `repository` (their top-level shapes as GitHub documents them)."""
+    sender = _user("octocat")
+    org = {"login": owner, "id": 38302899, "url": f"https://api.github.com/orgs/{owner}"}
+    inst = _installation(installation, owner)
+    small_repo = {"id": 1, "name": "app", "full_name": f"{owner}/app", "private": True}
+    return {
+        "installation": {"action": "created", "installation": inst,
+                         "repositories": [small_repo], "sender": sender},
+        "installation_repositories": {
+            "action": "added", "installation": inst, "repository_selection": "selected",
+            "repositories_added": [small_repo], "repositories_removed": [],
+            "requester": None, "sender": sender,
+        },
+        "marketplace_purchase": {
+            "action": "purchased", "effective_date": "2024-01-01T00:00:00+00:00",
+            "sender": sender,
+            "marketplace_purchase": {"account": _account(owner), "billing_cycle": "monthly",
+                                     "unit_count": 1, "on_free_trial": False,
+                                     "plan": {"id": 7, "name": "Pro"}},
+        },
+        "sponsorship": {
+            "action": "created", "sender": sender,
+            "sponsorship": {"node_id": "S_x", "created_at": "2024-01-01T00:00:00Z",
+                            "sponsorable": _user(owner), "sponsor": sender,
+                            "privacy_level": "public", "tier": {"monthly_price_in_dollars": 5}},
+        },
+        "security_advisory": {
+            "action": "published",
+            "security_advisory": {"ghsa_id": "GHSA-xxxx-yyyy-zzzz", "summary": "A flaw",
+                                  "severity": "high", "identifiers": [], "references": [],
+                                  "vulnerabilities": []},
+        },
+        "github_app_authorization": {"action": "revoked", "sender": sender},
+        "organization": {"action": "member_added", "organization": org, "sender": sender,
+                         "membership": {"state": "active", "role": "member", "user": sender},
+                         "installation": {"id": installation}},
+        "membership": {"action": "added", "scope": "team", "member": sender, "sender": sender,
+                       "team": {"id": 3, "name": "devs", "slug": "devs"}, "organization": org},
+        "team": {"action": "created", "team": {"id": 3, "name": "devs"}, "organization": org,
+                 "sender": sender, "installation": {"id": installation}},
+        "org_block": {"action": "blocked", "blocked_user": _user("spammer"),
+                      "organization": org, "sender": sender},
+        "projects_v2_item": {"action": "archived", "organization": org, "sender": sender,
+                             "projects_v2_item": {"id": 9, "content_type": "Issue"},
+                             "changes": {"archived_at": {"from": None, "to": "2024-01-01"}}},
+    }  # fmt: skip

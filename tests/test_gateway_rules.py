@@ -25,9 +25,8 @@ from test_gateway_payloads import (
     sha_for,
 )
 
-from producer.gateway.app import load_gateway_settings
 from producer.gateway.rules import plan, slug
-from producer.gateway.settings import IMAGE_NAME, GatewaySettings, Rule
+from producer.gateway.settings import Rule, WebhookSecret, load_gateway_settings
 from producer.gateway.webhooks import (
     BadRequest,
     Ignored,
@@ -38,6 +37,7 @@ from producer.gateway.webhooks import (
     parse_github,
     parse_gitlab,
 )
+from producer.reference import is_reference
 
 
 def rule(**fields: Any) -> Rule:
@@ -45,7 +45,7 @@ def rule(**fields: Any) -> Rule:
 
 
 def push(ref: str = "refs/heads/main", repo: str = "Acme/API", **kw: Any) -> Push:
-    return Push("github", repo, f"https://x/{repo}.git", ref, kw.pop("sha", "ab" * 20), **kw)
+    return Push("github", repo, ref, kw.pop("sha", "ab" * 20), **kw)
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -81,33 +81,50 @@ def test_settings_accept_environment_strings_and_keep_secrets_out_of_repr() -> N
         {
             "port": "9000",
             "max_queue_depth": "5",
-            "api_tokens": ["tok-123"],
+            "tokens": [{"name": "ci", "sha256": "ab" * 32, "images": ["*"]}],
             "webhook_secrets": [{"repo": "a/*", "secret": "sec-456"}],
         }
     )
     assert (settings.port, settings.max_queue_depth) == (9000, 5)
-    assert "tok-123" not in repr(settings)
     assert "sec-456" not in repr(settings)
     assert "sec-456" not in str(settings.webhook_secrets)
     assert settings.body_limit_bytes == 5 * 1024 * 1024
 
 
-def test_an_exact_secret_wins_over_an_owner_pattern_and_forges_are_respected() -> None:
-    settings = msgspec.convert(
-        {
-            "webhook_secrets": [
-                {"repo": "acme/*", "secret": "owner"},
-                {"repo": "Acme/API", "secret": "exact"},
-                {"repo": "lab/*", "secret": "gl", "forge": "gitlab"},
-            ]
-        },
-        GatewaySettings,
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"api_tokens": ["plain"]}, "api_tokens: plain tokens are no longer accepted"),
+        ({"tokens": [{"name": "a", "sha256": "nothex", "images": ["*"]}]}, "$.tokens[0].sha256"),
+        ({"tokens": [{"name": "a", "sha256": "ab" * 32}]}, "images"),
+        ({"tokens": [{"name": "a", "sha256": "ab" * 32, "images": []}]}, "$.tokens[0].images"),
+        (
+            {"tokens": [{"name": "a", "sha256": "ab" * 32, "images": ["*"]}] * 2},
+            "tokens: name 'a' appears more than once",
+        ),
+        ({"forges": {"github": {"clone_url": "file:///srv/{repo}"}}}, "clone_url: scheme"),
+        ({"forges": {"github": {"clone_url": "https://h/x.git"}}}, "exactly one {repo}"),
+        ({"sources": {"local_roots": ["relative/dir"]}}, "$.sources.local_roots[0]"),
+        ({"sources": {"schemes": ["file"]}}, "$.sources.schemes[0]"),
+        ({"max_queue_depth": 10, "max_queue_depth_interactive": 5}, "at least max_queue_depth"),
+    ],
+)
+def test_invalid_policy_settings_are_refused_at_startup(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match="gateway: ") as caught:
+        load_gateway_settings(data)
+    assert message in str(caught.value)
+
+
+def test_tenants_of_webhook_builds_come_from_the_repository_owner() -> None:
+    settings = load_gateway_settings(
+        {"tenants": [{"name": "acme", "owners": ["acme", "acme-*"], "max_queued": 3}]}
     )
-    assert settings.secret_for("github", "acme/api") == "exact"
-    assert settings.secret_for("github", "acme/web") == "owner"
-    assert settings.secret_for("gitlab", "lab/a/b") == "gl"
-    assert settings.secret_for("github", "lab/a") is None
-    assert settings.secret_for("github", "other/x") is None
+    assert settings.tenant_of_owner("Acme") == "acme"
+    assert settings.tenant_of_owner("acme-labs") == "acme"
+    assert settings.tenant_of_owner("Other") == "other"
+    assert settings.tenant_cap("acme") == 3
+    assert settings.tenant_cap("other") is None
+    assert settings.git_hosts == {"github.com", "gitlab.com", "gitea.com"}
 
 
 # --- rules ------------------------------------------------------------------------------------
@@ -179,7 +196,7 @@ def test_whatever_the_ref_every_planned_image_is_a_valid_name(
     ref = ("refs/tags/" if tag else "refs/heads/") + ref_name
     for build in plan(rules, push(ref, sha=sha)).builds:
         for image in build.images:
-            assert IMAGE_NAME.match(image)
+            assert is_reference(image)
             assert len(image.rpartition(":")[2]) <= 129
 
 
@@ -192,11 +209,13 @@ def test_slug() -> None:
 
 # --- webhook parsing --------------------------------------------------------------------------
 
-SECRETS = {"acme/api": "s1", "acme/": "org", "group/sub/api": "gl", "gitea/webhooks": "gt"}
-
-
-def lookup(_forge: str, repo: str) -> str | None:
-    return SECRETS.get(repo)
+lookup = (
+    WebhookSecret(repo="acme/api", secret="s1"),
+    WebhookSecret(repo="acme/*", secret="org"),
+    WebhookSecret(repo="group/sub/api", secret="gl", forge="gitlab"),
+    WebhookSecret(repo="gitea/webhooks", secret="gt", forge="gitea"),
+    WebhookSecret(installation=42, secret="app", forge="github"),
+)
 
 
 def headers(values: dict[str, str]) -> CIMultiDict[str]:
@@ -209,7 +228,7 @@ def test_github_push_ping_and_other_events() -> None:
     delivery = parse_github(headers(github_headers(body, "s1", delivery="d1")), body, lookup)
     assert delivery.delivery_id == "d1"
     assert delivery.event == Push(
-        "github", "acme/api", "https://github.com/acme/api.git", "refs/tags/v1", payload["after"]
+        "github", "acme/api", "refs/tags/v1", payload["after"], before=payload["before"]
     )
     ping = body_of(github_ping("acme/api"))
     assert isinstance(parse_github(headers(github_headers(ping, "s1", "ping")), ping, lookup).event,
@@ -250,7 +269,7 @@ def test_github_deletion() -> None:
         (b"", "malformed JSON"),
         (b"[1, 2]", "Expected `object`"),
         (b'{"repository": {"name": "x"}}', "full_name"),
-        (b'{"zen": 1}', "no repository"),
+        (b'{"repository": {"full_name": "../x"}}', "repository.full_name"),
         (b"\xff\xfe", "malformed JSON"),
     ],
 )
@@ -271,6 +290,31 @@ def test_missing_headers() -> None:
     long_id = github_headers(body, "s1", delivery="x" * 300)
     with pytest.raises(BadRequest, match="delivery id"):
         parse_github(headers(long_id), body, lookup)
+    no_id = github_headers(body, "s1")
+    del no_id["X-GitHub-Delivery"]
+    with pytest.raises(BadRequest, match="missing X-GitHub-Delivery: a delivery id is required"):
+        parse_github(headers(no_id), body, lookup)
+
+
+def test_the_signature_is_checked_before_the_body_is_parsed() -> None:
+    for body in (b"{not json", b'{"repository": 7}', b"[" * 100_000):
+        with pytest.raises(Unauthorized):
+            parse_github(headers(github_headers(body, "not-a-configured-secret")), body, lookup)
+
+
+def test_a_github_app_installation_secret_covers_that_installations_repositories() -> None:
+    payload = {**github_push("stranger/repo"), "installation": {"id": 42}}
+    body = body_of(payload)
+    event = parse_github(headers(github_headers(body, "app")), body, lookup).event
+    assert isinstance(event, Push)
+    assert event.repo == "stranger/repo"
+    other = body_of({**payload, "installation": {"id": 43}})
+    with pytest.raises(Unauthorized):
+        parse_github(headers(github_headers(other, "app")), other, lookup)
+    # An installation secret does not sign for a repository that has its own.
+    own = body_of({**github_push("acme/api"), "installation": {"id": 42}})
+    with pytest.raises(Unauthorized):
+        parse_github(headers(github_headers(own, "app")), own, lookup)
 
 
 def test_gitlab_push_tag_push_and_deletion() -> None:
@@ -280,9 +324,9 @@ def test_gitlab_push_tag_push_and_deletion() -> None:
     assert event.event == Push(
         "gitlab",
         "group/sub/api",
-        "https://gitlab.example.com/group/sub/api.git",
         "refs/heads/main",
         payload["checkout_sha"],
+        before=payload["before"],
     )
     tag = gitlab_push("group/sub/api", "refs/tags/v1", tag=True)
     tag_event = parse_gitlab(headers(gitlab_headers("gl", "Tag Push Hook")), body_of(tag), lookup)
@@ -300,7 +344,9 @@ def test_gitlab_push_tag_push_and_deletion() -> None:
 
 def gitea_signed(body: bytes, secret: str, event: str = "push") -> CIMultiDict[str]:
     signature = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return headers({"X-Gitea-Event": event, "X-Gitea-Signature": signature})
+    return headers(
+        {"X-Gitea-Event": event, "X-Gitea-Signature": signature, "X-Gitea-Delivery": "g-1"}
+    )
 
 
 def test_gitea_push_and_delete() -> None:
@@ -308,16 +354,12 @@ def test_gitea_push_and_delete() -> None:
     body = body_of(payload)
     event = parse_gitea(gitea_signed(body, "gt"), body, lookup).event
     assert event == Push(
-        "gitea",
-        "gitea/webhooks",
-        "https://gitea.example.com/gitea/webhooks.git",
-        "refs/heads/main",
-        payload["after"],
+        "gitea", "gitea/webhooks", "refs/heads/main", payload["after"], before=payload["before"]
     )
     for kind, ref in (("branch", "refs/heads/feature"), ("tag", "refs/tags/feature")):
         deleted = body_of(gitea_delete("gitea/webhooks", "feature", kind))
         gone = parse_gitea(gitea_signed(deleted, "gt", "delete"), deleted, lookup).event
-        assert gone == Push("gitea", "gitea/webhooks", gone.clone_url, ref, "", True)  # type: ignore[union-attr]
+        assert gone == Push("gitea", "gitea/webhooks", ref, "", True)
     with pytest.raises(Unauthorized):
         parse_gitea(gitea_signed(body, "nope"), body, lookup)
 

@@ -22,7 +22,8 @@ import msgspec
 import pytest
 
 from producer.client import BuildfleetClient
-from producer.gateway.app import GatewayServer, start_gateway
+from producer.gateway.auth import hash_token
+from producer.gateway.server import GatewayServer, start_gateway
 from producer.gateway.settings import GatewaySettings
 
 from fleet import worker_config, worker_in_task
@@ -40,7 +41,8 @@ def gateway_url(redis_url: str) -> Iterator[str]:
     settings = msgspec.convert(
         {
             "port": 0,
-            "api_tokens": [TOKEN],
+            "tokens": [{"name": "schema", "sha256": hash_token(TOKEN), "images": ["*"]}],
+            "limits": {"requests_per_s": 100_000, "burst": 100_000, "webhooks_per_s": 100_000},
             "webhook_secrets": [{"repo": "*", "secret": "schema-secret"}],
             "rules": [{"repo": "*", "tags": ["*"], "images": ["reg/{repo}:{ref_name}"]}],
             "sse_heartbeat_s": 1.0,

@@ -26,7 +26,11 @@ def test_every_fleet_key_lives_under_the_fleet_prefix() -> None:
         keys.lease_key("b"),
         keys.slot_key("tcp://d:1"),
         keys.delivery_key("github", "d"),
-        keys.supersede_record_key("k"),
+        keys.supersede_record_key("t", "k"),
+        keys.push_history_key("github", "a/b", "refs/heads/main"),
+        keys.tenant_queued_key("t"),
+        keys.token_queued_key("t"),
+        keys.gateway_wake_key("g"),
     ]
     assert all(name.startswith(keys.PREFIX) for name in names)
     assert len(set(names)) == len(names)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -78,6 +79,14 @@ def test_up_builds_through_its_gateway_and_ctrl_c_leaves_nothing_behind(
             },
         )
         build_id = answer["id"]
+        # Local directories only under the one `up` runs in; images only to its registry.
+        for refused in (
+            {"source": {"type": "local", "path": "/etc"}, "images": [f"{registry}/x:1"]},
+            {"source": {"type": "local", "path": str(EXAMPLE)}, "images": ["docker.io/x/y"]},
+        ):
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                _call("POST", f"{gateway}/v1/builds", token, refused)
+            assert caught.value.code == 403
         for _ in range(600):
             state = _call("GET", f"{gateway}/v1/builds/{build_id}", token)
             if state["status"] not in ("queued", "running"):

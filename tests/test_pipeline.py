@@ -230,18 +230,30 @@ async def test_a_daemon_that_is_down_is_a_temporary_failure_and_the_build_is_not
     assert [e.attempt for e in events if isinstance(e, Started)] == [1, 2, 3]
 
 
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        (["--image", "Upper/Case:1"], "$.images[0]"),
+        (["--no-push", "--cache-to", "c,type=local,dest=/tmp/x"], "$.cache.export_ref"),
+        (["--no-push", "--timeout", "61"], "$.timeout_s"),  # the queue's max_timeout_s: 60
+    ],
+)
 async def test_a_bad_request_is_refused_at_submit_and_nothing_is_enqueued(
-    redis: aioredis.Redis, redis_url: str, tmp_path: Path
+    redis: aioredis.Redis, redis_url: str, tmp_path: Path, options: list[str], field: str
 ) -> None:
     cli = [sys.executable, "-m", "buildfleet.cli", "submit", str(tmp_path)]
     refused = subprocess.run(
-        [*cli, "--image", "Upper/Case:1"],
+        [*cli, *options],
         capture_output=True,
         text=True,
-        env={"BUILDFLEET_REDIS_URL": redis_url, "PATH": "/usr/bin:/bin"},
+        env={
+            "BUILDFLEET_REDIS_URL": redis_url,
+            "BUILDFLEET_QUEUE_MAX_TIMEOUT_S": "60",
+            "PATH": "/usr/bin:/bin",
+        },
     )
-    assert refused.returncode == 2
-    assert "$.images[0]" in refused.stderr
+    assert refused.returncode == 2, refused.stderr
+    assert field in refused.stderr
     assert await redis.zcard(DEFAULT_QUEUE) == 0
 
 

@@ -28,7 +28,6 @@ from producer.contract import (
     is_terminal,
 )
 from producer.keys import EVENT_FIELD, EVENTS_STREAM
-from producer.scripts import ScriptRunner
 from producer.settings import QueueSettings
 from worker.backends.journal import peak_concurrency, read_journal
 from worker.capacity import Capacity
@@ -65,7 +64,7 @@ def max_overlap(journal: Path) -> dict[str, int]:
 def placer(redis: aioredis.Redis, max_builds: int) -> tuple[LeasedPlacer, DaemonHealth]:
     daemons = [DaemonSettings(address=a, max_builds=max_builds) for a in DAEMONS]
     health = DaemonHealth(DAEMONS, QUICK_RECOVERY)
-    capacity = Capacity(ScriptRunner(redis), QUICK_RECOVERY)
+    capacity = Capacity(redis, QUICK_RECOVERY)
     return LeasedPlacer(daemons, capacity, health, QUICK_RECOVERY), health
 
 
@@ -121,12 +120,12 @@ async def test_a_daemon_taken_out_gets_nothing_and_the_avoided_one_comes_last(
 
 async def test_a_dead_holders_slot_frees_itself(redis: aioredis.Redis, tmp_path: Path) -> None:
     settings = QUICK_RECOVERY
-    capacity = Capacity(ScriptRunner(redis), settings)
+    capacity = Capacity(redis, settings)
     assert await capacity.acquire("dead-holder", [(DAEMONS[0], 1)]) == DAEMONS[0]
-    assert await Capacity(ScriptRunner(redis), settings).acquire("other", [(DAEMONS[0], 1)]) is None
+    assert await Capacity(redis, settings).acquire("other", [(DAEMONS[0], 1)]) is None
     # The holder never renews (its heartbeat died with it); the slot expires.
     await asyncio.sleep(settings.slot_ttl_s + 0.2)
-    taken = await Capacity(ScriptRunner(redis), settings).acquire("other", [(DAEMONS[0], 1)])
+    taken = await Capacity(redis, settings).acquire("other", [(DAEMONS[0], 1)])
     assert taken == DAEMONS[0]
 
 

@@ -13,7 +13,6 @@ from opentelemetry.trace import StatusCode
 
 from producer.client import BuildfleetClient
 from producer.contract import BuildRequest, LocalSource, TraceContext
-from producer.scripts import ScriptRunner
 from producer.store import BuildStore
 from worker.backends.factory import make_backend
 from worker.capacity import Capacity
@@ -42,7 +41,7 @@ async def test_an_attempt_is_a_span_in_the_producers_trace_with_a_span_per_step(
         store=BuildStore(redis, config.queue),
         backend=make_backend(config),
         placer=FixedPlacer(None),
-        capacity=Capacity(ScriptRunner(redis), config.scheduling),
+        capacity=Capacity(redis, config.scheduling),
         settings=config.worker,
         retry=config.retry,
         scheduling=config.scheduling,

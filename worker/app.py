@@ -34,8 +34,8 @@ from producer.resilience import (
     RedisHealth,
     is_transient,
     persistently,
+    raise_if_cancelling,
 )
-from producer.scripts import ScriptRunner
 from producer.store import BuildStore
 from producer.workers import DaemonBeat, WorkerBeat
 from worker.backends.base import Backend, SweepsOrphans
@@ -73,6 +73,7 @@ class FleetWorker(Worker):
         """arq's poll loop, without its start-up round trips, surviving Redis outages."""
         self.ctx["redis"] = self.pool
         while True:
+            raise_if_cancelling()
             await self._poll_iteration()
             if self.burst and await self._queue_drained():
                 await asyncio.gather(*self.tasks.values())
@@ -86,6 +87,7 @@ class FleetWorker(Worker):
         try:
             await super()._poll_iteration()
         except Exception as exc:
+            raise_if_cancelling()
             self._failures += 1
             if is_transient(exc):
                 self.health.failed(exc, "polling the queue")
@@ -210,12 +212,11 @@ async def running_worker(
     """An arq worker wired to a runner and its chores; closed on exit."""
     redis = connect(config.redis, ArqRedis)
     health = RedisHealth()
-    scripts = ScriptRunner(redis)
     backend = backend or make_backend(config)
-    capacity = Capacity(scripts, config.scheduling, worker=config.worker.name, health=health)
+    capacity = Capacity(redis, config.scheduling, worker=config.worker.name, health=health)
     daemons = make_health(config, backend)
     telemetry = Telemetry()
-    store = BuildStore(redis, config.queue, scripts)
+    store = BuildStore(redis, config.queue)
     runner = BuildRunner(
         store=store,
         backend=backend,
@@ -261,7 +262,6 @@ async def running_worker(
             redis,
             config.scheduling,
             claim_ttl_s=worker.in_progress_timeout_s,
-            runner=scripts,
             health=health,
         ).run(),
         Watchdog(store, config.scheduling, health=health).run(),

@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 import msgspec
+from redis.asyncio import Redis
 
-from producer import scripts
+from producer import lua
 from producer.keys import WORKERS, build_key, lease_key, slot_key
+from producer.lua import Arg
 from producer.resilience import RedisHealth, persistently
-from producer.scripts import Arg, ScriptRunner
 from producer.store import AttemptToken, CancelNotice, cancel_notice_decoder
 from producer.workers import WorkerBeat, worker_beat_encoder
 from worker.settings import SchedulingSettings
@@ -74,13 +75,13 @@ class Capacity:
 
     def __init__(
         self,
-        runner: ScriptRunner,
+        redis: Redis,
         settings: SchedulingSettings,
         *,
         worker: str = "",
         health: RedisHealth | None = None,
     ) -> None:
-        self.scripts = runner
+        self.redis = redis
         self.settings = settings
         self.worker = worker
         self.health = health or RedisHealth()
@@ -97,11 +98,11 @@ class Capacity:
         keys = [slot_key(daemon) for daemon, _ in ranked]
         expiry_ms = now_ms + int(self.settings.slot_ttl_s * 1000)
         args: list[Arg] = [now_ms, expiry_ms, holder, *(limit for _, limit in ranked)]
-        index = int(cast(int, await self.scripts.run(scripts.ACQUIRE, keys, args)))
+        index = int(cast(int, await lua.run(self.redis, lua.ACQUIRE, keys, args)))
         return ranked[index - 1][0] if index else None
 
     async def release(self, daemon: str, holder: str) -> None:
-        await self.scripts.redis.zrem(slot_key(daemon), holder)
+        await self.redis.zrem(slot_key(daemon), holder)
 
     def hold(self, token: AttemptToken) -> Held:
         """Keep an attempt's lease (taken by its start) renewed from now on."""
@@ -151,7 +152,7 @@ class Capacity:
             args += [token.generation, f"{self.worker} {token.generation}", "", 0]
             if item.slot:
                 args[-2:] = [token.holder, item.limit]
-        replies = cast(list[object], await self.scripts.run(scripts.RENEW, keys, args))
+        replies = cast(list[object], await lua.run(self.redis, lua.RENEW, keys, args))
         for item, reply in zip(held, replies, strict=True):
             self._act(listener, item, reply, sent)
 
@@ -175,7 +176,7 @@ class Capacity:
 
     async def leave(self) -> None:
         """Say this worker is gone (a clean stop), so `status` stops listing it."""
-        await self.scripts.redis.hdel(WORKERS, self.worker)  # type: ignore[misc]
+        await self.redis.hdel(WORKERS, self.worker)  # type: ignore[misc]
 
 
 def decode_notice(data: bytes) -> CancelNotice | None:

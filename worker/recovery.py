@@ -28,10 +28,9 @@ from typing import Final
 
 from redis.asyncio import Redis
 
-from producer import scripts
+from producer import lua
 from producer.keys import ACTIVE_BUILDS, ARQ_IN_PROGRESS_PREFIX, in_progress_key, lease_key
 from producer.resilience import RedisHealth, persistently
-from producer.scripts import ScriptRunner
 from producer.store import BuildStore
 from worker.settings import SchedulingSettings
 
@@ -91,14 +90,12 @@ class Reaper:
         settings: SchedulingSettings,
         *,
         claim_ttl_s: float,
-        runner: ScriptRunner | None = None,
         health: RedisHealth | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings
         self.claim_ttl_s = claim_ttl_s
         """The TTL arq gives a claim (from which a claim's age is read)."""
-        self.scripts = runner or ScriptRunner(redis)
         self.health = health or RedisHealth()
         self.gate = RecoveryGate(redis, self.health, settings)
         self._suspects = Suspicion(settings.reap_interval_s)
@@ -129,7 +126,7 @@ class Reaper:
         args = [int(self.claim_ttl_s * 1000), int(self.settings.lease_ttl_s * 1000)]
         for build_id in self._suspects.confirm(leaseless):
             keys = [in_progress_key(build_id), lease_key(build_id)]
-            if await self.scripts.run(scripts.REAP, keys, args):
+            if await lua.run(self.redis, lua.REAP, keys, args):
                 reaped.append(build_id)
         return reaped
 

@@ -7,9 +7,11 @@ from typing import Any, Final
 
 import msgspec
 
+from producer import policy
 from producer.contract import BUILD_ID_PATTERN, BuildEvent, BuildRequest, BuildState
 from producer.gateway.settings import GatewaySettings
-from producer.gateway.webhooks import DELIVERY_ID_PATTERN
+from producer.gateway.webhooks import DELIVERY_ID_PATTERN, REPOSITORY_PATTERN
+from producer.settings import QueueSettings
 
 STREAM_ID_PATTERN: Final = r"^\d{1,19}-\d{1,19}$"
 """A Redis stream id (19 digits each side always fit the 64-bit parts Redis accepts)."""
@@ -30,14 +32,26 @@ def _answer(description: str, schema: str = "Error") -> dict[str, Any]:
     return {"description": description, "content": _json(_ref(schema))}
 
 
+_RETRY_AFTER: Final = {
+    "Retry-After": {"description": "seconds", "schema": {"type": "integer", "minimum": 1}}
+}
 _WEBHOOK_ERRORS: Final = {
-    "400": _answer("Malformed JSON or a payload without a repository (the reason says which)"),
+    "400": _answer("Malformed JSON, a malformed payload or a missing delivery id"),
     "401": _answer("Missing or invalid signature (or GitLab token): nothing was enqueued"),
+    "409": _answer(
+        "The pushed commit was already built for the ref, or the ref has moved past it: "
+        "nothing was enqueued"
+    ),
     "413": _answer("Body larger than the configured limit"),
+    "429": {
+        **_answer("Too many deliveries for the repository, or the queue or tenant is full"),
+        "headers": _RETRY_AFTER,
+    },
     "503": _answer("The build queue (Redis) is unreachable: nothing was enqueued"),
 }
 _API_ERRORS: Final = {
     "401": _answer("Missing or invalid bearer token"),
+    "429": {**_answer("Too many requests for this token"), "headers": _RETRY_AFTER},
     "503": _answer("The build queue (Redis) is unreachable"),
 }
 
@@ -64,32 +78,40 @@ def _object(required: list[str], **properties: Any) -> dict[str, Any]:
 
 
 _COMMIT: Final = {"anyOf": [_object([], id=_STR), {"type": "null"}]}
-_HUB_REPO: Final = _object(["full_name"], full_name=_STR, clone_url=_STR)
+_SHA: Final = {"type": ["string", "null"]}
+_REPO: Final = _object(["full_name"], full_name={"type": "string", "pattern": REPOSITORY_PATTERN})
 _PAYLOADS: Final = {
-    # What the gateway reads of each forge's payload (everything else is ignored).
+    # What the gateway reads of each forge's payload (everything else is ignored). A signed
+    # event without a repository (project) is acknowledged and ignored.
     "github": _object(
-        ["repository"],
-        repository=_HUB_REPO,
+        [],
+        repository=_REPO,
         organization=_object([], login=_STR),
+        installation=_object([], id={"type": ["integer", "null"]}),
         ref={"type": ["string", "null"]},
-        after=_STR,
+        before=_SHA,
+        after=_SHA,
         deleted={"type": "boolean"},
         head_commit=_COMMIT,
     ),
     "gitlab": _object(
-        ["project"],
-        object_kind=_STR,
-        project=_object(["path_with_namespace"], path_with_namespace=_STR, git_http_url=_STR),
+        [],
+        project=_object(
+            ["path_with_namespace"],
+            path_with_namespace={"type": "string", "pattern": REPOSITORY_PATTERN},
+        ),
         ref={"type": ["string", "null"]},
-        after=_STR,
-        checkout_sha={"type": ["string", "null"]},
+        before=_SHA,
+        after=_SHA,
+        checkout_sha=_SHA,
     ),
     "gitea": _object(
-        ["repository"],
-        repository=_HUB_REPO,
+        [],
+        repository=_REPO,
         ref={"type": ["string", "null"]},
         ref_type={"type": ["string", "null"]},
-        after=_STR,
+        before=_SHA,
+        after=_SHA,
         head_commit=_COMMIT,
     ),
 }
@@ -111,8 +133,8 @@ def _webhook(forge: str, headers: list[dict[str, Any]]) -> dict[str, Any]:
             "responses": {
                 "200": _answer("A ping, or a repeated delivery: the builds it made", "HookReply"),
                 "202": _answer(
-                    "Accepted: the builds made (none for a deleted ref, an ignored event or a "
-                    "ref no rule matches, and the message says so)",
+                    "Accepted: the builds made (none for a deleted ref, an ignored event, an "
+                    "event naming no repository or a ref no rule matches; the message says so)",
                     "HookReply",
                 ),
                 **_WEBHOOK_ERRORS,
@@ -130,14 +152,22 @@ def _build_id_parameter() -> dict[str, Any]:
     }
 
 
-def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
+def openapi_document(settings: GatewaySettings, queue: QueueSettings) -> dict[str, Any]:
     (_req, _state, _event), components = msgspec.json.schema_components(
         [BuildRequest, BuildState, BuildEvent], ref_template=_REF
     )
     components["BuildEvent"] = _event
     request = components["BuildRequest"]
+    properties = request["properties"]
     for field in ("dockerfile", "context"):
-        request["properties"][field]["pattern"] = _RELATIVE_PATH
+        properties[field]["pattern"] = _RELATIVE_PATH
+    # What the policy (producer.policy) checks that the contract does not say.
+    properties["timeout_s"]["anyOf"][0]["maximum"] = queue.max_timeout_s
+    properties["platforms"]["items"]["pattern"] = policy.PLATFORM_PATTERN
+    properties["target"]["anyOf"][0]["pattern"] = policy.TARGET_PATTERN
+    trace = components["TraceContext"]["properties"]
+    trace["traceparent"]["anyOf"][0]["pattern"] = policy.TRACEPARENT_PATTERN
+    trace["tracestate"]["anyOf"][0]["maxLength"] = policy.TRACESTATE_MAX
     # What msgspec cannot say by itself: pushing needs an image name.
     request["if"] = {"properties": {"push": {"const": True}}}
     request["then"] = {"required": ["images"], "properties": {"images": {"minItems": 1}}}
@@ -201,7 +231,7 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
             [
                 _header("X-Hub-Signature-256", "sha256=<HMAC-SHA256 of the body, hex>", True),
                 _header("X-GitHub-Event", "push builds, ping answers, others are ignored", True),
-                _header("X-GitHub-Delivery", "de-duplication id", pattern=DELIVERY_ID_PATTERN),
+                _header("X-GitHub-Delivery", "delivery id", True, DELIVERY_ID_PATTERN),
             ],
         ),
         "/hooks/gitlab": _webhook(
@@ -209,7 +239,7 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
             [
                 _header("X-Gitlab-Token", "the webhook's secret token", True),
                 _header("X-Gitlab-Event", "Push Hook or Tag Push Hook; others are ignored", True),
-                _header("X-Gitlab-Event-UUID", "de-duplication id", pattern=DELIVERY_ID_PATTERN),
+                _header("X-Gitlab-Event-UUID", "delivery id", True, DELIVERY_ID_PATTERN),
             ],
         ),
         "/hooks/gitea": _webhook(
@@ -225,7 +255,7 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
                     "push builds, delete is acknowledged (or X-Forgejo-Event)",
                     True,
                 ),
-                _header("X-Gitea-Delivery", "de-duplication id", pattern=DELIVERY_ID_PATTERN),
+                _header("X-Gitea-Delivery", "delivery id", True, DELIVERY_ID_PATTERN),
             ],
         ),
         "/v1/builds": {
@@ -239,20 +269,22 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
                     "200": _answer("A build with this id existed already", "Submitted"),
                     "202": _answer("Enqueued", "Submitted"),
                     "400": _answer("Not a valid BuildRequest (the reason names the field)"),
+                    "403": _answer(
+                        "Not allowed for this token: a source, image, cache reference, "
+                        "priority or tenant outside its scope (the reason names the field)"
+                    ),
+                    "409": _answer("The id is another tenant's build"),
                     "413": _answer("Body larger than the configured limit"),
+                    **_API_ERRORS,
                     "429": {
                         **_answer(
-                            f"Batch priority refused: the queue holds at least "
-                            f"{settings.max_queue_depth} builds"
+                            f"Refused for now: too many requests for this token, or the queue "
+                            f"holds at least {settings.max_queue_depth} builds (batch) or "
+                            f"{settings.max_queue_depth_interactive} (interactive), or the "
+                            "token's or tenant's queued builds are at their cap"
                         ),
-                        "headers": {
-                            "Retry-After": {
-                                "description": "seconds",
-                                "schema": {"type": "integer"},
-                            }
-                        },
+                        "headers": _RETRY_AFTER,
                     },
-                    **_API_ERRORS,
                 },
             }
         },
@@ -265,7 +297,7 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
                 "security": [{"bearer": []}],
                 "responses": {
                     "200": _answer("The build's state", "BuildState"),
-                    "404": _answer("No such build (unknown or expired)"),
+                    "404": _answer("No such build (unknown, expired, or another tenant's)"),
                     **_API_ERRORS,
                 },
             },
@@ -329,6 +361,13 @@ def openapi_document(settings: GatewaySettings) -> dict[str, Any]:
                     "400": _answer("Last-Event-ID is not a stream id"),
                     "404": _answer("No such build"),
                     **_API_ERRORS,
+                    "429": {
+                        **_answer(
+                            "Too many requests, or too many event streams open (this token's "
+                            "or the gateway's)"
+                        ),
+                        "headers": _RETRY_AFTER,
+                    },
                 },
             },
         },

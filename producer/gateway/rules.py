@@ -1,4 +1,5 @@
-"""Which images a push builds: the configured rules applied to a ref update. Pure.
+"""Which images a push builds, as build requests: the configured rules applied to a ref
+update. Pure.
 
 Every rule whose repository glob matches and whose branch (or tag) patterns match the
 pushed ref yields one build, pushing every image its templates render to. A deleted ref
@@ -12,12 +13,16 @@ import fnmatch
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
-from producer.gateway.settings import IMAGE_NAME, Priority, Rule
-from producer.gateway.webhooks import Push
+from producer import policy, reference
+from producer.contract import BuildRequest, ContractError, TraceContext, request_from_builtins
+from producer.gateway.settings import Priority, Rule
+from producer.gateway.webhooks import Delivery, Push
 
 _NOT_TAG_CHAR: Final = re.compile(r"[^a-z0-9_.-]+")
+_TRACEPARENT: Final = re.compile(policy.TRACEPARENT_PATTERN)
+_TRACESTATE: Final = re.compile(rf"^[\x20-\x7e]{{0,{policy.TRACESTATE_MAX}}}$")
 SHORT_SHA: Final = 7
 
 
@@ -108,7 +113,7 @@ def plan(rules: Sequence[Rule], push: Push) -> Plan:
         except KeyError as exc:  # a {tag} template on a branch push: the rule allows both
             skipped.append(Skipped(index, f"placeholder {exc} is not defined for {push.ref}"))
             continue
-        bad = [image for image in images if not IMAGE_NAME.match(image) or len(image) > 512]
+        bad = [image for image in images if not reference.is_reference(image)]
         if bad:
             skipped.append(Skipped(index, f"invalid image name {bad[0]!r}"))
             continue
@@ -134,3 +139,71 @@ def plan(rules: Sequence[Rule], push: Push) -> Plan:
     else:
         message = f"no rule matches {push.repo} {push.ref}: nothing to build"
     return Plan(tuple(builds), tuple(skipped), message)
+
+
+# --- requests ------------------------------------------------------------------------------
+
+
+def trace_context(traceparent: str, tracestate: str) -> TraceContext | None:
+    """The caller's W3C trace context from its headers, when it is well formed (else the
+    build starts a trace of its own)."""
+    traceparent = traceparent.strip()
+    if not _TRACEPARENT.fullmatch(traceparent):
+        return None
+    tracestate = tracestate.strip()
+    if not _TRACESTATE.fullmatch(tracestate):
+        tracestate = ""
+    return TraceContext(traceparent=traceparent, tracestate=tracestate or None)
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a push's builds come from and whose they are."""
+
+    delivery: Delivery
+    clone_url: str
+    """From the forge's configured clone URL, never from the payload."""
+    tenant: str
+    trace: TraceContext | None
+
+
+def requests_for(
+    plan: Plan, push: Push, origin: Origin
+) -> tuple[list[BuildRequest], list[PlannedBuild], list[Skipped]]:
+    """The plan's builds as requests, and the builds that could not be made (`skipped`)."""
+    skipped = list(plan.skipped)
+    requests: list[BuildRequest] = []
+    planned: list[PlannedBuild] = []
+    for build in plan.builds:
+        try:
+            requests.append(build_request(build, push, origin))
+            planned.append(build)
+        except ContractError as exc:
+            skipped.append(Skipped(build.rule, str(exc)))
+    return requests, planned, skipped
+
+
+def build_request(build: PlannedBuild, push: Push, origin: Origin) -> BuildRequest:
+    labels = {"origin": "webhook", "forge": push.forge, "repo": push.repo, "ref": push.ref}
+    labels["rule"] = str(build.rule)
+    labels["delivery"] = origin.delivery.delivery_id
+    obj: dict[str, Any] = {
+        "source": {"type": "git", "url": origin.clone_url, "ref": push.ref, "commit": push.sha},
+        "images": build.images,
+        "dockerfile": build.dockerfile,
+        "context": build.context,
+        "build_args": build.build_args,
+        "platforms": build.platforms,
+        "priority": build.priority,
+        "push": build.push,
+        "labels": labels,
+        "tenant": origin.tenant,
+    }
+    if build.target is not None:
+        obj["target"] = build.target
+    if build.supersede_key is not None:
+        obj["supersede_key"] = build.supersede_key
+    if origin.trace is not None:
+        trace = origin.trace
+        obj["trace"] = {"traceparent": trace.traceparent, "tracestate": trace.tracestate}
+    return request_from_builtins(obj)

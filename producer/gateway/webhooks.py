@@ -1,8 +1,18 @@
-"""Push webhooks of GitHub, GitLab and Gitea/Forgejo: signature checks and payload parsing.
+"""Webhooks of GitHub, GitLab and Gitea/Forgejo: authentication, then payload parsing. Pure.
 
-Pure functions over the raw body and the headers; no I/O. The payload is decoded first only
-to learn which repository it claims to be from, since that decides the secret; nothing is
-acted on before the signature (or GitLab's token) has been checked in constant time.
+    delivery = PARSERS[forge](headers, body, configured_secrets)
+
+Invariants:
+- Authentication comes before the JSON is parsed: the signature (GitLab: the token) is
+  checked in constant time against every configured secret of the forge (each distinct
+  secret once); none matches -> Unauthorized, whatever the body holds.
+- Only then is the payload read, and the repository it names must be covered by a secret
+  that verified it: a repository's own (exact) secret wins over an owner pattern, a GitHub
+  App installation's secret covers the repositories of that installation.
+- A delivery id is required: every current release of the three forges sends one.
+- A signed event that names no repository (an installation, a sponsorship, a marketplace
+  purchase...) is acknowledged and ignored, never refused: forges show a 4xx as a failed
+  delivery.
 """
 
 from __future__ import annotations
@@ -10,21 +20,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
 import msgspec
 
-from producer.gateway.settings import Forge
+from producer.gateway.settings import Forge, WebhookSecret
 
 ZERO_SHA: Final = frozenset({"0" * 40, "0" * 64})
 MAX_DELIVERY_ID: Final = 200
 DELIVERY_ID_PATTERN: Final = r"^[\x20-\x7e]{1,200}$"
+REPOSITORY_PATTERN: Final = r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+$"
 _PRINTABLE: Final = re.compile(r"^[\x20-\x7e]+$")
-
-SecretLookup = Callable[[str, str], str | None]
-"""(forge, repository full path) -> that repository's webhook secret, or None."""
+_REPOSITORY: Final = re.compile(REPOSITORY_PATTERN)
 
 
 class WebhookError(Exception):
@@ -45,14 +54,15 @@ class Unauthorized(WebhookError):
 
 @dataclass(frozen=True, slots=True)
 class Push:
-    """A ref update: the branch or tag `ref` of `repo` now points at `sha`."""
+    """A ref update: the branch or tag `ref` of `repo` moved from `before` to `sha`."""
 
     forge: Forge
     repo: str
-    clone_url: str
     ref: str
     sha: str
     deleted: bool = False
+    before: str = ""
+    """The commit the ref pointed at before ('' for a new ref, or when the forge omits it)."""
 
     @property
     def branch(self) -> str | None:
@@ -61,6 +71,10 @@ class Push:
     @property
     def tag(self) -> str | None:
         return self.ref.removeprefix("refs/tags/") if self.ref.startswith("refs/tags/") else None
+
+    @property
+    def owner(self) -> str:
+        return self.repo.rpartition("/")[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +85,11 @@ class Ping:
 
 @dataclass(frozen=True, slots=True)
 class Ignored:
-    """A signed event that is not a push (an issue comment, a release...): acknowledged."""
+    """A signed event that builds nothing (an issue comment, an installation...)."""
 
     forge: Forge
     repo: str
+    """'' for an event that names no repository."""
     event: str
 
 
@@ -84,15 +99,19 @@ WebhookEvent = Push | Ping | Ignored
 @dataclass(frozen=True, slots=True)
 class Delivery:
     forge: Forge
-    delivery_id: str | None
+    delivery_id: str
     event: WebhookEvent
 
 
-# --- payload shapes (only the fields we read; everything else is skipped) ----------------
+# --- payload shapes (only the fields read; everything else is skipped) -----------------------
 
 
 class _Owner(msgspec.Struct):
     login: str = ""
+
+
+class _Installation(msgspec.Struct):
+    id: int | None = None
 
 
 class _Commit(msgspec.Struct):
@@ -101,28 +120,28 @@ class _Commit(msgspec.Struct):
 
 class _HubRepo(msgspec.Struct):
     full_name: str
-    clone_url: str = ""
 
 
 class _GitHubPayload(msgspec.Struct):
     repository: _HubRepo | None = None
     organization: _Owner | None = None
+    installation: _Installation | None = None
     ref: str | None = None
-    after: str = ""
+    before: str | None = ""
+    after: str | None = ""
     deleted: bool = False
     head_commit: _Commit | None = None
 
 
 class _GitLabProject(msgspec.Struct):
     path_with_namespace: str
-    git_http_url: str = ""
 
 
 class _GitLabPayload(msgspec.Struct):
-    object_kind: str = ""
     project: _GitLabProject | None = None
     ref: str | None = None
-    after: str = ""
+    before: str | None = ""
+    after: str | None = ""
     checkout_sha: str | None = None
 
 
@@ -130,14 +149,14 @@ class _GiteaPayload(msgspec.Struct):
     repository: _HubRepo | None = None
     ref: str | None = None
     ref_type: str | None = None
-    after: str = ""
+    before: str | None = ""
+    after: str | None = ""
     head_commit: _Commit | None = None
 
 
 _github_decoder: Final = msgspec.json.Decoder(_GitHubPayload)
 _gitlab_decoder: Final = msgspec.json.Decoder(_GitLabPayload)
 _gitea_decoder: Final = msgspec.json.Decoder(_GiteaPayload)
-
 
 _T = TypeVar("_T")
 
@@ -153,12 +172,7 @@ def _decode(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T:
         raise BadRequest("malformed JSON: nested too deeply") from None
 
 
-def _header(headers: Mapping[str, str], *names: str) -> str | None:
-    for name in names:
-        value = headers.get(name)
-        if value is not None:
-            return value
-    return None
+# --- authentication ------------------------------------------------------------------------
 
 
 def _ascii(value: str) -> bytes:
@@ -169,28 +183,84 @@ def hmac_sha256_hex(secret: str, body: bytes) -> str:
     return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def _check_hmac(secret: str | None, body: bytes, given: str, prefix: str = "") -> None:
-    if secret is None:
-        raise Unauthorized("invalid signature")
-    expected = prefix + hmac_sha256_hex(secret, body)
-    if not hmac.compare_digest(_ascii(expected), _ascii(given.strip())):
-        raise Unauthorized("invalid signature")
+def _verified(
+    secrets: Sequence[WebhookSecret], forge: str, proof: Callable[[str], bool]
+) -> list[WebhookSecret]:
+    """The configured secrets of `forge` that `proof` accepts; every distinct secret is
+    tried (no early exit), each once."""
+    results: dict[str, bool] = {}
+    for entry in secrets:
+        if entry.serves(forge) and entry.secret not in results:
+            results[entry.secret] = proof(entry.secret)
+    return [e for e in secrets if e.serves(forge) and results.get(e.secret, False)]
 
 
-def _check_token(secret: str | None, given: str) -> None:
-    if secret is None or not hmac.compare_digest(_ascii(secret), _ascii(given)):
-        raise Unauthorized("invalid token")
+def _by_signature(
+    secrets: Sequence[WebhookSecret],
+    forge: str,
+    body: bytes,
+    *,
+    header: str,
+    given: str,
+    prefix: str = "",
+) -> list[WebhookSecret]:
+    signature = _ascii(given.strip())
+
+    def proof(secret: str) -> bool:
+        return hmac.compare_digest(_ascii(prefix + hmac_sha256_hex(secret, body)), signature)
+
+    verified = _verified(secrets, forge, proof)
+    if not verified:
+        raise Unauthorized(f"invalid signature ({header})")
+    return verified
 
 
-def _delivery_id(value: str | None) -> str | None:
-    if value is None or not value.strip():
-        return None
-    value = value.strip()
+def _by_token(secrets: Sequence[WebhookSecret], forge: str, given: str) -> list[WebhookSecret]:
+    token = _ascii(given)
+    verified = _verified(secrets, forge, lambda secret: hmac.compare_digest(_ascii(secret), token))
+    if not verified:
+        raise Unauthorized("invalid token (X-Gitlab-Token)")
+    return verified
+
+
+def _authorize(
+    secrets: Sequence[WebhookSecret],
+    verified: Sequence[WebhookSecret],
+    forge: str,
+    repo: str,
+    installation: int | None = None,
+) -> None:
+    """The repository's own secret wins over patterns; one of the secrets that verified the
+    body must be one that may sign this repository's events."""
+    governing = [s for s in secrets if s.serves(forge) and s.covers(repo, installation)]
+    exact = [s for s in governing if s.exact]
+    if not any(s in verified for s in exact or governing):
+        raise Unauthorized(f"invalid signature: not signed with {repo}'s secret")
+
+
+def _required(headers: Mapping[str, str], *names: str) -> str | None:
+    for name in names:
+        value = headers.get(name)
+        if value is not None:
+            return value
+    return None
+
+
+def _delivery_id(value: str | None, header: str) -> str:
+    value = (value or "").strip()
+    if not value:
+        raise BadRequest(f"missing {header}: a delivery id is required")
     if len(value) > MAX_DELIVERY_ID:
         raise BadRequest(f"delivery id longer than {MAX_DELIVERY_ID} characters")
     if not _PRINTABLE.fullmatch(value):
         raise BadRequest("delivery id must be printable ASCII")
     return value
+
+
+def _repository(name: str, field: str) -> str:
+    if len(name) > 255 or not _REPOSITORY.fullmatch(name) or ".." in name.split("/"):
+        raise BadRequest(f"{field}: expected a repository path like owner/name")
+    return name
 
 
 def _sha(*candidates: str | None) -> str:
@@ -201,17 +271,23 @@ def _sha(*candidates: str | None) -> str:
 
 
 def _push(
-    forge: Forge, repo: str, clone_url: str, *, ref: str | None, sha: str, deleted: bool
+    forge: Forge, repo: str, *, ref: str | None, sha: str, before: str | None, deleted: bool
 ) -> Push:
     if not ref:
         raise BadRequest("a push payload needs `ref`")
     if not ref.startswith("refs/"):
         ref = "refs/heads/" + ref
     deleted = deleted or sha in ZERO_SHA or not sha
-    return Push(forge, repo, clone_url, ref, "" if deleted else sha.lower(), deleted)
+    previous = "" if not before or before in ZERO_SHA else before.lower()
+    return Push(forge, repo, ref, "" if deleted else sha.lower(), deleted, previous)
 
 
-def parse_github(headers: Mapping[str, str], body: bytes, secrets: SecretLookup) -> Delivery:
+# --- forges --------------------------------------------------------------------------------
+
+
+def parse_github(
+    headers: Mapping[str, str], body: bytes, secrets: Sequence[WebhookSecret]
+) -> Delivery:
     """`X-GitHub-Event` push (or ping), signed by `X-Hub-Signature-256: sha256=<hex>`."""
     signature = headers.get("X-Hub-Signature-256")
     if not signature:
@@ -219,27 +295,26 @@ def parse_github(headers: Mapping[str, str], body: bytes, secrets: SecretLookup)
     event = headers.get("X-GitHub-Event")
     if not event:
         raise BadRequest("missing X-GitHub-Event")
-    delivery = _delivery_id(headers.get("X-GitHub-Delivery"))
+    delivery = _delivery_id(headers.get("X-GitHub-Delivery"), "X-GitHub-Delivery")
+    verified = _by_signature(
+        secrets, "github", body, header="X-Hub-Signature-256", given=signature, prefix="sha256="
+    )
     payload = _decode(_github_decoder, body)
-    if payload.repository is not None:
-        repo = payload.repository.full_name
-    elif payload.organization is not None and payload.organization.login:
-        repo = payload.organization.login + "/"  # an organization hook's ping: "acme/*" fits
-    else:
-        raise BadRequest("payload names no repository")
-    _check_hmac(secrets("github", repo), body, signature, prefix="sha256=")
+    installation = payload.installation.id if payload.installation else None
+    if payload.repository is None:
+        owner = payload.organization.login if payload.organization else ""
+        if event == "ping" and owner:  # an organization's webhook: "acme/*" fits
+            return Delivery("github", delivery, Ping("github", owner + "/"))
+        return Delivery("github", delivery, Ignored("github", "", event))
+    repo = _repository(payload.repository.full_name, "repository.full_name")
+    _authorize(secrets, verified, "github", repo, installation)
     if event == "ping":
         return Delivery("github", delivery, Ping("github", repo))
-    if event != "push" or payload.repository is None:
+    if event != "push":
         return Delivery("github", delivery, Ignored("github", repo, event))
     sha = _sha(payload.head_commit.id if payload.head_commit else None, payload.after)
     push = _push(
-        "github",
-        repo,
-        payload.repository.clone_url,
-        ref=payload.ref,
-        sha=sha,
-        deleted=payload.deleted,
+        "github", repo, ref=payload.ref, sha=sha, before=payload.before, deleted=payload.deleted
     )
     return Delivery("github", delivery, push)
 
@@ -247,7 +322,9 @@ def parse_github(headers: Mapping[str, str], body: bytes, secrets: SecretLookup)
 _GITLAB_PUSH_EVENTS: Final = {"Push Hook": "push", "Tag Push Hook": "tag_push"}
 
 
-def parse_gitlab(headers: Mapping[str, str], body: bytes, secrets: SecretLookup) -> Delivery:
+def parse_gitlab(
+    headers: Mapping[str, str], body: bytes, secrets: Sequence[WebhookSecret]
+) -> Delivery:
     """`X-Gitlab-Event` Push Hook / Tag Push Hook, authenticated by `X-Gitlab-Token`."""
     token = headers.get("X-Gitlab-Token")
     if not token:
@@ -255,61 +332,64 @@ def parse_gitlab(headers: Mapping[str, str], body: bytes, secrets: SecretLookup)
     event = headers.get("X-Gitlab-Event")
     if not event:
         raise BadRequest("missing X-Gitlab-Event")
-    delivery = _delivery_id(_header(headers, "X-Gitlab-Event-UUID", "X-Gitlab-Webhook-UUID"))
+    delivery = _delivery_id(
+        _required(headers, "X-Gitlab-Event-UUID", "X-Gitlab-Webhook-UUID"), "X-Gitlab-Event-UUID"
+    )
+    verified = _by_token(secrets, "gitlab", token)
     payload = _decode(_gitlab_decoder, body)
     if payload.project is None:
-        raise BadRequest("payload names no project")
-    repo = payload.project.path_with_namespace
-    _check_token(secrets("gitlab", repo), token)
+        return Delivery("gitlab", delivery, Ignored("gitlab", "", event))
+    repo = _repository(payload.project.path_with_namespace, "project.path_with_namespace")
+    _authorize(secrets, verified, "gitlab", repo)
     if event not in _GITLAB_PUSH_EVENTS:
         return Delivery("gitlab", delivery, Ignored("gitlab", repo, event))
     push = _push(
         "gitlab",
         repo,
-        payload.project.git_http_url,
         ref=payload.ref,
         sha=_sha(payload.checkout_sha, payload.after),
+        before=payload.before,
         deleted=payload.checkout_sha is None and payload.after in ZERO_SHA,
     )
     return Delivery("gitlab", delivery, push)
 
 
-def parse_gitea(headers: Mapping[str, str], body: bytes, secrets: SecretLookup) -> Delivery:
+def parse_gitea(
+    headers: Mapping[str, str], body: bytes, secrets: Sequence[WebhookSecret]
+) -> Delivery:
     """`X-Gitea-Event` (or Forgejo's) push, signed by `X-Gitea-Signature: <hex>`.
 
     Gitea reports a deleted branch or tag as a separate `delete` event.
     """
-    signature = _header(headers, "X-Gitea-Signature", "X-Forgejo-Signature")
+    signature = _required(headers, "X-Gitea-Signature", "X-Forgejo-Signature")
     if not signature:
         raise Unauthorized("missing X-Gitea-Signature")
-    event = _header(headers, "X-Gitea-Event", "X-Forgejo-Event")
+    event = _required(headers, "X-Gitea-Event", "X-Forgejo-Event")
     if not event:
         raise BadRequest("missing X-Gitea-Event")
-    delivery = _delivery_id(_header(headers, "X-Gitea-Delivery", "X-Forgejo-Delivery"))
+    delivery = _delivery_id(
+        _required(headers, "X-Gitea-Delivery", "X-Forgejo-Delivery"), "X-Gitea-Delivery"
+    )
+    verified = _by_signature(secrets, "gitea", body, header="X-Gitea-Signature", given=signature)
     payload = _decode(_gitea_decoder, body)
     if payload.repository is None:
-        raise BadRequest("payload names no repository")
-    repo = payload.repository.full_name
-    _check_hmac(secrets("gitea", repo), body, signature)
-    clone_url = payload.repository.clone_url
+        return Delivery("gitea", delivery, Ignored("gitea", "", event))
+    repo = _repository(payload.repository.full_name, "repository.full_name")
+    _authorize(secrets, verified, "gitea", repo)
     if event == "delete" and payload.ref:
         prefix = "refs/tags/" if payload.ref_type == "tag" else "refs/heads/"
         ref = payload.ref if payload.ref.startswith("refs/") else prefix + payload.ref
-        return Delivery("gitea", delivery, Push("gitea", repo, clone_url, ref, "", True))
+        return Delivery("gitea", delivery, Push("gitea", repo, ref, "", True))
     if event != "push":
         return Delivery("gitea", delivery, Ignored("gitea", repo, event))
     sha = _sha(payload.head_commit.id if payload.head_commit else None, payload.after)
-    push = _push("gitea", repo, clone_url, ref=payload.ref, sha=sha, deleted=False)
+    push = _push("gitea", repo, ref=payload.ref, sha=sha, before=payload.before, deleted=False)
     return Delivery("gitea", delivery, push)
 
 
-PARSERS: Final[dict[Forge, Callable[[Mapping[str, str], bytes, SecretLookup], Delivery]]] = {
+Parser = Callable[[Mapping[str, str], bytes, Sequence[WebhookSecret]], Delivery]
+PARSERS: Final[dict[Forge, Parser]] = {
     "github": parse_github,
     "gitlab": parse_gitlab,
     "gitea": parse_gitea,
-}
-SIGNATURE_HEADERS: Final[dict[Forge, tuple[str, ...]]] = {
-    "github": ("X-Hub-Signature-256",),
-    "gitlab": ("X-Gitlab-Token",),
-    "gitea": ("X-Gitea-Signature", "X-Forgejo-Signature"),
 }

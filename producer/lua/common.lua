@@ -22,9 +22,8 @@ local function append(build_events, fleet_events, maxlen, event)
   redis.call('XADD', fleet_events, 'MAXLEN', '~', maxlen, '*', 'event', event)
 end
 
--- The full request of a dead-lettered build, for inspection and replay.
-local function keep_dead_letter(stream, maxlen, build_id, reason, request)
-  local now = redis.call('TIME')
-  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'build_id', build_id,
-    'reason', reason, 'request', request, 'at', now[1] .. '.' .. string.format('%06d', now[2]))
+-- A dead letter: the fields of its stream entry (build id, reason, request, ...), as a flat
+-- list of names and values.
+local function keep_dead_letter(stream, maxlen, fields)
+  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(fields))
 end

@@ -9,7 +9,8 @@ local record, build_events, fleet_events, lease, active, slots, dead_letters =
 local waiting_interactive, waiting_batch = KEYS[8], KEYS[9]
 local build_id, event, status, result, generation, maxlen, ended_ttl, pending_ttl, holder =
   ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-local dead_letter_reason, dead_letter_request, dead_letters_maxlen = ARGV[10], ARGV[11], ARGV[12]
+local dead_letters_maxlen = ARGV[10]
+local dead_letter = {unpack(ARGV, 11)}  -- the entry's fields, when a dead letter is kept
 
 local current = redis.call('HGET', record, 'status')
 if current and terminal[current] then return 0 end
@@ -23,10 +24,7 @@ if terminal[status] then
   redis.call('ZREM', waiting_interactive, build_id)
   redis.call('ZREM', waiting_batch, build_id)
   if holder ~= '' then redis.call('ZREM', slots, holder) end
-  if dead_letter_reason ~= '' then
-    keep_dead_letter(dead_letters, dead_letters_maxlen, build_id, dead_letter_reason,
-      dead_letter_request)
-  end
+  if #dead_letter > 0 then keep_dead_letter(dead_letters, dead_letters_maxlen, dead_letter) end
   redis.call('EXPIRE', record, ended_ttl)
   redis.call('EXPIRE', build_events, ended_ttl)
 elseif not current then

@@ -7,8 +7,8 @@ local record, build_events, fleet_events, job, queue, lease, active, dead_letter
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local build_id, envelope, score, retrying, job_ttl_ms, maxlen, max_requeues =
   ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-local dead_lettered, result, ended_ttl, reason, request, dead_letters_maxlen =
-  ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13]
+local dead_lettered, result, ended_ttl, dead_letters_maxlen = ARGV[8], ARGV[9], ARGV[10], ARGV[11]
+local dead_letter = {unpack(ARGV, 12)}  -- the dead letter's fields
 
 local status = redis.call('HGET', record, 'status')
 if not status then
@@ -27,7 +27,7 @@ if redis.call('HINCRBY', record, 'requeues', 1) > tonumber(max_requeues) then
   redis.call('HSET', record, 'status', 'dead_lettered', 'result', result)
   append(build_events, fleet_events, maxlen, dead_lettered)
   redis.call('ZREM', active, build_id)
-  keep_dead_letter(dead_letters, dead_letters_maxlen, build_id, reason, request)
+  keep_dead_letter(dead_letters, dead_letters_maxlen, dead_letter)
   redis.call('EXPIRE', record, ended_ttl)
   redis.call('EXPIRE', build_events, ended_ttl)
   return 2

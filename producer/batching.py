@@ -1,0 +1,107 @@
+"""One batching primitive: calls made close together share one round trip.
+
+    submits = Coalescer(submit_batch)              # a batch per event-loop turn
+    publishes = Coalescer(publish_batch, serial=True)
+    result = await submits(request)                # or submits.enqueue(request): a Future
+
+Under load a producer's cost per request is mostly Redis round trips; running the calls
+that arrive together as one pipeline is what makes the gateway and the workers scale.
+
+Two ways to batch, the only difference being when a batch goes out:
+- default: every call made during one event-loop turn forms a batch, and a batch starts
+  at once, even while earlier ones are still under way (lowest latency);
+- `serial=True`: one batch at a time; calls made while one is under way go together in the
+  next, in order (what an ordered event log needs: a later batch never overtakes).
+
+`run` gets the inputs in call order and returns one output, or exception, per input; an
+exception it raises fails every call of its batch. A caller that stops waiting (cancelled)
+does not stop its batch; cancelling the batch itself cancels its callers' futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence, Sized
+from typing import Generic, TypeVar
+
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+_T = TypeVar("_T")
+
+BatchRunner = Callable[[list[_In]], Awaitable[Sequence[_Out | Exception]]]
+
+
+class Coalescer(Generic[_In, _Out]):
+    def __init__(self, run: BatchRunner[_In, _Out], *, serial: bool = False) -> None:
+        self._run = run
+        self._serial = serial
+        self._pending: list[tuple[_In, asyncio.Future[_Out]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._scheduled = False
+
+    async def __call__(self, item: _In) -> _Out:
+        return await self.enqueue(item)
+
+    def enqueue(self, item: _In) -> asyncio.Future[_Out]:
+        """Queue `item` for the next batch; the future holds its output. A caller that does
+        not await it should add a done callback that reads its exception."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_Out] = loop.create_future()
+        self._pending.append((item, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._start)
+        return future
+
+    def _start(self) -> None:
+        if self._serial:
+            task = asyncio.ensure_future(self._drain())
+        else:
+            self._scheduled = False
+            batch, self._pending = self._pending, []
+            task = asyncio.ensure_future(self._execute(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._execute(batch)
+        except asyncio.CancelledError:
+            left, self._pending = self._pending, []
+            for _, future in left:
+                future.cancel()
+            raise
+        finally:
+            self._scheduled = False
+
+    async def _execute(self, batch: list[tuple[_In, asyncio.Future[_Out]]]) -> None:
+        try:
+            results = await self._run([item for item, _ in batch])
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():  # its caller went away
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
+def regroup(flat: Sequence[_T], groups: Sequence[Sized]) -> list[list[_T]]:
+    """`flat` (one result per item of every group, in order) cut back into the groups: for
+    a batch whose calls each carry several items."""
+    out, start = [], 0
+    for group in groups:
+        out.append(list(flat[start : start + len(group)]))
+        start += len(group)
+    return out
