@@ -51,13 +51,11 @@ async def queue_build(fleet: BuildfleetClient, build_id: str) -> None:
 
 
 async def finish(fleet: BuildfleetClient, build_id: str, lines: int = 0) -> None:
-    await fleet.store.publish(Started(build_id=build_id, worker="w"), status="running")
+    await fleet.store.start(Started(build_id=build_id, worker="w"), "interactive", lease_s=30)
     for n in range(lines):
         await fleet.store.publish(Log(build_id=build_id, text=f"line {n}"))
     result = BuildResult(build_id=build_id, status="succeeded", digest="sha256:" + "a" * 64)
-    await fleet.store.publish(
-        Succeeded(build_id=build_id, result=result), status="succeeded", result=result
-    )
+    await fleet.store.publish(Succeeded(build_id=build_id, result=result))
 
 
 async def blocked_readers(redis: aioredis.Redis) -> int:
@@ -115,7 +113,7 @@ async def test_a_late_client_resuming_behind_the_others_misses_nothing(
     async with serve(fleet) as http:
         first = await http.get("/v1/builds/late/events", headers=auth())
         early = asyncio.ensure_future(read_sse(first))
-        await fleet.store.publish(Started(build_id="late", worker="w"), status="running")
+        await fleet.store.start(Started(build_id="late", worker="w"), "interactive", lease_s=30)
         for n in range(5):
             await fleet.store.publish(Log(build_id="late", text=f"{n}"))
         await asyncio.sleep(0.2)  # the first client has read them; the reader is past them
