@@ -40,10 +40,10 @@ from gitrepos import GitServer
 # pytest keeps its temporary directories under one root per user and deletes old sessions'
 # there: a checkout of its own keeps concurrent test runs of other checkouts from deleting
 # this one's working directories (service data, logs) while it runs.
-_CHECKOUT = hashlib.sha256(str(Path(__file__).resolve().parent).encode()).hexdigest()[:12]
-os.environ.setdefault(
-    "PYTEST_DEBUG_TEMPROOT", str(Path(tempfile.gettempdir()) / f"buildfleet-tests-{_CHECKOUT}")
-)
+# (Short: daemons put unix sockets under test directories, and a socket path has at most
+# 107 bytes.)
+_CHECKOUT = hashlib.sha256(str(Path(__file__).resolve().parent).encode()).hexdigest()[:6]
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(Path(tempfile.gettempdir()) / f"bf{_CHECKOUT}"))
 Path(os.environ["PYTEST_DEBUG_TEMPROOT"]).mkdir(parents=True, exist_ok=True)
 
 if (Path(__file__).parent / "kube.py").exists():

@@ -141,7 +141,7 @@ async def test_a_tokens_queued_cap_answers_429_until_its_builds_start(
         assert response.headers["Retry-After"] == "11"
         assert "this token has 2 builds queued" in (await response.json())["error"]
         assert not await redis.exists("buildfleet:build:c-2")
-        await fleet.store.publish(Started(build_id="c-0", worker="w"), status="running")
+        await fleet.store.start(Started(build_id="c-0", worker="w"), "interactive", lease_s=30)
         assert (await post(http, A, id="c-2"))[0] == 202
 
 
