@@ -26,6 +26,11 @@ BUILD_PREFIX: Final = "buildfleet:build:"
 _SLOTS: Final = "buildfleet:slots:"
 _DELIVERY: Final = "buildfleet:delivery:"
 _SUPERSEDE: Final = "buildfleet:supersede:"
+_BATCH: Final = "buildfleet:batch:"
+
+DURATIONS_KEY: Final = "buildfleet:durations"
+"""Hash: how long builds of one recipe (repository + context + Dockerfile + target) took,
+smoothed over its successful builds; `rebuild` starts the longest first."""
 
 EVENT_FIELD: Final = b"event"
 """The one field of an entry in an event stream: the encoded event."""
@@ -68,6 +73,17 @@ def delivery_key(forge: str, delivery_id: str) -> str:
 def supersede_record_key(key: str) -> str:
     """The latest build of one repository + ref + image, which a newer push replaces."""
     return f"{_SUPERSEDE}{key}"
+
+
+def batch_key(batch_id: str) -> str:
+    """Hash: one batch rebuild's own fields (created, runs, the cancel flag)."""
+    return f"{_BATCH}{batch_id}"
+
+
+def batch_entries_key(batch_id: str) -> str:
+    """Hash: a batch's entries, each the build that last ran it and the commit it built
+    (what a resumed batch skips when it succeeded)."""
+    return f"{_BATCH}{batch_id}:entries"
 
 
 def job_key(build_id: str) -> str:

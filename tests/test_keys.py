@@ -27,6 +27,9 @@ def test_every_fleet_key_lives_under_the_fleet_prefix() -> None:
         keys.slot_key("tcp://d:1"),
         keys.delivery_key("github", "d"),
         keys.supersede_record_key("k"),
+        keys.DURATIONS_KEY,
+        keys.batch_key("b"),
+        keys.batch_entries_key("b"),
     ]
     assert all(name.startswith(keys.PREFIX) for name in names)
     assert len(set(names)) == len(names)

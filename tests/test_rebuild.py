@@ -17,6 +17,7 @@ from fleet import worker_config, worker_processes
 def rebuild(redis_url: str, manifest: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "buildfleet.cli", "rebuild", str(manifest), *args],
+        cwd=manifest.parent,
         capture_output=True,
         text=True,
         env={"BUILDFLEET_REDIS_URL": redis_url, "PATH": "/usr/bin:/bin"},
@@ -46,13 +47,13 @@ async def test_a_manifest_is_built_at_batch_priority_and_summarized(
     manifest = write_manifest(tmp_path, [entry(n) for n in range(11)] + [entry(11, "failed")])
     config = worker_config(redis_url, backend="simulate", concurrency=4)
     with worker_processes(config, count=2, logs=tmp_path):
-        done = rebuild(redis_url, manifest, "--rate", "50", "--json")
+        done = rebuild(redis_url, manifest, "--rate", "50", "--wait", "--json")
     assert done.returncode == 1, done.stderr  # one build failed
-    results = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [r["status"] for r in results] == ["succeeded"] * 11 + ["failed"]
+    report = json.loads(done.stdout)
+    assert sorted(r["status"] for r in report["builds"]) == ["failed"] + ["succeeded"] * 11
     assert "11 succeeded" in done.stderr and "1 failed" in done.stderr
     fleet = BuildfleetClient(redis)  # borrows the fixture's connection
-    state = await fleet.get(results[0]["build_id"])
+    state = await fleet.get(report["builds"][0]["build_id"])
     assert state.request is not None
     assert state.request.priority == "batch"
 
@@ -64,5 +65,6 @@ async def test_a_bad_entry_stops_the_batch_before_anything_is_submitted(
     manifest = write_manifest(tmp_path, [entry(0), entry(1), bad])
     done = rebuild(redis_url, manifest)
     assert done.returncode == 2
+    assert "nightly.toml:" in done.stderr
     assert "build #3" in done.stderr and "$.images[0]" in done.stderr
     assert await redis.zcard("buildfleet:queue") == 0
