@@ -136,3 +136,22 @@ def worker_processes(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def cli_env(redis_url: str) -> dict[str, str]:
+    """The environment a `buildfleet` command needs to reach the test's Redis (git on PATH)."""
+    return {"BUILDFLEET_REDIS_URL": redis_url, "PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"]}
+
+
+def cli(
+    redis_url: str, *args: str, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run `buildfleet ARGS...` to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "buildfleet.cli", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(redis_url),
+        cwd=cwd,
+        timeout=timeout,
+    )

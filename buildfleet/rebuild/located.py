@@ -52,8 +52,21 @@ class YamlError(ValueError):
 class _Builder:
     def __init__(self) -> None:
         self.budget = _MAX_VALUES
+        self.open: set[int] = set()
+        """The collections being built: an alias back to one of them would never end."""
 
     def value(self, node: Node) -> Value:
+        if id(node) in self.open:
+            raise YamlError(node.start_mark.line + 1, "an alias refers to a value containing it")
+        if isinstance(node, ScalarNode):
+            return self._value(node)
+        self.open.add(id(node))
+        try:
+            return self._value(node)
+        finally:
+            self.open.discard(id(node))
+
+    def _value(self, node: Node) -> Value:
         self.budget -= 1
         if self.budget < 0:
             raise YamlError(

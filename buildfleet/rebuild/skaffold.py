@@ -370,7 +370,7 @@ class _Loader:
         try:
             documents = load_documents(await tree.read(path))
         except YamlError as exc:
-            raise SourceError(f"{where}:{exc.line}: {exc.message}") from None
+            raise SourceError(f"{where}:{exc.line or '?'}: {exc.message}") from None
         found: list[str] = []
         for doc in documents:
             if doc is None:
