@@ -13,7 +13,7 @@ from junitparser import Failure, JUnitXml, Skipped
 from producer.client import BuildfleetClient
 
 from fleet import cli, worker_config, worker_processes
-from gitrepos import GitRepo, GitServer
+from gitrepos import GitRepo, GitServer, git
 from registry import served_digest
 
 pytestmark = pytest.mark.timeout(900)
@@ -270,3 +270,48 @@ async def test_a_skaffold_config_with_profiles_documents_requires_and_a_jib_arti
     assert (suite.tests, suite.failures, suite.skipped) == (4, 0, 1)
     skipped = next(case for case in suite if case.name.endswith(f"/api:{short}"))
     assert isinstance(skipped.result[0], Skipped)
+
+
+async def test_the_gateway_rules_rebuild_every_branch_a_push_would(
+    redis_url: str, registry: str, base_image: str, git_server: GitServer, tmp_path: Path
+) -> None:
+    files = {"Dockerfile": f"FROM {base_image}\n", "tools/Dockerfile": "FROM scratch\n"}
+    api = git_server.create_repo("acme/api", files)
+    api.commit({"x": "1"}, branch="release/1.0")
+    api.commit({"y": "1"}, branch="feature/x")  # no rule builds feature branches
+    web = git_server.create_repo("acme/web", files)
+    config = tmp_path / "fleet.toml"
+    config.write_text(
+        "[[gateway.rules]]\n"
+        'repo = "acme/*"\n'
+        'branches = ["main", "release/*"]\n'
+        f'images = ["{registry}/{{repo}}:{{branch}}-{{short_sha}}"]\n'
+        "\n[[gateway.rules]]\n"
+        'repo = "acme/api"\n'
+        'branches = ["main"]\n'
+        'context = "tools"\n'
+        f'images = ["{registry}/acme/api-tools:{{branch}}"]\n'
+        "\n[[gateway.rules]]\n"
+        'repo = "acme/*"\n'
+        "branches = []\n"
+        'tags = ["v*"]\n'
+        f'images = ["{registry}/{{repo}}:{{tag}}"]\n'
+    )
+    clone_url = f"{git_server.url}{{repo}}.git"
+    done = cli(
+        redis_url, "rebuild", "--config", str(config), "--clone-url", clone_url,
+        "--repo", "acme/web", "--base", base_image, "--dry-run", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    heads = {  # the branch heads, read from the repositories themselves
+        ("api", "main"): git(api.path, "rev-parse", "main")[:7],
+        ("api", "release-1.0"): git(api.path, "rev-parse", "release/1.0")[:7],
+        ("web", "main"): web.head[:7],
+    }
+    assert sorted(b["name"] for b in plan["build"]) == sorted(
+        f"{registry}/acme/{repo}:{branch}-{sha}" for (repo, branch), sha in heads.items()
+    )
+    left = {(b["name"], b["status"]) for b in plan["left_out"]}
+    assert (f"{registry}/acme/api-tools:main", "not_selected") in left  # FROM scratch
+    assert ("acme/*", "skipped") in left  # the tag-only rule

@@ -240,12 +240,10 @@ class _Durations:
 
 async def _settle(record: BatchRecord, items: Sequence[Item]) -> None:
     """Statuses of the builds not seen ending, as they are now (for the report)."""
-    open_items = [i for i in items if not i.ended and i.status != "pending"]
+    open_items = [i for i in items if not i.ended and i.status != "not_submitted"]
     states = await record.statuses([i.build_id for i in open_items]) if open_items else {}
-    for item in items:
-        if item.status == "pending":
-            item.status = "not_submitted"
-        elif (state := states.get(item.build_id)) is not None:
+    for item in open_items:
+        if (state := states.get(item.build_id)) is not None:
             item.status, item.result = state.status, state.result or item.result
 
 
@@ -274,7 +272,7 @@ async def run_batch(
         view.submitted,
         {"batch": options.batch_id},
     )
-    interrupted = False
+    interrupted = cancelled = False
     try:
         async with follower.running() if follow else contextlib.nullcontext(follower):
             if follow:
@@ -284,13 +282,14 @@ async def run_batch(
             if options.wait:
                 await follower.until_all_ended()
     except BatchCancelled:
+        cancelled = True
         view.note(f"batch {options.batch_id} was cancelled: the rest is not submitted")
     except asyncio.CancelledError:
         interrupted = True
         raise
     finally:
         try:
-            await _finish(fleet, record, items, timings)
+            await _finish(fleet, record, items, timings, read_statuses=interrupted or cancelled)
         except (RedisError, FleetUnavailable) as exc:
             view.note(f"cannot read where the builds stand ({exc}); the report shows what was seen")
         report = make_report(options.batch_id, items, plan.refused, options.base)
@@ -309,9 +308,20 @@ def write_reports(report: BatchReport, json_path: Path | None, junit_path: Path 
 
 
 async def _finish(
-    fleet: BuildfleetClient, record: BatchRecord, items: Sequence[Item], timings: _Durations
+    fleet: BuildfleetClient,
+    record: BatchRecord,
+    items: Sequence[Item],
+    timings: _Durations,
+    *,
+    read_statuses: bool,
 ) -> None:
-    await _settle(record, items)
+    """Durations kept; with `read_statuses`, the report gets where each build stands now
+    (else a build not waited for is reported as it was submitted: queued)."""
+    for item in items:
+        if item.status == "pending":
+            item.status = "not_submitted"
+    if read_statuses:
+        await _settle(record, items)
     await remember_durations(fleet.redis, timings.updated)
 
 

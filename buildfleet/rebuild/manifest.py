@@ -38,23 +38,25 @@ class _Lines:
 
     def __init__(self, text: str) -> None:
         self.lines = text.splitlines()
-        self.tables: list[tuple[str, int]] = []  # (header name, 0-based line)
+        self.tables: list[tuple[str, int]] = []  # (header name, 0-based line), in order
+        self.by_name: dict[str, list[int]] = {}  # header name -> its indexes in `tables`
         for index, line in enumerate(self.lines):
             match = _HEADER.match(line)
             if match:
-                self.tables.append((match.group(1).replace(" ", ""), index))
+                name = match.group(1).replace(" ", "")
+                self.by_name.setdefault(name, []).append(len(self.tables))
+                self.tables.append((name, index))
 
     def _span(self, table: str, occurrence: int) -> tuple[int, int] | None:
         """The lines of the `occurrence`-th `[table]`/`[[table]]`, its sub-tables included."""
-        starts = [i for i, (name, line) in enumerate(self.tables) if name == table]
+        starts = self.by_name.get(table, [])
         if occurrence >= len(starts):
             return None
         first = starts[occurrence]
-        end = len(self.lines)
-        for name, line in self.tables[first + 1 :]:
-            if not name.startswith(f"{table}."):
-                end = line
-                break
+        after = first + 1
+        while after < len(self.tables) and self.tables[after][0].startswith(f"{table}."):
+            after += 1
+        end = self.tables[after][1] if after < len(self.tables) else len(self.lines)
         return self.tables[first][1], end
 
     def line_of(self, table: str, occurrence: int, key: str | None) -> int | None:

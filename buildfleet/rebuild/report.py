@@ -31,6 +31,7 @@ FAILED: Final = frozenset({"failed", "dead_lettered", "cancelled", "not_submitte
 """Statuses that make the batch fail (exit status 1)."""
 _FAILURE: Final = frozenset({"failed", "dead_lettered"})
 _ERROR: Final = frozenset({"cancelled", "not_submitted"})
+_ALL_ROWS_UP_TO: Final = 20
 _CONTROL: Final = {code: None for code in range(32) if code not in (9, 10, 13)}
 
 
@@ -169,9 +170,10 @@ def summary(report: BatchReport, *, all_rows: bool = False) -> Table:
     table = Table(title=f"batch {report.batch}: {title}")
     for column in ("image", "status", "time", "source", "why"):
         table.add_column(column)
+    brief = not all_rows and len(report.builds) > _ALL_ROWS_UP_TO
     for record in report.builds:
-        if record.status == "succeeded" and not all_rows and len(report.builds) > 20:
-            continue
+        if brief and record.status not in FAILED and record.status != "skipped":
+            continue  # a long batch lists only what needs attention
         why = record.error or ("earlier run" if record.reused else "")
         if record.failed_step:
             why = f"{why} (step: {record.failed_step})"
