@@ -155,3 +155,22 @@ def cli(
         cwd=cwd,
         timeout=timeout,
     )
+
+
+@contextmanager
+def cli_process(redis_url: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """`buildfleet ARGS...` running in the background (text pipes); killed if still running
+    on exit."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "buildfleet.cli", *args],
+        env=cli_env(redis_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()

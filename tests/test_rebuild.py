@@ -3,6 +3,7 @@ buildkitd and pushed to the registry; reports read back as JSON and by a JUnit r
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 from junitparser import Failure, JUnitXml, Skipped
 
+from buildfleet.rebuild.gitread import GitReader
+from buildfleet.rebuild.plan import SourceError
 from producer.client import BuildfleetClient
 
 from fleet import cli, worker_config, worker_processes
@@ -315,3 +318,21 @@ async def test_the_gateway_rules_rebuild_every_branch_a_push_would(
     left = {(b["name"], b["status"]) for b in plan["left_out"]}
     assert (f"{registry}/acme/api-tools:main", "not_selected") in left  # FROM scratch
     assert ("acme/*", "skipped") in left  # the tag-only rule
+
+
+async def test_many_commits_of_one_repository_are_read_at_once_each_its_own_file(
+    git_server: GitServer, tmp_path: Path
+) -> None:
+    repo = git_server.create_repo("busy", {"Dockerfile": "FROM base:0\n"})
+    commits = [repo.commit({"Dockerfile": f"FROM base:{n}\n"}, branch=f"b{n}") for n in range(8)]
+    reader = GitReader(tmp_path)
+    resolved = await asyncio.gather(*(reader.resolve(repo.url, f"b{n}") for n in range(8)))
+    assert resolved == commits
+    texts = await asyncio.gather(
+        *(reader.read(repo.url, sha, "Dockerfile", ref=f"b{n}") for n, sha in enumerate(commits))
+    )
+    assert texts == [f"FROM base:{n}\n" for n in range(8)]
+    with pytest.raises(SourceError, match=r"nope: not found at"):
+        await reader.read(repo.url, commits[0], "nope")
+    with pytest.raises(SourceError, match=r"no branch or tag named 'b9'"):
+        await reader.resolve(repo.url, "b9")

@@ -5,22 +5,25 @@ interactive builds going first, --cancel, and bad input that fails alone."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from redis import Redis as SyncRedis
+from redis.exceptions import RedisError
 
+from buildfleet import services
 from producer.contract import Queued, Started, decode_event, is_terminal
 from producer.keys import DEFAULT_QUEUE, EVENT_FIELD, EVENTS_STREAM
 from worker.settings import SimulateSettings
 
-from fleet import cli, cli_env, worker_config, worker_processes
+from fleet import cli, cli_process, worker_config, worker_processes
 from gitrepos import GitServer
 
 pytestmark = pytest.mark.timeout(300)
@@ -111,18 +114,15 @@ async def test_an_interrupted_batch_keeps_running_and_resuming_skips_what_succee
     first = manifest(tmp_path / "first.toml", 30, app_0="failed")
     config = worker_config(redis_url, backend="simulate", concurrency=4)
     with worker_processes(config, count=1, logs=tmp_path):
-        run = subprocess.Popen(
-            [sys.executable, "-m", "buildfleet.cli", "rebuild", str(first),
-             "--batch", "b1", "--rate", "5", "--wait"],
-            env=cli_env(redis_url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        with cli_process(redis_url, "rebuild", str(first), "--batch", "b1", "--rate", "5",
+                         "--wait") as run:  # fmt: skip
 
-        async def some_submitted() -> bool:
-            return len((await Timeline.read(redis, "b1.r1.")).queued) >= 6
+            async def some_submitted() -> bool:
+                return len((await Timeline.read(redis, "b1.r1.")).queued) >= 6
 
-        await wait_for(some_submitted)
-        run.send_signal(signal.SIGINT)
-        _, stderr = run.communicate(timeout=30)
+            await wait_for(some_submitted)
+            run.send_signal(signal.SIGINT)
+            _, stderr = run.communicate(timeout=30)
         assert run.returncode == 130, stderr
         assert "interrupted:" in stderr and "keep running" in stderr
         assert "buildfleet rebuild --follow b1" in stderr
@@ -204,13 +204,9 @@ async def test_cancel_stops_a_running_batch_and_its_builds(
     redis: aioredis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
     config = worker_config(redis_url, backend="simulate", concurrency=4)
-    with worker_processes(config, count=1, logs=tmp_path):
-        run = subprocess.Popen(
-            [sys.executable, "-m", "buildfleet.cli", "rebuild",
-             str(manifest(tmp_path / "m.toml", 20, 30.0)), "--batch", "doomed",
-             "--max-in-flight", "3", "--wait", "--json"],
-            env=cli_env(redis_url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+    doomed = ("rebuild", str(manifest(tmp_path / "m.toml", 20, 30.0)), "--batch", "doomed",
+              "--max-in-flight", "3", "--wait", "--json")  # fmt: skip
+    with worker_processes(config, count=1, logs=tmp_path), cli_process(redis_url, *doomed) as run:
 
         async def three_running() -> bool:
             return len((await Timeline.read(redis, "doomed.")).started) == 3
@@ -279,3 +275,61 @@ async def test_the_summary_names_every_outcome_at_batch_priority(
     queued = [decode_event(fields[EVENT_FIELD]) for _, fields in await redis.xrange(EVENTS_STREAM)]
     priorities = {e.priority for e in queued if isinstance(e, Queued)}
     assert priorities == {"batch"}
+
+
+class DurableRedis:
+    """A redis-server of this test's own that keeps every write (AOF, fsync always), so it
+    can be SIGKILLed and started again on the same port with its data."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = services.free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        argv = [services.find_tool("redis-server"), "--port", str(self.port),
+                "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+                "--appendfsync", "always", "--dir", str(self.workdir)]  # fmt: skip
+        log = (self.workdir / "redis.log").open("ab")
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while True:
+            with contextlib.suppress(RedisError), SyncRedis(port=self.port) as probe:
+                if probe.ping():
+                    return
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+
+async def test_a_batch_rides_out_redis_killed_and_restarted_mid_submission(
+    tmp_path: Path,
+) -> None:
+    durable = DurableRedis(tmp_path)
+    durable.start()
+    redis = aioredis.Redis.from_url(durable.url)
+    try:
+        with cli_process(durable.url, "rebuild", str(manifest(tmp_path / "m.toml", 40)),
+                         "--batch", "outage", "--rate", "20") as run:  # fmt: skip
+
+            async def some_submitted() -> bool:
+                return len((await Timeline.read(redis, "outage.")).queued) >= 10
+
+            await wait_for(some_submitted)
+            durable.kill()
+            await asyncio.sleep(1.5)  # the command finds Redis gone and keeps trying
+            durable.start()
+            _, stderr = run.communicate(timeout=120)
+        assert run.returncode == 0, stderr
+        assert "Redis unreachable" in stderr
+        timeline = await Timeline.read(redis, "outage.")
+        assert len(timeline.queued) == 40  # every build once: none lost, none doubled
+        assert await redis.zcard(DEFAULT_QUEUE) == 40
+    finally:
+        await redis.aclose()
+        durable.kill()

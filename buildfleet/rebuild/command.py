@@ -20,12 +20,13 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from buildfleet.rebuild import console
 from buildfleet.rebuild.gitread import GitReader
@@ -178,6 +179,7 @@ async def make_plan(sources: Sources, reader: GitReader) -> Plan:
 def _entry_record(entry: Entry, build_id: str) -> EntryRecord:
     return EntryRecord(
         build_id=build_id,
+        recipe=recipe_key(entry.request),
         fingerprint=fingerprint(entry.request),
         name=entry.name,
         origin=entry.origin,
@@ -247,7 +249,23 @@ async def _settle(record: BatchRecord, items: Sequence[Item]) -> None:
             item.status, item.result = state.status, state.result or item.result
 
 
+@contextlib.asynccontextmanager
+async def _unreachable_as_fleet_unavailable() -> AsyncIterator[None]:
+    """redis-py's connection errors, mapped once at this edge (the client maps its own)."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        raise FleetUnavailable(f"Redis unreachable ({exc})") from exc
+
+
 async def run_batch(
+    fleet: BuildfleetClient, plan: Plan, options: RunOptions, view: console.Progress
+) -> BatchReport:
+    async with _unreachable_as_fleet_unavailable():
+        return await _run_batch(fleet, plan, options, view)
+
+
+async def _run_batch(
     fleet: BuildfleetClient, plan: Plan, options: RunOptions, view: console.Progress
 ) -> BatchReport:
     record = BatchRecord(fleet.redis, options.batch_id)
@@ -271,8 +289,10 @@ async def run_batch(
         options.max_in_flight,
         view.submitted,
         {"batch": options.batch_id},
+        on_outage=view.note,
     )
-    interrupted = cancelled = False
+    stopped: str | None = None
+    cancelled = False
     try:
         async with follower.running() if follow else contextlib.nullcontext(follower):
             if follow:
@@ -285,18 +305,21 @@ async def run_batch(
         cancelled = True
         view.note(f"batch {options.batch_id} was cancelled: the rest is not submitted")
     except asyncio.CancelledError:
-        interrupted = True
+        stopped = "interrupted"
+        raise
+    except FleetUnavailable:
+        stopped = "Redis went away"
         raise
     finally:
         try:
-            await _finish(fleet, record, items, timings, read_statuses=interrupted or cancelled)
-        except (RedisError, FleetUnavailable) as exc:
+            await _finish(fleet, record, items, timings, read_statuses=bool(stopped or cancelled))
+        except FleetUnavailable as exc:
             view.note(f"cannot read where the builds stand ({exc}); the report shows what was seen")
         report = make_report(options.batch_id, items, plan.refused, options.base)
         write_reports(report, options.report_json, options.report_junit)
         view.finish(report, submitted=sum(i.status != "not_submitted" for i in submit))
-        if interrupted:
-            view.interrupted(options.batch_id, options.resume_hint, report)
+        if stopped is not None:
+            view.stopped(stopped, options.batch_id, options.resume_hint, report)
     return report
 
 
@@ -320,27 +343,42 @@ async def _finish(
     for item in items:
         if item.status == "pending":
             item.status = "not_submitted"
-    if read_statuses:
-        await _settle(record, items)
-    await remember_durations(fleet.redis, timings.updated)
+    async with _unreachable_as_fleet_unavailable():
+        if read_statuses:
+            await _settle(record, items)
+        await remember_durations(fleet.redis, timings.updated)
 
 
 async def follow_batch(
     fleet: BuildfleetClient, batch_id: str, view: console.Progress
 ) -> BatchReport:
     """Follow an earlier run's builds to their end."""
+    async with _unreachable_as_fleet_unavailable():
+        return await _follow_batch(fleet, batch_id, view)
+
+
+async def _follow_batch(
+    fleet: BuildfleetClient, batch_id: str, view: console.Progress
+) -> BatchReport:
     record = BatchRecord(fleet.redis, batch_id)
     if not await record.exists():
         raise BatchNotFound(batch_id)
     entries = await record.entries()
-    items = [Item(key, entry, "", status="queued") for key, entry in entries.items()]
+    items = [Item(key, entry, entry.recipe, status="queued") for key, entry in entries.items()]
     view.start(batch_id, 0, 0, 0, len(items), 0)
-    follower = Follower(fleet, record, view.ended, after=await fleet.last_event_id())
+    timings = _Durations(await durations(fleet.redis, {i.recipe for i in items}))
+
+    def ended(item: Item) -> None:
+        timings.add(item)
+        view.ended(item)
+
+    follower = Follower(fleet, record, ended, after=await fleet.last_event_id())
     async with follower.running():
         follower.watch(items)
         await follower.drop_missing()
         await follower.reconcile()
         await follower.until_all_ended()
+    await remember_durations(fleet.redis, timings.updated)
     report = make_report(batch_id, items, ())
     view.finish(report, submitted=0)
     return report
@@ -349,6 +387,11 @@ async def follow_batch(
 async def cancel_batch(fleet: BuildfleetClient, batch_id: str) -> dict[str, int]:
     """Stop submitting (a run in progress sees the flag) and cancel every build of the
     batch: queued ones end now, running ones are stopped by their workers."""
+    async with _unreachable_as_fleet_unavailable():
+        return await _cancel_batch(fleet, batch_id)
+
+
+async def _cancel_batch(fleet: BuildfleetClient, batch_id: str) -> dict[str, int]:
     record = BatchRecord(fleet.redis, batch_id)
     if not await record.exists():
         raise BatchNotFound(batch_id)

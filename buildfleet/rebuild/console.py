@@ -102,11 +102,11 @@ class Progress:
         if submitted and any(b.status in ("queued", "running") for b in report.builds):
             self.out.print(f"follow it: buildfleet rebuild --follow {report.batch}")
 
-    def interrupted(self, batch: str, resume: str, report: BatchReport) -> None:
+    def stopped(self, why: str, batch: str, resume: str, report: BatchReport) -> None:
         running = sum(b.status in ("queued", "running", "retrying") for b in report.builds)
         left = sum(b.status == "not_submitted" for b in report.builds)
         self.out.print(
-            f"interrupted: {running} build(s) of batch {batch} keep running, "
+            f"{why}: {running} build(s) of batch {batch} keep running, "
             f"{left} not submitted yet.\n"
             f"  follow them:  buildfleet rebuild --follow {batch}\n"
             f"  resume:       {resume}\n"

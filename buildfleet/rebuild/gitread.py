@@ -57,6 +57,9 @@ class GitReader:
         self.timeout_s = timeout_s
         self._slots = asyncio.Semaphore(parallel)
         self._tasks: dict[tuple[str, ...], asyncio.Future[Any]] = {}  # answers of any type
+        self._repo_locks: dict[str, asyncio.Lock] = {}
+        """One git process at a time in a local copy: fetches share its shallow file and
+        FETCH_HEAD, and reading a blob may fetch it."""
 
     async def _once(self, key: tuple[str, ...], make: Callable[[], Awaitable[_T]]) -> _T:
         """`make()` run once per key; later and concurrent callers share its answer."""
@@ -142,7 +145,8 @@ class GitReader:
         to serve a commit by its id (it must still name that commit)."""
         check_url(url)
         repo = await self._fetched(url, commit, ref)
-        status, out, _ = await self._git(["cat-file", "blob", f"{commit}:{path}"], cwd=repo)
+        async with self._repo_locks[url]:
+            status, out, _ = await self._git(["cat-file", "blob", f"{commit}:{path}"], cwd=repo)
         if status != 0:
             raise SourceError(f"{path}: not found at {commit[:12]} of {url}")
         try:
@@ -156,6 +160,7 @@ class GitReader:
         return repo
 
     async def _init(self, url: str) -> Path:
+        self._repo_locks[url] = asyncio.Lock()
         repo = self.workdir / hashlib.sha256(url.encode()).hexdigest()[:16]
         for args in (
             ["init", "--quiet", "--bare", str(repo)],
@@ -169,6 +174,10 @@ class GitReader:
         return repo
 
     async def _fetch(self, repo: Path, url: str, commit: str, ref: str | None) -> None:
+        async with self._repo_locks[url]:
+            await self._fetch_locked(repo, url, commit, ref)
+
+    async def _fetch_locked(self, repo: Path, url: str, commit: str, ref: str | None) -> None:
         fetch = ["fetch", "--quiet", "--depth=1", "--filter=blob:none", "--no-tags", "origin"]
         status, _, err = await self._git([*fetch, commit], cwd=repo)
         if status == 0:

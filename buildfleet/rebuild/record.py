@@ -31,6 +31,7 @@ class EntryRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     name: str
     origin: str
     source: str
+    recipe: str = ""
     images: tuple[str, ...] = ()
     matches: tuple[str, ...] = ()
 

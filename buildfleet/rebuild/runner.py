@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import msgspec
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from buildfleet.rebuild.pacing import Pacer
 from buildfleet.rebuild.record import BatchRecord, EntryRecord
@@ -37,6 +39,9 @@ CHUNK: Final = 500
 """Submissions per round trip at most."""
 RECONCILE_S: Final = 2.0
 _RETRY_S: Final = 1.0
+_MAX_RETRY_S: Final = 5.0
+OUTAGE_S: Final = 120.0
+"""How long a run keeps submitting again while Redis cannot be reached, before it stops."""
 
 
 class BatchCancelled(Exception):
@@ -168,6 +173,8 @@ class Submitter:
     max_in_flight: int | None
     on_submitted: Callable[[Sequence[Item]], None]
     batch_labels: dict[str, str] = field(default_factory=dict)
+    on_outage: Callable[[str], None] = lambda _message: None
+    outage_s: float = OUTAGE_S
 
     def _room(self, pending: int) -> int:
         if self.max_in_flight is None or self.follower is None:
@@ -193,9 +200,25 @@ class Submitter:
                     await asyncio.sleep(timeout or 0)
                 continue
             chunk = items[position : position + count]
-            await self._submit_chunk(chunk)
+            await self._submit_through_outages(chunk)
             pacer.took(count, now)
             position += count
+
+    async def _submit_through_outages(self, chunk: Sequence[Item]) -> None:
+        """The chunk, again while Redis cannot be reached, for up to `outage_s`: submitting
+        is idempotent (the same build ids), so a chunk whose answer was lost is not doubled."""
+        deadline = time.monotonic() + self.outage_s
+        pause = _RETRY_S / 4
+        while True:
+            try:
+                await self._submit_chunk(chunk)
+                return
+            except (FleetUnavailable, RedisConnectionError, RedisTimeoutError) as exc:
+                if time.monotonic() + pause > deadline:
+                    raise FleetUnavailable(f"Redis unreachable for {self.outage_s:.0f} s") from exc
+                self.on_outage(f"Redis unreachable ({exc}); submitting again in {pause:.1f} s")
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _MAX_RETRY_S)
 
     async def _submit_chunk(self, chunk: Sequence[Item]) -> None:
         if await self.record.remember((item.key, item.record) for item in chunk):
