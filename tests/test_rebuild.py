@@ -206,6 +206,15 @@ build:
         dockerfile: build/Containerfile
 """
 
+SKAFFOLD_SHARED = """\
+apiVersion: skaffold/v4beta13
+kind: Config
+build:
+  artifacts:
+    - image: shared
+      context: ../svc
+"""
+
 SKAFFOLD_LIB = """\
 apiVersion: skaffold/v4beta5
 kind: Config
@@ -233,10 +242,19 @@ async def test_a_skaffold_config_with_profiles_documents_requires_and_a_jib_arti
         'RUN test "$VERSION" = 1.10 && test "$DEBUG" = 1\n'
         "FROM dev AS release\nRUN touch /release\n"
     )
+    shared = git_server.create_repo(
+        "skaffold-shared",
+        {
+            "config/skaffold.yaml": SKAFFOLD_SHARED,
+            "svc/Dockerfile": f"FROM {base_image}\nRUN true\n",
+        },
+    )
+    requires_git = f"  - git:\n      repo: {shared.url}\n      path: config/skaffold.yaml\n"
+    app = SKAFFOLD_APP.replace("  - path: ../lib\n", f"  - path: ../lib\n{requires_git}")
     repo = git_server.create_repo(
         "skaffolded",
         {
-            "deploy/skaffold.yaml": SKAFFOLD_APP,
+            "deploy/skaffold.yaml": app,
             "deploy/web/Dockerfile": web,
             "deploy/worker/build/Containerfile": f"FROM {base_image}\nRUN true\n",
             "lib/skaffold.yaml": SKAFFOLD_LIB,
@@ -244,6 +262,7 @@ async def test_a_skaffold_config_with_profiles_documents_requires_and_a_jib_arti
         },
     )
     source = f"{repo.url}#main:deploy/skaffold.yaml"
+    shared_short = shared.head[:7]
     config = worker_config(redis_url, daemons=[buildkitd], max_builds=3, concurrency=3)
     with worker_processes(config, count=1, logs=tmp_path):
         done = cli(
@@ -259,10 +278,11 @@ async def test_a_skaffold_config_with_profiles_documents_requires_and_a_jib_arti
         f"{registry}/sk/web:{short}": "succeeded",
         f"{registry}/sk/worker:{short}": "succeeded",
         f"{registry}/sk/api:{short}": "skipped",
+        f"{registry}/sk/shared:{shared_short}": "succeeded",
     }
     [jib] = [b for b in report["builds"] if b["status"] == "skipped"]
     assert jib["error"] == "jib artifact: this fleet has no jib backend yet"
-    assert jib["origin"] == f"{repo.url}@{repo.head[:12]}:deploy/skaffold.yaml:15"
+    assert jib["origin"] == f"{repo.url}@{repo.head[:12]}:deploy/skaffold.yaml:18"
     fleet = BuildfleetClient(redis)
     web_build = next(b for b in report["builds"] if "/web:" in b["name"])
     request = (await fleet.get(web_build["build_id"])).request
@@ -270,7 +290,7 @@ async def test_a_skaffold_config_with_profiles_documents_requires_and_a_jib_arti
     assert (request.context, request.target) == ("deploy/web", "release")
     assert request.build_args == {"VERSION": "1.10", "DEBUG": "1"}
     [suite] = list(JUnitXml.fromfile(str(tmp_path / "sk.xml")))
-    assert (suite.tests, suite.failures, suite.skipped) == (4, 0, 1)
+    assert (suite.tests, suite.failures, suite.skipped) == (5, 0, 1)
     skipped = next(case for case in suite if case.name.endswith(f"/api:{short}"))
     assert isinstance(skipped.result[0], Skipped)
 

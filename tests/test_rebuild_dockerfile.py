@@ -194,3 +194,17 @@ def test_a_dockerfile_buildkit_would_refuse_is_an_error_naming_the_line(
 def test_an_unknown_target_names_the_stages_there_are() -> None:
     with pytest.raises(DockerfileError, match=r"target 'nope' is not a stage \(build, final\)"):
         base_uses("FROM a AS build\nFROM build AS final\n", target="nope")
+
+
+def test_here_strings_and_double_angles_inside_words_open_no_heredoc() -> None:
+    text = (
+        "FROM alpine AS a\n"
+        'RUN cat <<<"here" && echo a<<b\n'
+        "FROM debian AS b\n"
+        "RUN 3<<EOF cat\n"
+        "FROM not-a-stage\n"
+        "EOF\n"
+        "FROM busybox\n"
+        "COPY --from=a /x /x\n"
+    )
+    assert [s.name for s in stages(text)] == ["a", "b", None]

@@ -26,7 +26,9 @@ from typing import Final
 from buildfleet.rebuild.reference import ImageRef, ReferenceError, parse_reference
 
 _DIRECTIVE: Final = re.compile(r"^#\s*([A-Za-z][A-Za-z0-9]*)\s*=\s*(.*?)\s*$")
-_HEREDOC: Final = re.compile(r"<<(-?)\s*([\"']?)([A-Za-z_][A-Za-z0-9_.-]*)\2")
+_HEREDOC: Final = re.compile(r"^\d*<<(-?)([\"']?)([^<\"']+)\2$")
+"""A word that opens a heredoc, as BuildKit tells one: `<<EOF`, `<<-EOF`, `<<"EOF"`, `3<<EOF`
+(so `<<<` here-strings and `a<<b` inside a word are not)."""
 _NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HEREDOC_KEYWORDS: Final = frozenset({"RUN", "COPY", "ADD"})
 _OPERATORS: Final = (":-", ":+", ":?", "-", "+", "?", "##", "#", "%%", "%")
@@ -110,9 +112,9 @@ def _directives(lines: Sequence[str]) -> tuple[str, int]:
     return escape, len(lines)
 
 
-def _skip_heredocs(args: str, lines: Sequence[str], index: int) -> int:
+def _skip_heredocs(args: str, escape: str, lines: Sequence[str], index: int) -> int:
     """Past the bodies of the heredocs `args` opens, which start at `lines[index]`."""
-    for match in _HEREDOC.finditer(args):
+    for match in filter(None, map(_HEREDOC.match, split_words(args, escape))):
         strip_tabs, word = match.group(1) == "-", match.group(3)
         while index < len(lines):
             line = lines[index].lstrip("\t") if strip_tabs else lines[index]
@@ -137,7 +139,7 @@ def instructions(text: str) -> Iterator[Instruction]:
             index += 1
             if index - 1 > start and (not line.strip() or line.lstrip().startswith("#")):
                 continue  # blank and comment lines inside an instruction are dropped
-            if line.endswith(escape) and not line.endswith(escape * 2):
+            if line.endswith(escape):
                 parts.append(line[:-1])
                 continue
             parts.append(line)
@@ -146,7 +148,7 @@ def instructions(text: str) -> Iterator[Instruction]:
         keyword = keyword.upper()
         args = args.strip()
         if keyword in _HEREDOC_KEYWORDS and "<<" in args:
-            index = _skip_heredocs(args, lines, index)
+            index = _skip_heredocs(args, escape, lines, index)
         yield Instruction(start + 1, keyword, args)
 
 

@@ -37,7 +37,9 @@ logger = logging.getLogger("buildfleet.rebuild")
 
 CHUNK: Final = 500
 """Submissions per round trip at most."""
-RECONCILE_S: Final = 2.0
+RECONCILE_S: Final = 10.0
+"""How often the records of watched builds are read, in case the stream missed an end (it
+was trimmed, or the connection was lost): the most an end can be seen late."""
 _RETRY_S: Final = 1.0
 _MAX_RETRY_S: Final = 5.0
 OUTAGE_S: Final = 120.0
@@ -108,8 +110,9 @@ class Follower:
             except FleetUnavailable as exc:
                 logger.warning("event stream lost (%s); reading build records meanwhile", exc)
                 await asyncio.sleep(_RETRY_S)
-                with contextlib.suppress(FleetUnavailable):
+                with contextlib.suppress(FleetUnavailable, RedisError):
                     after = await self.fleet.last_event_id()
+                    await self.reconcile()  # ends published while the stream was away
 
     async def reconcile(self) -> None:
         """Read the records of the builds still watched; take the ends found there."""
