@@ -224,7 +224,7 @@ async def _rebuild(config: FleetConfig, args: argparse.Namespace) -> int:
         async with BuildfleetClient.from_url(config.redis.url, config.queue) as fleet:
             if args.cancel:
                 counts = await batch.cancel_batch(fleet, batch.check_batch_id(args.cancel))
-                done = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+                done = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
                 out.print(f"batch {args.cancel} cancelled: {done or 'no builds'}")
                 return EXIT_OK
             report = await batch.follow_batch(
@@ -232,13 +232,13 @@ async def _rebuild(config: FleetConfig, args: argparse.Namespace) -> int:
             )
             batch.write_reports(report, args.report, args.junit)
     else:
+        batch_id = batch.check_batch_id(args.batch) if args.batch else batch.new_batch_id()
         sources = _rebuild_sources(config, args)
         with tempfile.TemporaryDirectory(prefix="buildfleet-rebuild-") as workdir:
             plan = await batch.make_plan(sources, GitReader(Path(workdir)))
         if args.dry_run:
             print_plan(plan, as_json=args.json, out=out)
             return EXIT_BUILD_FAILED if any(r.status == "failed" for r in plan.refused) else EXIT_OK
-        batch_id = batch.check_batch_id(args.batch) if args.batch else batch.new_batch_id()
         options = batch.RunOptions(
             batch_id=batch_id,
             rate=args.rate,

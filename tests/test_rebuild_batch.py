@@ -214,7 +214,8 @@ async def test_cancel_stops_a_running_batch_and_its_builds(
         await wait_for(three_running)
         cancelled = cli(redis_url, "rebuild", "--cancel", "doomed")
         assert cancelled.returncode == 0, cancelled.stderr
-        assert "batch doomed cancelled: 3 signalled" in cancelled.stdout + cancelled.stderr
+        said = " ".join((cancelled.stdout + cancelled.stderr).split())
+        assert "batch doomed cancelled: 3 stopped while running" in said
         stdout, stderr = run.communicate(timeout=60)
     assert run.returncode == 1, stderr
     assert "was cancelled" in stderr

@@ -54,8 +54,16 @@ from buildfleet.rebuild.trees import DEFAULT_CONFIG, LocalTree, Tree, open_git, 
 from producer.client import BuildfleetClient, FleetUnavailable
 from producer.contract import TERMINAL_STATUSES
 from producer.gateway.settings import Rule
+from producer.store import CancelOutcome
 
 BATCH_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_CANCELLED_HOW: Final = {
+    CancelOutcome.CANCELLED: "cancelled while queued",
+    CancelOutcome.SIGNALLED: "stopped while running",
+    CancelOutcome.LEFT_RUNNING: "left running",
+    CancelOutcome.ENDED: "had ended",
+    CancelOutcome.UNKNOWN: "never submitted",
+}
 
 
 def new_batch_id() -> str:
@@ -401,5 +409,6 @@ async def _cancel_batch(fleet: BuildfleetClient, batch_id: str) -> dict[str, int
     outcomes = await fleet.store.cancel_many([(e.build_id, reason) for e in entries.values()])
     counts: dict[str, int] = {}
     for outcome in outcomes:
-        counts[outcome.value] = counts.get(outcome.value, 0) + 1
+        what = _CANCELLED_HOW[outcome]
+        counts[what] = counts.get(what, 0) + 1
     return counts
