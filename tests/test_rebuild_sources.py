@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from buildfleet.rebuild.command import Sources, make_plan
+from buildfleet.rebuild.gitread import GitReader
 from buildfleet.rebuild.manifest import load_manifest
 from buildfleet.rebuild.pacing import Pacer, longest_first
 from buildfleet.rebuild.plan import Plan, SourceError
@@ -337,3 +339,21 @@ def test_longest_first_uses_known_durations_and_the_median_for_the_rest() -> Non
     # "unknown" counts as the median (5 s) and, tied with c, keeps its place before it.
     assert longest_first(items, str, durations) == ["b", "unknown", "c", "a"]
     assert longest_first(items, str, {}) == items
+
+
+def test_a_profile_no_config_defines_is_an_error(tmp_path: Path) -> None:
+    config = write(tmp_path / "skaffold.yaml", APP)
+    write(tmp_path / "lib" / "skaffold.yaml", LIB)
+    manifest = write(tmp_path / "m.toml", GOOD)
+    reader = GitReader(tmp_path / "git")
+
+    def plan(*paths: Path, profile: str) -> Plan:
+        sources = Sources(
+            paths=tuple(map(str, paths)), skaffold=SkaffoldOptions(profiles=(profile,))
+        )
+        return asyncio.run(make_plan(sources, reader))
+
+    with pytest.raises(SourceError, match="--profile nope: no Skaffold config read defines it"):
+        plan(config, profile="nope")
+    with pytest.raises(SourceError, match="--profile prod: profiles are for Skaffold configs"):
+        plan(manifest, profile="prod")

@@ -106,29 +106,31 @@ class RunOptions:
 # --- from sources to a plan ---------------------------------------------------------------
 
 
-async def _skaffold(tree: Tree, path: str, sources: Sources, reader: GitReader) -> Plan:
+Profiles = set[str] | None
+"""The profiles the Skaffold configs of a source define (None: not a Skaffold source)."""
+
+
+async def _skaffold(
+    tree: Tree, path: str, sources: Sources, reader: GitReader
+) -> tuple[Plan, Profiles]:
     async def open_remote(url: str, ref: str) -> Tree:
         return await open_git(reader, url, ref)
 
-    plan, defined = await load_skaffold(tree, path, sources.skaffold, open_remote)
-    unknown = [p for p in sources.skaffold.profiles if p not in defined]
-    if unknown:
-        raise SourceError(f"{tree.display(path)}: no config defines profile {unknown[0]!r}")
-    return plan
+    return await load_skaffold(tree, path, sources.skaffold, open_remote)
 
 
-async def _read_source(source: str, sources: Sources, reader: GitReader) -> Plan:
+async def _read_source(source: str, sources: Sources, reader: GitReader) -> tuple[Plan, Profiles]:
     remote = split_remote(source)
     if remote is not None:
         url, ref, path = remote
         try:
             tree = await open_git(reader, url, ref)
         except SourceError as exc:
-            return Plan(refused=[Refused(source, source, str(exc), "failed", url)])
+            return Plan(refused=[Refused(source, source, str(exc), "failed", url)]), set()
         return await _skaffold(tree, path, sources, reader)
     local = Path(source)
     if source.endswith(".toml"):
-        return Plan(entries=load_manifest(local))
+        return Plan(entries=load_manifest(local)), None
     if source.endswith((".yaml", ".yml")):
         return await _skaffold(LocalTree(), source, sources, reader)
     if await asyncio.to_thread(local.is_dir):
@@ -157,8 +159,18 @@ def _drop_repeats(plan: Plan) -> Plan:
 async def make_plan(sources: Sources, reader: GitReader) -> Plan:
     """Every entry of every source, pinned to its commit, `--base` applied."""
     declared = Plan()
-    for part in await asyncio.gather(*(_read_source(s, sources, reader) for s in sources.paths)):
+    defined: Profiles = None
+    for part, profiles in await asyncio.gather(
+        *(_read_source(s, sources, reader) for s in sources.paths)
+    ):
         declared.extend(part)
+        if profiles is not None:
+            defined = (defined or set()) | profiles
+    for profile in sources.skaffold.profiles:
+        if defined is None:
+            raise SourceError(f"--profile {profile}: profiles are for Skaffold configs")
+        if profile not in defined:
+            raise SourceError(f"--profile {profile}: no Skaffold config read defines it")
     if sources.rules or not sources.paths:
         if sources.clone_url is None:
             raise SourceError("the gateway's rules need --clone-url (e.g. git://forge/{repo}.git)")
