@@ -31,7 +31,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from buildfleet.rebuild.pacing import Pacer
 from buildfleet.rebuild.record import BatchRecord, EntryRecord
 from producer.client import BuildfleetClient, FleetUnavailable
-from producer.contract import TERMINAL_STATUSES, BuildRequest, BuildResult, result_of
+from producer.contract import (
+    TERMINAL_STATUSES,
+    BuildRequest,
+    BuildResult,
+    ContractError,
+    result_of,
+)
 
 logger = logging.getLogger("buildfleet.rebuild")
 
@@ -107,7 +113,7 @@ class Follower:
                     result = result_of(event)
                     if result is not None:
                         self._end(event.build_id, result)
-            except FleetUnavailable as exc:
+            except (FleetUnavailable, ContractError) as exc:  # gone, or an unreadable entry
                 logger.warning("event stream lost (%s); reading build records meanwhile", exc)
                 await asyncio.sleep(_RETRY_S)
                 with contextlib.suppress(FleetUnavailable, RedisError):
