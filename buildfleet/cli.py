@@ -9,15 +9,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
 from buildfleet.config import ConfigError, FleetConfig, load_config
 from buildfleet.display import describe, follow, status_lines
+from buildfleet.rebuild.plan import BatchNotFound, SourceError
 from producer.client import BuildfleetClient, BuildNotFound, FleetUnavailable
 from producer.contract import (
     BuildRequest,
@@ -26,6 +28,7 @@ from producer.contract import (
     request_from_builtins,
 )
 from producer.policy import PolicyError, RequestPolicy
+from producer.reference import ReferenceError
 
 EXIT_OK: Final = 0
 EXIT_BUILD_FAILED: Final = 1
@@ -157,17 +160,103 @@ async def _status(config: FleetConfig, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _rebuild(config: FleetConfig, args: argparse.Namespace) -> int:
-    from buildfleet.rebuild import run_rebuild
+def _rate(text: str) -> float:
+    """`N`, `N/s` or `N/m` submissions; per second."""
+    number, _, unit = text.partition("/")
+    per = {"": 1.0, "s": 1.0, "m": 60.0}.get(unit)
+    try:
+        rate = float(number) / per if per else 0.0
+    except ValueError:
+        rate = 0.0
+    if not rate > 0 or rate == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected a positive rate like 20, 20/s or 600/m, got {text!r}"
+        )
+    return rate
 
-    if args.rate <= 0:
-        raise UsageError("--rate must be positive")
-    async with BuildfleetClient.connect(config.redis, config.queue) as fleet:
-        results = await run_rebuild(fleet, args.manifest, args.rate)
+
+def _resume_hint(argv: Sequence[str], batch_id: str) -> str:
+    """The command line that resumes this batch: this one, with --batch set."""
+    kept: list[str] = []
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--batch":
+            skip = True
+        elif not word.startswith("--batch="):
+            kept.append(word)
+    return shlex.join(["buildfleet", *kept, "--batch", batch_id])
+
+
+def _rebuild_sources(config: FleetConfig, args: argparse.Namespace) -> Sources:
+    from buildfleet.rebuild.command import Sources
+    from buildfleet.rebuild.reference import parse_reference
+    from buildfleet.rebuild.skaffold import SkaffoldOptions
+
+    return Sources(
+        paths=tuple(args.sources),
+        rules=args.rules,
+        gateway_rules=config.gateway.rules,
+        clone_url=args.clone_url,
+        repos=tuple(args.repo or ()),
+        skaffold=SkaffoldOptions(
+            profiles=tuple(args.profile or ()), default_repo=args.default_repo, tag=args.tag
+        ),
+        base=parse_reference(args.base) if args.base else None,
+        build_args=_pairs(args.build_arg, "--build-arg"),
+    )
+
+
+async def _rebuild(config: FleetConfig, args: argparse.Namespace) -> int:
+    import tempfile
+
+    from rich.console import Console
+
+    from buildfleet.rebuild import command as batch
+    from buildfleet.rebuild.console import Progress, print_plan
+    from buildfleet.rebuild.gitread import GitReader
+
+    out = Console(file=sys.stderr)
+    for report in (args.report, args.junit):
+        if report is not None and not report.resolve().parent.is_dir():
+            raise UsageError(f"{report}: its directory does not exist")
+    if args.cancel or args.follow:
+        if args.sources or args.rules:
+            raise UsageError("--cancel and --follow name a batch; give no sources with them")
+        async with BuildfleetClient.connect(config.redis, config.queue) as fleet:
+            if args.cancel:
+                counts = await batch.cancel_batch(fleet, batch.check_batch_id(args.cancel))
+                done = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
+                out.print(f"batch {args.cancel} cancelled: {done or 'no builds'}")
+                return EXIT_OK
+            report = await batch.follow_batch(
+                fleet, batch.check_batch_id(args.follow), Progress(out)
+            )
+            batch.write_reports(report, args.report, args.junit)
+    else:
+        batch_id = batch.check_batch_id(args.batch) if args.batch else batch.new_batch_id()
+        sources = _rebuild_sources(config, args)
+        with tempfile.TemporaryDirectory(prefix="buildfleet-rebuild-") as workdir:
+            plan = await batch.make_plan(sources, GitReader(Path(workdir)))
+        if args.dry_run:
+            print_plan(plan, as_json=args.json, out=out)
+            return EXIT_BUILD_FAILED if any(r.status == "failed" for r in plan.refused) else EXIT_OK
+        options = batch.RunOptions(
+            batch_id=batch_id,
+            rate=args.rate,
+            max_in_flight=args.max_in_flight,
+            wait=args.wait or args.report is not None or args.junit is not None,
+            resume_hint=_resume_hint(args.argv, batch_id),
+            base=args.base,
+            report_json=args.report,
+            report_junit=args.junit,
+        )
+        async with BuildfleetClient.connect(config.redis, config.queue) as fleet:
+            report = await batch.run_batch(fleet, plan, options, Progress(out))
     if args.json:
-        for result in results:
-            sys.stdout.write(_json.encode(result).decode() + "\n")
-    return EXIT_OK if all(result.ok for result in results) else EXIT_BUILD_FAILED
+        sys.stdout.write(_json.encode(report).decode() + "\n")
+    return EXIT_BUILD_FAILED if report.failed else EXIT_OK
 
 
 async def _dlq(config: FleetConfig, args: argparse.Namespace) -> int:
@@ -236,6 +325,42 @@ def _add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logs", action="store_true", help="with --wait: print build output")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _add_rebuild_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "sources",
+        nargs="*",
+        help="TOML manifests, Skaffold configs (file, directory, or URL#REF[:PATH]); "
+        "none: the gateway's rules",
+    )
+    parser.add_argument("--base", metavar="IMAGE", help="only images built FROM this image")
+    parser.add_argument("--build-arg", action="append", metavar="NAME=VALUE")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be built")
+    parser.add_argument("--batch", metavar="ID", help="the batch's id: the same id resumes it")
+    parser.add_argument("--rate", type=_rate, default=20.0, help="submissions: N, N/s or N/m")
+    parser.add_argument("--max-in-flight", type=_positive_int, metavar="N")
+    parser.add_argument("--wait", action="store_true", help="follow the batch to its end")
+    parser.add_argument("--report", type=Path, metavar="FILE.json")
+    parser.add_argument("--junit", type=Path, metavar="FILE.xml")
+    parser.add_argument("--profile", "-p", action="append", help="Skaffold profile")
+    parser.add_argument("--default-repo", metavar="REGISTRY/PATH", help="for Skaffold images")
+    parser.add_argument("--tag", help="for Skaffold images (default: the commit, or latest)")
+    parser.add_argument("--rules", action="store_true", help="the gateway's configured rules")
+    parser.add_argument("--clone-url", metavar="TEMPLATE", help="with rules: git://host/{repo}.git")
+    parser.add_argument("--repo", action="append", metavar="OWNER/NAME", help="for rule globs")
+    parser.add_argument("--cancel", metavar="BATCH", help="cancel a batch's builds")
+    parser.add_argument("--follow", metavar="BATCH", help="follow a batch's builds to the end")
+
+
+if TYPE_CHECKING:
+    from buildfleet.rebuild.command import Sources
+
 Command = Callable[[FleetConfig, argparse.Namespace], Coroutine[Any, Any, int]]
 
 
@@ -294,9 +419,10 @@ def make_parser() -> argparse.ArgumentParser:
     events = command("events", "tail the fleet's event stream")
     events.add_argument("--from-start", action="store_true")
     events.set_defaults(handler=_events)
-    rebuild = command("rebuild", "a batch: many images from a manifest, rate-limited")
-    rebuild.add_argument("manifest", type=Path, help="TOML: [defaults] and [[build]] tables")
-    rebuild.add_argument("--rate", type=float, default=20.0, help="submissions per second")
+    rebuild = command(
+        "rebuild", "a batch: manifests, Skaffold configs or the gateway's rules, paced and capped"
+    )
+    _add_rebuild_arguments(rebuild)
     rebuild.set_defaults(handler=_rebuild)
 
     dlq = command("dlq", "dead-lettered builds: list them, or replay one")
@@ -310,6 +436,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose or args.command in ("worker", "up") else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -320,10 +447,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(sync_handler(config, args))
         handler: Command = args.handler
         return asyncio.run(handler(config, args))
-    except (ConfigError, ContractError, PolicyError, UsageError) as exc:
+    except (
+        ConfigError,
+        ContractError,
+        PolicyError,
+        UsageError,
+        SourceError,
+        ReferenceError,
+    ) as exc:
         print(f"buildfleet: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except BuildNotFound as exc:
+    except (BuildNotFound, BatchNotFound) as exc:
         print(f"buildfleet: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (FleetUnavailable, OSError) as exc:

@@ -36,6 +36,11 @@ _PUSHES: Final = "buildfleet:pushes:"
 _TENANT: Final = "buildfleet:tenant:"
 _TOKEN: Final = "buildfleet:token:"  # noqa: S105 - a key prefix, not a secret
 _GATEWAY: Final = "buildfleet:gateway:"
+_BATCH: Final = "buildfleet:batch:"
+
+DURATIONS_KEY: Final = "buildfleet:durations"
+"""Hash: how long builds of one recipe (repository + context + Dockerfile + target) took,
+smoothed over its successful builds; `rebuild` starts the longest first."""
 
 EVENT_FIELD: Final = b"event"
 """The one field of an entry in an event stream: the encoded event."""
@@ -105,6 +110,17 @@ def token_queued_key(token: str) -> str:
 def gateway_wake_key(instance: str) -> str:
     """Stream: a gateway process wakes its one event reader here when a stream starts."""
     return f"{_GATEWAY}{instance}:wake"
+
+
+def batch_key(batch_id: str) -> str:
+    """Hash: one batch rebuild's own fields (created, runs, the cancel flag)."""
+    return f"{_BATCH}{batch_id}"
+
+
+def batch_entries_key(batch_id: str) -> str:
+    """Hash: a batch's entries, each the build that last ran it and the commit it built
+    (what a resumed batch skips when it succeeded)."""
+    return f"{_BATCH}{batch_id}:entries"
 
 
 def job_key(build_id: str) -> str:

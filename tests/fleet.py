@@ -157,3 +157,41 @@ def worker_processes(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def cli_env(redis_url: str) -> dict[str, str]:
+    """The environment a `buildfleet` command needs to reach the test's Redis (git on PATH)."""
+    return {"BUILDFLEET_REDIS_URL": redis_url, "PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"]}
+
+
+def cli(
+    redis_url: str, *args: str, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run `buildfleet ARGS...` to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "buildfleet.cli", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(redis_url),
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+@contextmanager
+def cli_process(redis_url: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """`buildfleet ARGS...` running in the background (text pipes); killed if still running
+    on exit."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "buildfleet.cli", *args],
+        env=cli_env(redis_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()

@@ -31,6 +31,9 @@ def test_every_fleet_key_lives_under_the_fleet_prefix() -> None:
         keys.tenant_queued_key("t"),
         keys.token_queued_key("t"),
         keys.gateway_wake_key("g"),
+        keys.DURATIONS_KEY,
+        keys.batch_key("b"),
+        keys.batch_entries_key("b"),
     ]
     assert all(name.startswith(keys.PREFIX) for name in names)
     assert len(set(names)) == len(names)

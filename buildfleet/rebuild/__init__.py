@@ -1,0 +1,1 @@
+"""`buildfleet rebuild`: many images at once (a base-image CVE, a nightly refresh)."""
