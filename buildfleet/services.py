@@ -198,7 +198,7 @@ def wait_ready(service: Service, ready: Callable[[], bool], timeout: float) -> N
         time.sleep(0.05)
 
 
-def _start_on_free_port(
+def start_on_free_port(
     name: str,
     log_path: Path,
     launch: Callable[[int], tuple[list[str], str]],
@@ -206,12 +206,13 @@ def _start_on_free_port(
     *,
     timeout: float,
     cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Service:
     """Start a service on a fresh port, retrying when another process took the port first."""
     for attempt in range(1, _PORT_RETRIES + 1):
         port = free_port()
         argv, address = launch(port)
-        service = spawn(name, argv, log_path, address, cwd=cwd)
+        service = spawn(name, argv, log_path, address, cwd=cwd, env=env)
         try:
             wait_ready(service, functools.partial(ready, port), timeout)
         except ServiceError as exc:
@@ -257,7 +258,7 @@ def start_redis(workdir: Path, *, timeout: float = 15.0) -> Service:
         return argv, f"redis://127.0.0.1:{port}/0"
 
     log = workdir / "logs" / "redis.log"
-    return _start_on_free_port("redis", log, launch, _redis_pong, timeout=timeout)
+    return start_on_free_port("redis", log, launch, _redis_pong, timeout=timeout)
 
 
 def start_registry(workdir: Path, *, timeout: float = 15.0) -> Service:
@@ -282,7 +283,7 @@ def start_registry(workdir: Path, *, timeout: float = 15.0) -> Service:
         return _http_ok(f"http://127.0.0.1:{port}/v2/")
 
     log = workdir / "logs" / "registry.log"
-    return _start_on_free_port("registry", log, launch, ready, timeout=timeout)
+    return start_on_free_port("registry", log, launch, ready, timeout=timeout)
 
 
 def buildkitd_config(registries: Sequence[str], otel_socket: Path) -> str:
@@ -322,11 +323,13 @@ def start_buildkitd(
     *,
     name: str = "buildkitd",
     timeout: float = 60.0,
+    otlp_endpoint: str | None = None,
 ) -> Service:
     """A buildkitd with the OCI (runc) worker; address `tcp://127.0.0.1:PORT`.
 
     Each call gets its own root under `workdir/name`, so several daemons can run side by
-    side. The root must be on a filesystem that supports overlayfs (not tmpfs).
+    side. The root must be on a filesystem that supports overlayfs (not tmpfs). With
+    `otlp_endpoint` (OTLP/gRPC) it exports its own spans there, and those buildctl hands it.
     """
     home = workdir / name
     root = home / "root"
@@ -347,7 +350,11 @@ def start_buildkitd(
         return tcp_open(port) and buildkit_workers_ok(f"tcp://127.0.0.1:{port}")
 
     log = workdir / "logs" / f"{name}.log"
-    return _start_on_free_port(name, log, launch, ready, timeout=timeout)
+    env = None
+    if otlp_endpoint:
+        env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
+               "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_SERVICE_NAME": name}  # fmt: skip
+    return start_on_free_port(name, log, launch, ready, timeout=timeout, env=env)
 
 
 def _git_exec_path() -> str:
@@ -377,7 +384,7 @@ def start_git_daemon(root: Path, *, log_path: Path | None = None, timeout: float
             output.seek(log_start[0])
             return b"Ready to rumble" in output.read()
 
-    return _start_on_free_port("git-daemon", log, launch, ready, timeout=timeout, cwd=root)
+    return start_on_free_port("git-daemon", log, launch, ready, timeout=timeout, cwd=root)
 
 
 def _busybox_rootfs(dest: Path) -> None:
@@ -422,6 +429,8 @@ def push_base_image(buildkitd_addr: str, registry: str, *, timeout: float = 300.
 class LocalFleetServices:
     """Redis, a registry, N buildkitd daemons, a git daemon and the base image, together.
 
+    With `otlp_endpoint` (OTLP/gRPC), the daemons export their spans there.
+
     Use as a context manager; everything stops in reverse order on exit, also on errors.
     Logs go to `workdir/logs/`; a temporary `workdir` is made (and removed) if none is given.
     """
@@ -433,8 +442,10 @@ class LocalFleetServices:
         buildkitd_count: int = 1,
         redis: bool = True,
         base_image: bool = True,
+        otlp_endpoint: str | None = None,
     ) -> None:
         self._own_workdir = workdir is None
+        self.otlp_endpoint = otlp_endpoint
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="buildfleet-services-"))
         self.buildkitd_count = buildkitd_count
         self._want_redis = redis
@@ -474,7 +485,9 @@ class LocalFleetServices:
         """Start one more buildkitd (trusting the registry) and add it to the pool."""
         name = f"buildkitd-{len(self.buildkitd_addrs) + 1}"
         registries = [self.registry] if self.registry else []
-        service = self._track(start_buildkitd(self.workdir, registries, name=name))
+        service = self._track(
+            start_buildkitd(self.workdir, registries, name=name, otlp_endpoint=self.otlp_endpoint)
+        )
         self.buildkitd_addrs.append(service.address)
         return service
 

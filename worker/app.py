@@ -27,6 +27,7 @@ from worker.backends.factory import make_backend, placement_targets
 from worker.backends.kaniko import KanikoBackend
 from worker.capacity import Capacity, Reaper
 from worker.errors import BuildError
+from worker.metrics_server import serve_metrics
 from worker.runner import BuildRunner
 from worker.scheduling import DaemonHealth, FixedPlacer, LeasedPlacer, Placer
 from worker.settings import (
@@ -159,6 +160,8 @@ async def running_worker(
         chores.append(health.run())
     if isinstance(backend, KanikoBackend):
         chores.append(_reap_orphan_jobs(redis, config.queue.name, backend))
+    if metrics_server := await serve_metrics(config, redis, health):
+        logger.info("metrics, health and readiness on %s", metrics_server.url)
     background = [asyncio.create_task(chore) for chore in chores]
     worker = Worker(
         functions=[
@@ -192,6 +195,8 @@ async def running_worker(
         await _settle_jobs(worker)
         await worker.close()
         await backend.aclose()
+        if metrics_server:
+            await metrics_server.aclose()
 
 
 async def run_worker(config: WorkerConfig, *, burst: bool = False) -> None:

@@ -2,7 +2,9 @@
 
 buildctl writes one JSON `SolveStatus` per line. A vertex (a build step) is re-sent whenever
 it changes, so vertices are merged by digest and a Step is emitted only when its state moved.
-Pure: it reads lines and returns events; the backend does the reading.
+The push is no vertex of its own: it is a status of "exporting to image" ("pushing layers",
+"pushing manifest for IMAGE"), so each push status becomes a Step too, keyed by its vertex
+and id. Pure: it reads lines and returns events; the backend does the reading.
 """
 
 from __future__ import annotations
@@ -31,12 +33,37 @@ class _VertexLog(msgspec.Struct):
     stream: int = 1
 
 
+class _Status(msgspec.Struct):
+    id: str
+    vertex: str = ""
+    started: datetime | None = None
+    completed: datetime | None = None
+
+
 class _SolveStatus(msgspec.Struct):
     vertexes: list[_Vertex] = []
+    statuses: list[_Status] = []
     logs: list[_VertexLog] = []
 
 
+PUSH_STATUS_PREFIX = "pushing "
+
+
 _status_decoder = msgspec.json.Decoder(_SolveStatus)
+
+
+def _is_push(status: _Status) -> bool:
+    return status.id.startswith(PUSH_STATUS_PREFIX)
+
+
+def _push_vertex(status: _Status) -> _Vertex:
+    """A push status as a step of its own, under an id no real vertex digest can take."""
+    return _Vertex(
+        digest=f"{status.vertex}/{status.id}",
+        name=status.id,
+        started=status.started,
+        completed=status.completed,
+    )
 
 
 def _timestamp(moment: datetime | None) -> float | None:
@@ -63,8 +90,9 @@ class ProgressParser:
             if text:
                 self.other_output.append(text)
             return []
+        vertexes = [*status.vertexes, *map(_push_vertex, filter(_is_push, status.statuses))]
         events: list[Step | Log] = [
-            step for vertex in status.vertexes if (step := self._merge(vertex)) is not None
+            step for vertex in vertexes if (step := self._merge(vertex)) is not None
         ]
         events.extend(self._log(entry) for entry in status.logs)
         return events

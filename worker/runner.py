@@ -212,7 +212,7 @@ class BuildRunner:
                 placement=placement,
                 traceparent=current.trace.traceparent if current.trace else None,
             )
-            with self.telemetry.holding_slot(placement):
+            with self.telemetry.holding_slot(placement, current.trace, current.capacity_wait_s):
                 return await self.backend.build(job, progress)
 
     async def _failed(self, current: _Attempt, error: BuildError) -> None:

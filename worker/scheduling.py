@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -23,6 +24,7 @@ from producer.contract import BuildRequest
 from worker.capacity import Capacity
 from worker.routing import rank
 from worker.settings import BuildkitSettings, DaemonSettings, SchedulingSettings
+from worker.telemetry import unsampled_traceparent
 
 logger = logging.getLogger("buildfleet.scheduling")
 
@@ -83,6 +85,7 @@ class DaemonHealth:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "TRACEPARENT": unsampled_traceparent()},  # no trace per probe
         )  # fmt: skip
         try:
             async with asyncio.timeout(self.settings.probe_timeout_s):

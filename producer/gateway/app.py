@@ -43,6 +43,7 @@ from producer.contract import (
 from producer.gateway import rules as rules_mod
 from producer.gateway.openapi import STREAM_ID_PATTERN, openapi_document
 from producer.gateway.settings import Forge, GatewaySettings
+from producer.gateway.tracing import tracing_middleware
 from producer.gateway.webhooks import PARSERS, Delivery, Ignored, Ping, Push, WebhookError
 from producer.keys import BUILD_PREFIX, build_key, delivery_key, supersede_record_key
 from producer.settings import QueueSettings, RedisSettings
@@ -856,7 +857,8 @@ def make_app(settings: GatewaySettings, client: BuildfleetClient) -> web.Applica
     """The gateway as an aiohttp Application over `client` (which the caller closes)."""
     gateway = Gateway(settings, client)
     app = web.Application(
-        client_max_size=settings.body_limit_bytes, middlewares=[_middleware(gateway)]
+        client_max_size=settings.body_limit_bytes,
+        middlewares=[tracing_middleware(), _middleware(gateway)],
     )
     app[GATEWAY] = gateway
     document = _json.encode(openapi_document(settings))
