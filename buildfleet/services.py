@@ -308,11 +308,14 @@ def _own_pid_namespace() -> list[str]:
 
 def buildkit_workers_ok(addr: str, timeout: float = 10.0) -> bool:
     """True when the daemon at `addr` answers `buildctl debug workers`."""
+    from worker.telemetry import unsampled_traceparent
+
     result = subprocess.run(
         [find_tool("buildctl"), "--addr", addr, "debug", "workers"],
         capture_output=True,
         timeout=timeout,
         check=False,
+        env={**os.environ, "TRACEPARENT": unsampled_traceparent()},  # no trace per probe
     )
     return result.returncode == 0
 

@@ -272,6 +272,6 @@ def configure_from_environment(*, prometheus: bool = False) -> None:
     if prometheus:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
-        readers.append(PrometheusMetricReader())
+        readers.append(PrometheusMetricReader(scope_info_enabled=False))
     if readers:
         metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))

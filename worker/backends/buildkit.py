@@ -140,7 +140,10 @@ class BuildkitBackend:
         parser: ProgressParser,
         progress: ProgressSink,
     ) -> int:
-        env = dict(os.environ)
+        # buildctl hands its spans to buildkitd, which exports them with its own: the
+        # worker's OTLP settings would make it export each one twice.
+        env = {name: value for name, value in os.environ.items() if not name.startswith("OTEL_")}
+        env["OTEL_SERVICE_NAME"] = "buildctl"
         if traceparent:
             env["TRACEPARENT"] = traceparent
         try:
