@@ -1,4 +1,5 @@
-"""One trace per build, end to end, read back from a real trace receiver.
+"""One trace per build, end to end, read back from a real trace receiver; and the
+gateway's span on its own.
 
 A signed GitHub push reaches a `buildfleet gateway` process, a `buildfleet worker` process
 builds it on a buildkitd that exports its own spans, and the image is pushed to the registry.
@@ -15,10 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
 from test_gateway_payloads import body_of, github_headers, github_push
 
 from buildfleet.services import Service
 from buildfleet.traceviewer import TraceViewer
+from producer.gateway.tracing import tracing_middleware
 
 from browser import artifacts_dir, rendered_dom, screenshot
 from fleet import exporting_to, start_gateway_process, start_worker_process, worker_config
@@ -210,3 +219,60 @@ def test_a_signed_push_is_one_trace_from_the_webhook_to_the_pushed_image(
     for shown in (trace_id, "POST /hooks/github", "queue wait", "build attempt", "capacity wait"):
         assert shown in dom, f"{shown!r} not shown on {url}"
     screenshot(url, artifacts_dir() / "trace-viewer.png")
+
+
+# --- the gateway's span, on its own ---------------------------------------------------------
+
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER = f"00-{CALLER_TRACE}-00f067aa0ba902b7-01"
+
+
+def _echo_app(provider: trace.TracerProvider) -> web.Application:
+    """Answers with the traceparent its handler saw (what the gateway copies into builds)."""
+
+    async def echo(request: web.Request) -> web.Response:
+        if request.query.get("fail"):
+            return web.json_response({}, status=503)
+        return web.json_response({"traceparent": request.headers.get("traceparent")})
+
+    app = web.Application(middlewares=[tracing_middleware(provider)])
+    app.router.add_post("/v1/things/{name}", echo)
+    app.router.add_get("/v1/things/{name}", echo)
+    return app
+
+
+async def test_the_gateway_span_becomes_the_trace_context_its_handlers_see() -> None:
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    async with TestClient(TestServer(_echo_app(provider))) as http:
+        fresh = await (await http.post("/v1/things/a")).json()
+        joined = await (await http.post("/v1/things/b", headers={"traceparent": CALLER})).json()
+        read = await (await http.get("/v1/things/c", headers={"traceparent": CALLER})).json()
+        failed = await http.post("/v1/things/d?fail=1")
+    first, second, third = spans.get_finished_spans()
+
+    # A request that changes something gets a SERVER span; handlers see its context.
+    assert (first.name, first.kind, first.parent) == (
+        "POST /v1/things/{name}",
+        SpanKind.SERVER,
+        None,
+    )
+    assert first.context is not None
+    ids = f"{first.context.trace_id:032x}-{first.context.span_id:016x}"
+    assert fresh["traceparent"].split("-")[1:3] == ids.split("-")
+    assert first.attributes is not None and first.attributes["http.response.status_code"] == 200
+    # A caller's context is the parent: same trace, the gateway's span in between.
+    assert second.parent is not None and second.parent.span_id == int(CALLER.split("-")[2], 16)
+    assert second.context is not None and f"{second.context.trace_id:032x}" == CALLER_TRACE
+    assert joined["traceparent"].split("-")[2] == f"{second.context.span_id:016x}"
+    # Reads are not traced and pass the caller's header through; a 5xx is an error.
+    assert read["traceparent"] == CALLER
+    assert failed.status == 503 and third.status.status_code is StatusCode.ERROR
+
+
+async def test_without_a_tracer_provider_requests_pass_untouched() -> None:
+    async with TestClient(TestServer(_echo_app(trace.NoOpTracerProvider()))) as http:
+        assert (await (await http.post("/v1/things/a")).json())["traceparent"] is None
+        joined = await http.post("/v1/things/b", headers={"traceparent": CALLER})
+        assert (await joined.json())["traceparent"] == CALLER

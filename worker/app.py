@@ -189,14 +189,14 @@ async def running_worker(
     try:
         yield worker
     finally:
+        if metrics_server:
+            await metrics_server.aclose()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await _settle_jobs(worker)
         await worker.close()
         await backend.aclose()
-        if metrics_server:
-            await metrics_server.aclose()
 
 
 async def run_worker(config: WorkerConfig, *, burst: bool = False) -> None:
