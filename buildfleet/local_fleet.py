@@ -141,6 +141,7 @@ def run_local_fleet(config: FleetConfig, *, workers: int, as_json: bool) -> int:
                 f"Submit a build from another shell:\n"
                 f"  export BUILDFLEET_REDIS_URL={redis_url}\n"
                 f"  export BUILDFLEET_TELEMETRY_TRACE_LINK={viewer.trace_link}\n"
+                f"  export OTEL_EXPORTER_OTLP_ENDPOINT={viewer.otlp_http}\n"
                 f"  buildfleet submit config/example --image {fleet.registry}/demo/hello:latest"
                 f" --build-arg BASE={fleet.base_image} --wait\n"
                 f"  buildfleet get BUILD_ID   (its state, trace id and trace link)\n"
