@@ -6,7 +6,7 @@ trace context carried on the request); under it the worker adds:
     queue wait       submitted -> first attempt started (first attempt only)
     build attempt    one per attempt, siblings under the root; a retried attempt ends with
                      a `retry` event and status ERROR, its successor is the next sibling
-      capacity wait  waiting for a builder slot
+      capacity wait  waiting for a builder slot (when slots are leased)
       <step>         one span per build step, from the backend's Step events with the
                      backend's own timestamps: any backend that reports Steps gets them
       build          BuildKit's own spans: `TRACEPARENT` handed to buildctl makes them
@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -118,8 +119,14 @@ class Telemetry:
         self.failures = meter.create_counter(
             "buildfleet_build_failures", description="Builds that did not succeed, by class"
         )
-        self.in_flight = meter.create_up_down_counter(
-            "buildfleet_builds_in_flight", description="Builds holding a slot, per daemon"
+        # Gauges are read when metrics are collected, not written per build: the hot path
+        # only counts.
+        self.in_flight: Counter[str] = Counter()
+        """Builds holding a slot, per daemon ("" without capacity accounting)."""
+        meter.create_observable_gauge(
+            "buildfleet_builds_in_flight",
+            callbacks=[self._observe_in_flight],
+            description="Builds holding a slot, per daemon",
         )
         self.queue_depth = 0
         meter.create_observable_gauge(
@@ -127,6 +134,9 @@ class Telemetry:
             callbacks=[lambda _options: [metrics.Observation(self.queue_depth)]],
             description="Builds in the queue (waiting, running or waiting to retry)",
         )
+
+    def _observe_in_flight(self, _options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        return [metrics.Observation(n, {"daemon": d}) for d, n in self.in_flight.items()]
 
     @contextmanager
     def attempt(self, request: BuildRequest, attempt: int, worker: str) -> Iterator[AttemptTrace]:
@@ -191,23 +201,22 @@ class Telemetry:
     def holding_slot(
         self, daemon: str | None, attempt: AttemptTrace | None = None, waited_s: float = 0.0
     ) -> Iterator[None]:
-        """While a build holds its slot; `waited_s` (how long the slot took) becomes the
-        attempt's `capacity wait` span, ending now."""
-        labels = {"daemon": daemon or ""}
-        if attempt is not None:
+        """While a build holds its slot on `daemon`; `waited_s` (how long the slot took)
+        becomes the attempt's `capacity wait` span, ending now. No daemon, no slot (the
+        worker has no capacity accounting): no span."""
+        if attempt is not None and daemon:
             now = time.time_ns()
-            attributes = {"buildfleet.daemon": daemon} if daemon else {}
             self.tracer.start_span(
                 "capacity wait",
                 context=attempt.context,
                 start_time=now - int(waited_s * _NS),
-                attributes=attributes,
+                attributes={"buildfleet.daemon": daemon},
             ).end(end_time=now)
-        self.in_flight.add(1, labels)
+        self.in_flight[daemon or ""] += 1
         try:
             yield
         finally:
-            self.in_flight.add(-1, labels)
+            self.in_flight[daemon or ""] -= 1
 
     def retried(self, attempt: AttemptTrace, error_class: str) -> None:
         attempt.span.add_event("retry", {"buildfleet.error_class": error_class})
@@ -230,7 +239,8 @@ class Telemetry:
         if not result.ok:
             self.failures.add(1, {"error_class": result.error_class or "", "kind": result.status})
         self.queue_wait.record(result.queue_wait_s)
-        self.capacity_wait.record(result.capacity_wait_s, {"daemon": result.daemon or ""})
+        if result.daemon:  # no slots leased, no capacity wait to speak of
+            self.capacity_wait.record(result.capacity_wait_s, {"daemon": result.daemon})
         self.duration.record(
             result.build_s, {"status": result.status, "backend": result.backend or ""}
         )
@@ -251,7 +261,7 @@ def configure_from_environment(*, prometheus: bool = False) -> None:
     metrics_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
     if not (endpoint or traces_endpoint or metrics_endpoint or prometheus):
         return
-    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
     from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -274,4 +284,12 @@ def configure_from_environment(*, prometheus: bool = False) -> None:
 
         readers.append(PrometheusMetricReader(scope_info_enabled=False))
     if readers:
-        metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
+        # Exemplars cost a reservoir update per measurement (a third of the metrics' cost on
+        # the dispatch path, bench/bench_telemetry.py) and Prometheus text drops them: off
+        # unless OTEL_METRICS_EXEMPLAR_FILTER asks for them.
+        exemplars = (
+            None if os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER") else AlwaysOffExemplarFilter()
+        )
+        metrics.set_meter_provider(
+            MeterProvider(resource=resource, metric_readers=readers, exemplar_filter=exemplars)
+        )
