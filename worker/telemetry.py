@@ -54,6 +54,16 @@ def unsampled_traceparent() -> str:
     return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
 
 
+def _parent_context(request: BuildRequest) -> Context | None:
+    """The producer's span as the parent context (None: the attempt starts a trace)."""
+    if not request.trace.traceparent:
+        return None
+    carrier = {"traceparent": request.trace.traceparent}
+    if request.trace.tracestate:
+        carrier["tracestate"] = request.trace.tracestate
+    return _propagator.extract(carrier)
+
+
 def current_trace_context() -> TraceContext | None:
     """The current span's W3C context, for a request a producer is about to submit (None
     when no span is recording: tracing is off)."""
@@ -140,10 +150,7 @@ class Telemetry:
 
     @contextmanager
     def attempt(self, request: BuildRequest, attempt: int, worker: str) -> Iterator[AttemptTrace]:
-        carrier = {"traceparent": request.trace.traceparent or ""}
-        if request.trace.tracestate:
-            carrier["tracestate"] = request.trace.tracestate
-        parent = _propagator.extract(carrier)
+        parent = _parent_context(request)
         if attempt == 1 and request.submitted_at:
             self.tracer.start_span(
                 "queue wait",
@@ -151,7 +158,9 @@ class Telemetry:
                 start_time=int(request.submitted_at * _NS),
                 attributes={"buildfleet.build_id": request.id},
             ).end()
-        with self.tracer.start_as_current_span(
+        # Not made the current span: its children are given its context explicitly, which
+        # spares the dispatch path a context switch in and out per build.
+        span = self.tracer.start_span(
             "build attempt",
             context=parent,
             kind=SpanKind.CONSUMER,
@@ -161,17 +170,16 @@ class Telemetry:
                 "buildfleet.worker": worker,
                 "buildfleet.priority": request.priority,
             },
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            context = trace.set_span_in_context(span)
-            outgoing: dict[str, str] = {}
-            _propagator.inject(outgoing, context=context)
-            traced = AttemptTrace(span, context, outgoing.get("traceparent"))
-            try:
-                yield traced
-            finally:
-                self._emit_steps(traced)
+        )
+        context = trace.set_span_in_context(span)
+        outgoing: dict[str, str] = {}
+        _propagator.inject(outgoing, context=context)
+        traced = AttemptTrace(span, context, outgoing.get("traceparent"))
+        try:
+            yield traced
+        finally:
+            self._emit_steps(traced)
+            span.end()
 
     def step(self, attempt: AttemptTrace, step: Step) -> None:
         """Note a step's progress; it becomes a span when the attempt ends."""
