@@ -76,7 +76,8 @@ RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
 COPY config/buildfleet.toml /etc/buildfleet/buildfleet.toml
 USER 10001:10001
 WORKDIR /home/buildfleet
-EXPOSE 8080
+# 8080: the gateway; 9464: a worker's /metrics, /healthz, /readyz ([worker].metrics_port).
+EXPOSE 8080 9464
 # buildfleet runs as PID 1: it installs its own SIGTERM handler (the worker drains, the
 # gateway stops accepting) and awaits every buildctl child, so no init is needed.
 ENTRYPOINT ["buildfleet"]

@@ -24,6 +24,7 @@ from producer.client import BuildfleetClient, BuildNotFound, FleetUnavailable
 from producer.contract import (
     BuildRequest,
     BuildResult,
+    BuildState,
     ContractError,
     request_from_builtins,
 )
@@ -93,12 +94,21 @@ def _print_result(result: BuildResult, as_json: bool) -> int:
 
 
 async def _submit(config: FleetConfig, args: argparse.Namespace) -> int:
+    from opentelemetry import trace
+
+    from worker.telemetry import configure_from_environment, current_trace_context
+
     request = request_from_args(args)
     # The CLI runs on the fleet's own host: a trusted producer (local directories, any git
     # host), held to the reference grammar and the timeout bound all the same.
     policy = RequestPolicy.trusted(max_timeout_s=config.queue.max_timeout_s)
+    configure_from_environment()  # with OTEL_* set, the build's trace starts here
     async with BuildfleetClient.connect(config.redis, config.queue, policy=policy) as fleet:
-        build_id = await fleet.submit(request)
+        tracer = trace.get_tracer("buildfleet.cli")
+        with tracer.start_as_current_span("buildfleet submit", kind=trace.SpanKind.PRODUCER):
+            if not request.trace.traceparent and (context := current_trace_context()):
+                request = msgspec.structs.replace(request, trace=context)
+            build_id = await fleet.submit(request)
         if not args.wait:
             sys.stdout.write(_json.encode({"id": build_id}).decode() if args.json else build_id)
             sys.stdout.write("\n")
@@ -126,11 +136,34 @@ async def _watch(config: FleetConfig, args: argparse.Namespace) -> int:
         return _print_result(result, as_json=False)
 
 
+def trace_id_of(state: BuildState) -> str | None:
+    """The id of a build's trace: the one its request carries (the gateway's, or the
+    submitter's)."""
+    traceparent = state.request.trace.traceparent if state.request else None
+    return traceparent.split("-")[1] if traceparent else None
+
+
 async def _get(config: FleetConfig, args: argparse.Namespace) -> int:
     async with BuildfleetClient.connect(config.redis, config.queue) as fleet:
         state = await fleet.get(args.build_id)
-        sys.stdout.write(_json.encode(state).decode() + "\n")
+    trace_id = trace_id_of(state)
+    trace_url = config.telemetry.trace_url(trace_id) if trace_id else None
+    if args.json:
+        answer = msgspec.to_builtins(state)
+        answer.update(trace_id=trace_id, trace_url=trace_url)
+        sys.stdout.write(_json.encode(answer).decode() + "\n")
         return EXIT_OK
+    result = state.result
+    lines = [
+        ("build", state.build_id),
+        ("status", f"{state.status} (attempt {state.attempt})"),
+        ("digest", result.digest if result else None),
+        ("error", f"{result.error_class}: {result.error}" if result and result.error else None),
+        ("trace", trace_id or "none (submitted without a trace context)"),
+        ("link", trace_url),
+    ]
+    sys.stdout.writelines(f"{name:>7}  {value}\n" for name, value in lines if value)
+    return EXIT_OK
 
 
 async def _cancel(config: FleetConfig, args: argparse.Namespace) -> int:
@@ -281,16 +314,21 @@ async def _worker(config: FleetConfig, args: argparse.Namespace) -> int:
     from worker.app import run_worker
     from worker.telemetry import configure_from_environment
 
-    configure_from_environment()
-    if args.concurrency:
-        worker = msgspec.structs.replace(config.worker, concurrency=args.concurrency)
-        config = msgspec.structs.replace(config, worker=worker)
+    overrides = {"concurrency": args.concurrency, "metrics_port": args.metrics_port}
+    if changed := {name: value for name, value in overrides.items() if value is not None}:
+        config = msgspec.structs.replace(
+            config, worker=msgspec.structs.replace(config.worker, **changed)
+        )
+    configure_from_environment(prometheus=config.worker.metrics_port is not None)
     await run_worker(config.for_worker(), burst=args.burst)
     return EXIT_OK
 
 
 def _gateway(config: FleetConfig, args: argparse.Namespace) -> int:
     from producer.gateway.server import run_gateway
+    from worker.telemetry import configure_from_environment
+
+    configure_from_environment()
 
     run_gateway(config.gateway, config.redis, config.queue)
     return EXIT_OK
@@ -395,6 +433,12 @@ def make_parser() -> argparse.ArgumentParser:
     worker = command("worker", "one worker process")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     worker.add_argument("--concurrency", type=int)
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics (Prometheus), /healthz and /readyz on this port",
+    )
     worker.set_defaults(handler=_worker)
 
     submit = command("submit", "submit one build")

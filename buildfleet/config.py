@@ -39,6 +39,17 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message says where and why."""
 
 
+class TelemetrySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where people look at traces (the exporters themselves read the `OTEL_*` variables)."""
+
+    trace_link: str = ""
+    """A trace's page in the trace viewer, `{trace_id}` standing for its id, e.g.
+    `https://jaeger.example.com/trace/{trace_id}`; `buildfleet get` prints it filled in."""
+
+    def trace_url(self, trace_id: str) -> str | None:
+        return self.trace_link.replace("{trace_id}", trace_id) if self.trace_link else None
+
+
 class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     redis: RedisSettings = RedisSettings()
     queue: QueueSettings = QueueSettings()
@@ -52,6 +63,7 @@ class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     buildah: BuildahSettings = BuildahSettings()
     tekton: TektonSettings = msgspec.field(default_factory=TektonSettings)
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     def for_worker(self) -> WorkerConfig:
         return WorkerConfig(

@@ -1,11 +1,14 @@
 """`buildfleet up`: a whole fleet on this machine, stopped cleanly by Ctrl-C.
 
-Real services on free loopback ports (Redis unless `BUILDFLEET_REDIS_URL` names one, a
-registry, the builders of `--backend`: buildkitd, or a Docker daemon of its own, or buildah
-storage; a git daemon, a base image), then worker processes and the HTTP gateway pointed at
-them. The gateway's API token is made up for this fleet and printed; it may push to the
-fleet's registry only, build from its git daemon and the usual forges, and, since `up` runs
-on the user's own host, from local directories under the current one.
+Real services on free loopback ports (a trace viewer, Redis unless `BUILDFLEET_REDIS_URL`
+names one, a registry, the builders of `--backend`: buildkitd, or a Docker daemon of its own,
+or buildah storage; a git daemon, a base image), then worker processes and the HTTP gateway
+pointed at them. The gateway, the workers and buildkitd export their traces (and the
+processes their metrics) to the trace viewer; each worker serves Prometheus text, /healthz
+and /readyz on a port of its own. The gateway's API token is made up for this fleet and
+printed; it may push to the fleet's registry only, build from its git daemon and the usual
+forges, and, since `up` runs on the user's own host, from local directories under the
+current one.
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ import sys
 import threading
 import urllib.parse
 import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 
 from buildfleet.config import FleetConfig
 from buildfleet.processes import Service, find_tool, free_port, spawn, wait_ready
 from buildfleet.services import Backend, LocalFleetServices, buildah_storage
+from buildfleet.traceviewer import TraceViewer, start_trace_viewer
 from producer.gateway.auth import hash_token, new_token
+
+
+def _otel_env(viewer: TraceViewer, service_name: str) -> dict[str, str]:
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": viewer.otlp_http, "OTEL_SERVICE_NAME": service_name}
 
 
 def _backend_env(fleet: LocalFleetServices) -> dict[str, str]:
@@ -55,13 +64,19 @@ def _worker_env(fleet: LocalFleetServices, redis_url: str) -> dict[str, str]:
     }
 
 
-def _start_workers(fleet: LocalFleetServices, redis_url: str, count: int) -> list[Service]:
-    env = _worker_env(fleet, redis_url)
-    argv = [sys.executable, "-m", "buildfleet.cli", "worker"]
-    return [
-        spawn(f"worker-{n}", argv, fleet.workdir / "logs" / f"worker-{n}.log", "", env=env)
-        for n in range(1, count + 1)
-    ]
+def _start_workers(
+    fleet: LocalFleetServices, redis_url: str, count: int, viewer: TraceViewer
+) -> list[Service]:
+    """`count` worker processes, each serving its metrics on a port of its own (the
+    service's address is that server's URL)."""
+    env = {**_worker_env(fleet, redis_url), **_otel_env(viewer, "buildfleet-worker")}
+    workers = []
+    for n in range(1, count + 1):
+        port = free_port()
+        argv = [sys.executable, "-m", "buildfleet.cli", "worker", "--metrics-port", str(port)]
+        log = fleet.workdir / "logs" / f"worker-{n}.log"
+        workers.append(spawn(f"worker-{n}", argv, log, f"http://127.0.0.1:{port}", env=env))
+    return workers
 
 
 def _gateway_policy(fleet: LocalFleetServices, token: str) -> dict[str, str]:
@@ -82,10 +97,13 @@ def _gateway_policy(fleet: LocalFleetServices, token: str) -> dict[str, str]:
     }
 
 
-def _start_gateway(fleet: LocalFleetServices, redis_url: str, token: str) -> Service:
+def _start_gateway(
+    fleet: LocalFleetServices, redis_url: str, token: str, viewer: TraceViewer
+) -> Service:
     port = free_port()
     env = {
         **os.environ,
+        **_otel_env(viewer, "buildfleet-gateway"),
         "BUILDFLEET_REDIS_URL": redis_url,
         "BUILDFLEET_GATEWAY_PORT": str(port),
         **_gateway_policy(fleet, token),
@@ -120,17 +138,34 @@ def run_local_fleet(
     own_redis = "BUILDFLEET_REDIS_URL" not in os.environ
     workdir = Path(os.environ.get("BUILDFLEET_WORKDIR", "") or Path.cwd() / ".tmp" / "fleet")
     workdir.mkdir(parents=True, exist_ok=True)
-    with LocalFleetServices(workdir, backend=backend, redis=own_redis) as fleet:
+    with ExitStack() as stack:
+        viewer = start_trace_viewer(workdir)
+        stack.callback(viewer.stop)
+        fleet = stack.enter_context(
+            LocalFleetServices(
+                workdir, backend=backend, redis=own_redis, otlp_endpoint=viewer.otlp_grpc
+            )
+        )
         redis_url = fleet.redis_url or config.redis.url
-        fleet_workers = _start_workers(fleet, redis_url, workers)
+        fleet_workers = _start_workers(fleet, redis_url, workers, viewer)
+        for worker in fleet_workers:
+            stack.callback(worker.stop, grace=config.worker.drain_grace_s + 5)
         token = new_token()
-        gateway = _start_gateway(fleet, redis_url, token)
+        gateway = _start_gateway(fleet, redis_url, token, viewer)
+        stack.callback(gateway.stop, grace=config.gateway.shutdown_timeout_s + 5)
+        metrics = [f"{worker.address}/metrics" for worker in fleet_workers]
+        every = (viewer.service, *fleet.services, *fleet_workers, gateway)
         addresses = {
             **fleet.addresses(),
             "redis_url": redis_url,
             "workers": workers,
+            "worker_metrics": metrics,
             "gateway": gateway.address,
             "api_token": token,
+            "trace_viewer": viewer.ui,
+            "trace_link": viewer.trace_link,
+            "otlp_endpoint": viewer.otlp_http,
+            "logs": {service.name: str(service.log_path) for service in every},
         }
         if as_json:
             print(json.dumps(addresses), flush=True)
@@ -141,18 +176,18 @@ def run_local_fleet(
                 f"  redis     {redis_url}\n"
                 f"  registry  {fleet.registry}   (base image {fleet.base_image})\n"
                 f"  gateway   {gateway.address}   (API token {token})\n"
+                f"  traces    {viewer.ui}   (OTLP {viewer.otlp_http})\n"
+                f"  metrics   {' '.join(metrics)}\n"
                 f"  logs      {workdir / 'logs'}\n"
                 f"Submit a build from another shell:\n"
                 f"  export BUILDFLEET_REDIS_URL={redis_url}\n"
+                f"  export BUILDFLEET_TELEMETRY_TRACE_LINK={viewer.trace_link}\n"
+                f"  export OTEL_EXPORTER_OTLP_ENDPOINT={viewer.otlp_http}\n"
                 f"  buildfleet submit config/example --image {fleet.registry}/demo/hello:latest"
                 f" --build-arg BASE={fleet.base_image} --wait\n"
+                f"  buildfleet get BUILD_ID   (its state, trace id and trace link)\n"
                 f"Ctrl-C stops everything.",
                 flush=True,
             )
-        try:
-            _wait_for_stop_signal()
-        finally:
-            gateway.stop(grace=config.gateway.shutdown_timeout_s + 5)
-            for worker in fleet_workers:
-                worker.stop(grace=config.worker.drain_grace_s + 5)
+        _wait_for_stop_signal()
     return 0

@@ -197,7 +197,7 @@ def wait_ready(service: Service, ready: Callable[[], bool], timeout: float) -> N
         time.sleep(0.05)
 
 
-def _start_on_free_port(
+def start_on_free_port(
     name: str,
     log_path: Path,
     launch: Callable[[int], tuple[list[str], str]],
@@ -205,12 +205,13 @@ def _start_on_free_port(
     *,
     timeout: float,
     cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Service:
     """Start a service on a fresh port, retrying when another process took the port first."""
     for attempt in range(1, _PORT_RETRIES + 1):
         port = free_port()
         argv, address = launch(port)
-        service = spawn(name, argv, log_path, address, cwd=cwd)
+        service = spawn(name, argv, log_path, address, cwd=cwd, env=env)
         try:
             wait_ready(service, functools.partial(ready, port), timeout)
         except ServiceError as exc:

@@ -26,10 +26,10 @@ from buildfleet.processes import (
     Service,
     ServiceError,
     ToolMissing,
-    _start_on_free_port,
     find_tool,
     free_port,
     spawn,
+    start_on_free_port,
     tcp_open,
     tools_dir,
     wait_ready,
@@ -56,6 +56,7 @@ __all__ = [
     "release_buildah_storage",
     "spawn",
     "start_buildkitd",
+    "start_on_free_port",
     "start_dockerd",
     "start_git_daemon",
     "start_redis",
@@ -128,7 +129,7 @@ def start_redis(
     log = workdir / "logs" / f"{name}.log"
     ready = functools.partial(_redis_ready, password=password)
     if port is None:
-        return _start_on_free_port(name, log, launch, ready, timeout=timeout)
+        return start_on_free_port(name, log, launch, ready, timeout=timeout)
     argv, address = launch(port)
     service = spawn(name, argv, log, address)
     wait_ready(service, functools.partial(ready, port), timeout)
@@ -174,7 +175,7 @@ def start_sentinel(
         return [binary, str(config)], f"127.0.0.1:{port}"
 
     log = workdir / "logs" / "sentinel.log"
-    return _start_on_free_port("sentinel", log, launch, _redis_pong, timeout=timeout)
+    return start_on_free_port("sentinel", log, launch, _redis_pong, timeout=timeout)
 
 
 def _http_ok(url: str) -> bool:
@@ -204,7 +205,7 @@ def start_registry(workdir: Path, *, timeout: float = 15.0) -> Service:
         return _http_ok(f"http://127.0.0.1:{port}/v2/")
 
     log = workdir / "logs" / "registry.log"
-    return _start_on_free_port("registry", log, launch, ready, timeout=timeout)
+    return start_on_free_port("registry", log, launch, ready, timeout=timeout)
 
 
 def buildkitd_config(registries: Sequence[str], otel_socket: Path) -> str:
@@ -229,11 +230,14 @@ def _own_pid_namespace() -> list[str]:
 
 def buildkit_workers_ok(addr: str, timeout: float = 10.0) -> bool:
     """True when the daemon at `addr` answers `buildctl debug workers`."""
+    from worker.telemetry import unsampled_traceparent
+
     result = subprocess.run(
         [find_tool("buildctl"), "--addr", addr, "debug", "workers"],
         capture_output=True,
         timeout=timeout,
         check=False,
+        env={**os.environ, "TRACEPARENT": unsampled_traceparent()},  # no trace per probe
     )
     return result.returncode == 0
 
@@ -244,11 +248,13 @@ def start_buildkitd(
     *,
     name: str = "buildkitd",
     timeout: float = 60.0,
+    otlp_endpoint: str | None = None,
 ) -> Service:
     """A buildkitd with the OCI (runc) worker; address `tcp://127.0.0.1:PORT`.
 
     Each call gets its own root under `workdir/name`, so several daemons can run side by
-    side. The root must be on a filesystem that supports overlayfs (not tmpfs).
+    side. The root must be on a filesystem that supports overlayfs (not tmpfs). With
+    `otlp_endpoint` (OTLP/gRPC) it exports its own spans there, and those buildctl hands it.
     """
     home = workdir / name
     root = home / "root"
@@ -269,7 +275,11 @@ def start_buildkitd(
         return tcp_open(port) and buildkit_workers_ok(f"tcp://127.0.0.1:{port}")
 
     log = workdir / "logs" / f"{name}.log"
-    return _start_on_free_port(name, log, launch, ready, timeout=timeout)
+    env = None
+    if otlp_endpoint:
+        env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
+               "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_SERVICE_NAME": name}  # fmt: skip
+    return start_on_free_port(name, log, launch, ready, timeout=timeout, env=env)
 
 
 def docker_ping(socket_path: Path) -> bool:
@@ -343,7 +353,7 @@ def start_git_daemon(root: Path, *, log_path: Path | None = None, timeout: float
             output.seek(log_start[0])
             return b"Ready to rumble" in output.read()
 
-    return _start_on_free_port("git-daemon", log, launch, ready, timeout=timeout, cwd=root)
+    return start_on_free_port("git-daemon", log, launch, ready, timeout=timeout, cwd=root)
 
 
 def _busybox_rootfs(dest: Path) -> None:
@@ -456,6 +466,11 @@ class LocalFleetServices:
     built by the same backend. Use as a context manager; everything stops in reverse order
     on exit, also on errors. Logs go to `workdir/logs/`; a temporary `workdir` is made (and
     removed) if none is given.
+
+    With `otlp_endpoint` (OTLP/gRPC), the daemons export their spans there.
+
+    Use as a context manager; everything stops in reverse order on exit, also on errors.
+    Logs go to `workdir/logs/`; a temporary `workdir` is made (and removed) if none is given.
     """
 
     def __init__(
@@ -467,8 +482,10 @@ class LocalFleetServices:
         dockerd_count: int = 1,
         redis: bool = True,
         base_image: bool = True,
+        otlp_endpoint: str | None = None,
     ) -> None:
         self._own_workdir = workdir is None
+        self.otlp_endpoint = otlp_endpoint
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="buildfleet-services-"))
         self.backend = backend
         self.buildkitd_count = buildkitd_count if backend == "buildkit" else 0
@@ -526,7 +543,9 @@ class LocalFleetServices:
         """Start one more buildkitd (trusting the registry) and add it to the pool."""
         name = f"buildkitd-{len(self.buildkitd_addrs) + 1}"
         registries = [self.registry] if self.registry else []
-        service = self._track(start_buildkitd(self.workdir, registries, name=name))
+        service = self._track(
+            start_buildkitd(self.workdir, registries, name=name, otlp_endpoint=self.otlp_endpoint)
+        )
         self.buildkitd_addrs.append(service.address)
         return service
 

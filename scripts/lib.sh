@@ -6,6 +6,12 @@ BUILDKIT_MODULE="github.com/moby/buildkit"
 export PATH="/usr/local/go/bin:${PATH}"
 BUILDFLEET_TOOLS="${BUILDFLEET_TOOLS:-${HOME}/.cache/buildfleet/tools}"
 BUILDKIT_BIN="${BUILDFLEET_TOOLS}/buildkit-${BUILDKIT_VERSION}/bin"
+# The trace receiver with a web UI that `buildfleet up` and the tests run. Jaeger v2 would
+# be the first choice, but its Go module carries only a placeholder UI (the real one is
+# built with npm from another repository); otel-desktop-viewer embeds its UI.
+TRACE_VIEWER_VERSION="v0.4.1"
+TRACE_VIEWER_MODULE="github.com/CtrlSpice/otel-desktop-viewer"
+TRACE_VIEWER_BIN="${BUILDFLEET_TOOLS}/otel-desktop-viewer-${TRACE_VIEWER_VERSION}/bin"
 
 step() { printf '==> %s\n' "$*"; }
 die() { printf 'setup FAILED: %s\n' "$*" >&2; exit 1; }
@@ -36,6 +42,34 @@ build_buildkit() {
         -o "${prefix}/bin.partial/" ./cmd/buildkitd ./cmd/buildctl) || return 1
     rm -rf "${BUILDKIT_BIN}"
     mv "${prefix}/bin.partial" "${BUILDKIT_BIN}"
+    rm -rf "${work}"
+}
+
+trace_viewer_present() { [[ -x "${TRACE_VIEWER_BIN}/otel-desktop-viewer" ]]; }
+
+# build_trace_viewer: otel-desktop-viewer from the Go module proxy into TRACE_VIEWER_BIN.
+# `go install MOD@VERSION` fails here (the proxy refuses the module's version list, which
+# install reads for deprecation notices), so build from a writable copy of the module, as
+# for BuildKit. CGO: its store is DuckDB, linked from the prebuilt library its module ships.
+build_trace_viewer() {
+    trace_viewer_present && return 0
+    command -v go >/dev/null || { echo "go not found (expected /usr/local/go/bin/go)"; return 1; }
+    local dir work prefix
+    dir="$(cd "${BUILDFLEET_TOOLS}" && GOFLAGS=-mod=mod go mod download -json \
+        "${TRACE_VIEWER_MODULE}@${TRACE_VIEWER_VERSION}" \
+        | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+    [[ -n "${dir}" && -d "${dir}" ]] || { echo "go mod download gave no Dir"; return 1; }
+    prefix="${BUILDFLEET_TOOLS}/otel-desktop-viewer-${TRACE_VIEWER_VERSION}"
+    work="${prefix}/src.partial"
+    rm -rf "${work}" "${prefix}/bin.partial"
+    mkdir -p "${prefix}"
+    cp -r "${dir}" "${work}"
+    chmod -R u+w "${work}"
+    (cd "${work}" && CGO_ENABLED=1 GOWORK=off go build -mod=mod -trimpath \
+        -ldflags "-X main.version=${TRACE_VIEWER_VERSION#v}" \
+        -o "${prefix}/bin.partial/otel-desktop-viewer" .) || return 1
+    rm -rf "${TRACE_VIEWER_BIN}"
+    mv "${prefix}/bin.partial" "${TRACE_VIEWER_BIN}"
     rm -rf "${work}"
 }
 

@@ -9,6 +9,8 @@ Session fixtures (each starts its service on first use and stops it at session e
     buildah_storage (Path, Path) buildah's --root and --runroot for the session
     git_server      GitServer  git daemon root + URL; `git_server.create_repo(...)`
     base_image      str        REGISTRY/base/busybox:latest, built FROM scratch
+    trace_viewer    TraceViewer  otel-desktop-viewer: OTLP in, web UI and query API out
+    traced_buildkitd str       tcp://127.0.0.1:PORT, a buildkitd exporting its spans to it
 Function fixture:
     redis           redis.asyncio.Redis (bytes), the server FLUSHALLed before the test
     fleet           BuildfleetClient on that same (flushed) server
@@ -33,6 +35,7 @@ import redis.asyncio as aioredis
 
 from buildfleet import services
 from buildfleet.services import Service
+from buildfleet.traceviewer import TraceViewer, start_trace_viewer
 from producer.client import BuildfleetClient
 
 from gitrepos import GitServer
@@ -120,6 +123,27 @@ def dockerd(services_dir: Path) -> Iterator[str]:
         return services.start_dockerd(services_dir, name="dockerd-1")
 
     for service in _serve("dockerd", start):
+        yield service.address
+
+
+@pytest.fixture(scope="session")
+def trace_viewer(services_dir: Path) -> Iterator[TraceViewer]:
+    viewer = start_trace_viewer(services_dir)
+    _started("trace_viewer", viewer.service)
+    try:
+        yield viewer
+    finally:
+        viewer.stop()
+
+
+@pytest.fixture(scope="session")
+def traced_buildkitd(services_dir: Path, registry: str, trace_viewer: TraceViewer) -> Iterator[str]:
+    def start() -> Service:
+        return services.start_buildkitd(
+            services_dir, [registry], name="buildkitd-traced", otlp_endpoint=trace_viewer.otlp_grpc
+        )
+
+    for service in _serve("traced_buildkitd", start):
         yield service.address
 
 

@@ -1,4 +1,5 @@
-"""Workers for tests: in this process (arq in a task) or as real `buildfleet worker` processes."""
+"""Workers for tests: in this process (arq in a task) or as real `buildfleet worker` processes;
+and the gateway as a real `buildfleet gateway` process."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+import urllib.request
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
-from buildfleet.services import find_tool
+from buildfleet.services import Service, find_tool, free_port, spawn, wait_ready
+from buildfleet.traceviewer import TraceViewer
 from producer.settings import QueueSettings, RedisSettings
 from worker.app import running_worker
 from worker.retry import RetrySettings
@@ -195,3 +199,70 @@ def cli_process(redis_url: str, *args: str) -> Iterator[subprocess.Popen[str]]:
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+def exporting_to(viewer: TraceViewer, service_name: str) -> dict[str, str]:
+    """The environment that makes a process export its traces and metrics to `viewer`,
+    promptly (a test waits for them)."""
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": viewer.otlp_http,
+        "OTEL_SERVICE_NAME": service_name,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+    }
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return bool(response.status == 200)
+
+
+def start_worker_process(
+    config: WorkerConfig,
+    logs: Path,
+    *,
+    name: str = "worker",
+    env: Mapping[str, str] | None = None,
+    steps: int = 0,
+) -> Service:
+    """One `buildfleet worker --metrics-port P` process; its address is the metrics server's
+    URL, and it is returned once /healthz answers."""
+    port = free_port()
+    address = f"http://127.0.0.1:{port}"
+    service = spawn(
+        name,
+        [sys.executable, "-m", "buildfleet.cli", "worker", "--metrics-port", str(port)],
+        logs / f"{name}.log",
+        address,
+        env={**worker_env(config), "BUILDFLEET_SIMULATE_STEPS": str(steps), **(env or {})},
+    )
+    wait_ready(service, lambda: _http_ok(f"{address}/healthz"), timeout=30)
+    return service
+
+
+def start_gateway_process(
+    redis_url: str, logs: Path, settings: Mapping[str, Any], env: Mapping[str, str] | None = None
+) -> Service:
+    """One `buildfleet gateway` process configured by `settings` (the [gateway] table);
+    returned once /readyz answers."""
+    port = free_port()
+    address = f"http://127.0.0.1:{port}"
+    overrides = {
+        f"BUILDFLEET_GATEWAY_{key.upper()}": value if isinstance(value, str) else json.dumps(value)
+        for key, value in settings.items()
+    }
+    service = spawn(
+        "gateway",
+        [sys.executable, "-m", "buildfleet.cli", "gateway"],
+        logs / "gateway.log",
+        address,
+        env={
+            **os.environ,
+            **overrides,
+            "BUILDFLEET_REDIS_URL": redis_url,
+            "BUILDFLEET_GATEWAY_PORT": str(port),
+            **(env or {}),
+        },
+    )
+    wait_ready(service, lambda: _http_ok(f"{address}/readyz"), timeout=30)
+    return service

@@ -400,3 +400,30 @@ def test_only_buildkitd_falls_short_of_pod_security_restricted(
         assert not any(verdicts.values()), f"violate restricted: {verdicts}"
     finally:
         kube_cluster.kubectl("delete", "namespace", scratch, "--wait=false", check=False)
+
+
+def test_workers_are_probed_and_scraped_on_their_metrics_port(
+    rendered: list[Manifest], tmp_path: Path
+) -> None:
+    worker = find(rendered, "Deployment", "buildfleet-worker")
+    [container] = pod_spec(worker)["containers"]
+    config = fleet_config(rendered, tmp_path, container)
+    assert config.worker.metrics_host == "0.0.0.0"  # the kubelet and Prometheus reach it
+    [port] = container["ports"]
+    assert (port["name"], port["containerPort"]) == ("metrics", config.worker.metrics_port)
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    for name, workload_port in (
+        ("buildfleet-worker", port["containerPort"]),
+        ("buildfleet-gateway", 8080),
+    ):
+        annotations = find(rendered, "Deployment", name)["spec"]["template"]["metadata"][
+            "annotations"
+        ]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(workload_port)
+        assert annotations["prometheus.io/path"] == "/metrics"
+    policy = find(rendered, "NetworkPolicy", "buildfleet-worker")
+    [rule] = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": port["containerPort"], "protocol": "TCP"}]
+    assert "from" not in rule or rule["from"], "the metrics port only"

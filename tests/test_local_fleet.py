@@ -1,4 +1,5 @@
-"""`buildfleet up` as a user runs it: a whole fleet, a build through its REST API, Ctrl-C."""
+"""`buildfleet up` as a user runs it: a whole fleet, a build through its REST API, its trace
+in the fleet's trace viewer, `buildfleet get` pointing at it, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +31,29 @@ def _call(method: str, url: str, token: str, body: object = None) -> dict[str, o
     with urllib.request.urlopen(request, timeout=30) as response:
         answer: dict[str, object] = json.load(response)
         return answer
+
+
+def _cli(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "buildfleet.cli", *args], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _spans_when(viewer: str, trace_id: str, names: set[str]) -> list[dict[str, Any]]:
+    """The trace's spans, from the viewer's own query API, once `names` are all there."""
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "searchSpans", "params": [trace_id]})
+    spans: list[dict[str, Any]] = []
+    for _ in range(100):
+        request = urllib.request.Request(f"{viewer}/rpc", data=body.encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = json.load(response)
+        spans = [entry["spanData"] for entry in (answer.get("result") or {}).get("spans") or []]
+        if names <= {span["name"] for span in spans}:
+            return spans
+        time.sleep(0.2)
+    raise AssertionError(f"trace {trace_id} lacks {names}: {[s['name'] for s in spans]}")
 
 
 def _descendants(pid: int) -> set[int]:
@@ -65,8 +90,8 @@ def test_up_builds_through_its_gateway_and_ctrl_c_leaves_nothing_behind(
         fleet = json.loads(up.stdout.readline())
         spawned = _descendants(up.pid)
         assert fleet["backend"] == backend
-        # redis, registry, git daemon, worker, gateway, and buildkitd or dockerd
-        assert len(spawned) >= (5 if backend == "buildah" else 6)
+        # trace viewer, redis, registry, git daemon, worker, gateway, and buildkitd or dockerd
+        assert len(spawned) >= (6 if backend == "buildah" else 7)
         gateway, token, registry = fleet["gateway"], fleet["api_token"], fleet["registry"]
         answer = _call(
             "POST",
@@ -96,6 +121,43 @@ def test_up_builds_through_its_gateway_and_ctrl_c_leaves_nothing_behind(
         result = state["result"]
         assert isinstance(result, dict)
         assert served_digest(registry, "demo/hello", "up") == result["digest"]
+
+        # The build's trace: `get` names it and links to it, the viewer holds it.
+        trace_id = str(state["request"]["trace"]["traceparent"]).split("-")[1]  # type: ignore[index]
+        link = fleet["trace_link"].replace("{trace_id}", trace_id)
+        assert link == f"{fleet['trace_viewer']}/traces/{trace_id}"
+        cli_env = {
+            **env,
+            "BUILDFLEET_REDIS_URL": fleet["redis_url"],
+            "BUILDFLEET_TELEMETRY_TRACE_LINK": fleet["trace_link"],
+        }
+        shown = _cli(cli_env, "get", build_id)
+        assert f"  trace  {trace_id}\n" in shown and f"   link  {link}\n" in shown
+        answer = json.loads(_cli(cli_env, "get", build_id, "--json"))
+        assert (answer["status"], answer["trace_id"], answer["trace_url"]) == (
+            "succeeded", trace_id, link,
+        )  # fmt: skip
+        spans = _spans_when(fleet["trace_viewer"], trace_id, {"POST /v1/builds", "build attempt"})
+        [root] = [span for span in spans if not span["parentSpanID"]]
+        assert root["name"] == "POST /v1/builds"
+        assert any(span["name"] == "build attempt" for span in spans)
+        # A build submitted from the command line, tracing on: its trace starts there.
+        cli_env["OTEL_EXPORTER_OTLP_ENDPOINT"] = fleet["otlp_endpoint"]
+        submitted = _cli(
+            cli_env, "submit", str(EXAMPLE), "--image", f"{registry}/demo/hello:cli",
+            "--build-arg", f"BASE={fleet['base_image']}", "--wait", "--json",
+        )  # fmt: skip
+        cli_build = json.loads(submitted)["build_id"]
+        cli_trace = json.loads(_cli(cli_env, "get", cli_build, "--json"))["trace_id"]
+        spans = _spans_when(
+            fleet["trace_viewer"], cli_trace, {"buildfleet submit", "build attempt"}
+        )
+        [root] = [span for span in spans if not span["parentSpanID"]]
+        assert root["name"] == "buildfleet submit"
+        [metrics] = fleet["worker_metrics"]
+        with urllib.request.urlopen(metrics, timeout=10) as response:
+            text = response.read().decode()
+        assert 'buildfleet_builds_total{error_class="",status="succeeded"} 2.0' in text
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(timeout=120)

@@ -38,6 +38,44 @@ def test_vertices_merge_by_digest_and_emit_only_on_change() -> None:
     assert step.completed - step.started == 3.0
 
 
+def test_the_push_is_a_step_of_its_own_and_other_statuses_are_not() -> None:
+    export = "sha256:" + "c" * 64
+    pushing = {"id": "pushing layers", "vertex": export, "started": "2026-11-25T10:00:04Z"}
+    manifest = "pushing manifest for 127.0.0.1:5000/app:1@sha256:" + "d" * 64
+    parser = ProgressParser("b1", attempt=1)
+    events = parser.feed(
+        line(
+            vertexes=[
+                {"digest": export, "name": "exporting to image", "started": "2026-11-25T10:00:03Z"}
+            ],
+            statuses=[
+                {"id": "exporting layers", "vertex": export, "started": "2026-11-25T10:00:03Z"},
+                {**pushing, "current": 1, "total": 4},
+            ],
+        )
+    )
+    assert [e.name for e in events if isinstance(e, Step)] == [
+        "exporting to image",
+        "pushing layers",
+    ]
+    # Progress within a push status changes nothing a step shows; its end does.
+    assert parser.feed(line(statuses=[{**pushing, "current": 3, "total": 4}])) == []
+    [done, second] = parser.feed(
+        line(
+            statuses=[
+                {**pushing, "completed": "2026-11-25T10:00:05Z"},
+                {"id": manifest, "vertex": export, "started": "2026-11-25T10:00:05Z",
+                 "completed": "2026-11-25T10:00:05.5Z"},
+            ]
+        )
+    )  # fmt: skip
+    assert isinstance(done, Step) and isinstance(second, Step)
+    assert (done.vertex, done.name) == (f"{export}/pushing layers", "pushing layers")
+    assert done.started is not None and done.completed is not None
+    assert done.completed - done.started == 1.0
+    assert second.name == manifest and second.vertex != done.vertex
+
+
 def test_cached_steps_are_marked() -> None:
     parser = ProgressParser("b1", attempt=1)
     [step] = parser.feed(line(vertexes=[{"digest": FROM, "name": "[1/2] FROM x", "cached": True}]))

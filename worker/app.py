@@ -42,6 +42,7 @@ from worker.backends.base import Backend, SweepsOrphans
 from worker.backends.factory import make_backend, make_health, placement_targets
 from worker.capacity import Capacity, decode_notice
 from worker.errors import BuildError
+from worker.metrics_server import serve_metrics
 from worker.recovery import Reaper, Watchdog
 from worker.runner import BuildRunner
 from worker.scheduling import DaemonHealth, FixedPlacer, LeasedPlacer, Placer
@@ -271,10 +272,14 @@ async def running_worker(
         chores.append(daemons.run())
     if isinstance(backend, SweepsOrphans):
         chores.append(_reap_orphan_jobs(redis, config.queue.name, backend, health))
+    if metrics_server := await serve_metrics(config, redis, daemons):
+        logger.info("metrics, health and readiness on %s", metrics_server.url)
     background = [asyncio.create_task(chore) for chore in chores]
     try:
         yield worker
     finally:
+        if metrics_server:
+            await metrics_server.aclose()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)

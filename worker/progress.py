@@ -3,8 +3,10 @@
 buildctl writes one JSON `SolveStatus` per line; a Docker daemon sends the same status as
 protobuf (worker.backends.buildkit_trace decodes it into `SolveStatus`). A vertex (a build
 step) is re-sent whenever it changes, so vertices are merged by digest and a Step is emitted
-only when its state moved. Pure: it reads lines and returns events; the backend does the
-reading.
+only when its state moved. The push is no vertex of its own: it is a status of "exporting to
+image" ("pushing layers", "pushing manifest for IMAGE"), so each push status becomes a Step
+too, keyed by its vertex and id. Pure: it reads lines and returns events; the backend does
+the reading.
 """
 
 from __future__ import annotations
@@ -33,12 +35,37 @@ class VertexLog(msgspec.Struct):
     stream: int = 1
 
 
+class Status(msgspec.Struct):
+    id: str
+    vertex: str = ""
+    started: datetime | None = None
+    completed: datetime | None = None
+
+
 class SolveStatus(msgspec.Struct):
     vertexes: list[Vertex] = []
+    statuses: list[Status] = []
     logs: list[VertexLog] = []
 
 
+PUSH_STATUS_PREFIX = "pushing "
+
+
 _status_decoder = msgspec.json.Decoder(SolveStatus)
+
+
+def _is_push(status: Status) -> bool:
+    return status.id.startswith(PUSH_STATUS_PREFIX)
+
+
+def _push_vertex(status: Status) -> Vertex:
+    """A push status as a step of its own, under an id no real vertex digest can take."""
+    return Vertex(
+        digest=f"{status.vertex}/{status.id}",
+        name=status.id,
+        started=status.started,
+        completed=status.completed,
+    )
 
 
 def _timestamp(moment: datetime | None) -> float | None:
@@ -69,8 +96,9 @@ class ProgressParser:
 
     def feed_status(self, status: SolveStatus) -> list[Step | Log]:
         """The events one decoded status makes."""
+        vertexes = [*status.vertexes, *map(_push_vertex, filter(_is_push, status.statuses))]
         events: list[Step | Log] = [
-            step for vertex in status.vertexes if (step := self._merge(vertex)) is not None
+            step for vertex in vertexes if (step := self._merge(vertex)) is not None
         ]
         events.extend(self._log(entry) for entry in status.logs)
         return events

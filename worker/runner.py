@@ -269,7 +269,9 @@ class BuildRunner:
             traceparent=current.trace.traceparent if current.trace else None,
             fence=current.held,
         )
-        with self.telemetry.holding_slot(current.placement.daemon):
+        with self.telemetry.holding_slot(
+            current.placement.daemon, current.trace, current.capacity_wait_s
+        ):
             return await self.backend.build(job, progress)
 
     def _timeout(self, request: BuildRequest) -> float:

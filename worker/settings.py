@@ -38,6 +38,12 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     log_cap_bytes: PositiveInt = 1 << 20
     """Log bytes kept per build attempt; past it one marker says how much was dropped."""
     log_tail_lines: PositiveInt = DEFAULT_LOG_TAIL_LINES
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    """Serve /metrics (Prometheus text), /healthz and /readyz on this port (0: any free
+    port); None: no such server."""
+    metrics_host: str = "127.0.0.1"
+    """Where the metrics server listens; 0.0.0.0 in a pod, so the kubelet and Prometheus
+    reach it."""
 
     def timeout_for(self, request: BuildRequest) -> float:
         """The one build deadline: the request's own timeout, else the default."""

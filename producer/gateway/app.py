@@ -33,6 +33,7 @@ from producer.gateway.limits import retry_after
 from producer.gateway.openapi import openapi_document
 from producer.gateway.settings import GatewaySettings
 from producer.gateway.state import Gateway
+from producer.gateway.tracing import tracing_middleware
 
 log = logging.getLogger("buildfleet.gateway")
 
@@ -121,7 +122,11 @@ def make_app(settings: GatewaySettings, client: BuildfleetClient) -> web.Applica
     gateway = Gateway(settings, client)
     app = web.Application(
         client_max_size=max(settings.body_limit_bytes, settings.api_body_limit_bytes),
-        middlewares=[_errors_and_metrics(gateway), _authentication(gateway)],
+        middlewares=[
+            tracing_middleware(),
+            _errors_and_metrics(gateway),
+            _authentication(gateway),
+        ],
     )
     app[GATEWAY] = gateway
     document = _json.encode(openapi_document(settings, client.store.queue))

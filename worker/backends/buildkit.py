@@ -26,6 +26,7 @@ from worker.progress import ProgressParser
 from worker.retry import classify
 from worker.settings import BuildkitSettings
 from worker.subprocesses import die_with_this_process
+from worker.telemetry import unsampled_traceparent
 
 _STDERR_LINE_LIMIT: Final = 16 << 20
 
@@ -108,6 +109,11 @@ def _read_digest(metadata: Path) -> str | None:
         ) from exc
 
 
+def _probe_env() -> dict[str, str]:
+    """buildctl's environment for a health probe: no trace of its own every few seconds."""
+    return {**os.environ, "TRACEPARENT": unsampled_traceparent()}
+
+
 class BuildkitBackend:
     name = "buildkit"
 
@@ -142,7 +148,10 @@ class BuildkitBackend:
         parser: ProgressParser,
         progress: ProgressSink,
     ) -> int:
-        env = dict(os.environ)
+        # buildctl hands its spans to buildkitd, which exports them with its own: the
+        # worker's OTLP settings would make it export each one twice.
+        env = {name: value for name, value in os.environ.items() if not name.startswith("OTEL_")}
+        env["OTEL_SERVICE_NAME"] = "buildctl"
         if traceparent:
             env["TRACEPARENT"] = traceparent
         try:
@@ -207,6 +216,7 @@ class BuildkitBackend:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
+                env=_probe_env(),
             )  # fmt: skip
         except OSError:
             return False
