@@ -115,9 +115,10 @@ class RedisHealth:
 def raise_if_cancelling() -> None:
     """Raise CancelledError when the current task has been asked to stop.
 
-    A cancellation can arrive as some other error (a library that turns it into a timeout
-    or a lost connection, as redis-py's socket handling can): a loop that retries such
-    errors must check, or it would retry forever after being cancelled.
+    A cancellation can be lost inside a library: redis-py (with hiredis) can end a blocking
+    read that was cancelled normally, or turn the cancellation into a timeout or a lost
+    connection. A loop that goes on after such a call must check, or it would run forever
+    after being cancelled (and `asyncio.run`, waiting for it, never return).
     """
     task = asyncio.current_task()
     if task is not None and task.cancelling():
@@ -152,5 +153,6 @@ async def persistently(
             await asyncio.sleep(full_jitter(attempt, base=BACKOFF_BASE_S, cap=cap_s))
             attempt += 1
         else:
+            raise_if_cancelling()
             health.succeeded()
             return result

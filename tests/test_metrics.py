@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from test_gateway_payloads import body_of, github_headers, github_push
 
+from producer.gateway.auth import hash_token
 from worker.settings import SimulateSettings
 
 from fleet import start_gateway_process, start_worker_process, worker_config
@@ -105,7 +106,8 @@ def workload(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterat
     source = logs / "context"
     source.mkdir()
     settings = {
-        "api_tokens": [TOKEN],
+        "tokens": [{"name": "metrics", "sha256": hash_token(TOKEN), "images": ["*"]}],
+        "sources": {"local_roots": [str(logs)]},
         "webhook_secrets": [{"repo": "acme/*", "secret": SECRET}],
         "rules": [{"repo": "acme/metered", "branches": ["main"], "images": ["reg.local/m:{sha}"]}],
     }

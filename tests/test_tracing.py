@@ -27,6 +27,7 @@ from test_gateway_payloads import body_of, github_headers, github_push
 
 from buildfleet.services import Service
 from buildfleet.traceviewer import TraceViewer
+from producer.gateway.auth import hash_token
 from producer.gateway.tracing import tracing_middleware
 
 from browser import artifacts_dir, rendered_dom, screenshot
@@ -106,9 +107,12 @@ def traced_fleet(
     base_image: str,
     traced_buildkitd: str,
     trace_viewer: TraceViewer,
+    git_server: GitServer,
 ) -> Any:
     settings = {
-        "api_tokens": [TOKEN],
+        "tokens": [{"name": "tracing", "sha256": hash_token(TOKEN), "images": ["*"]}],
+        # Webhook builds clone from the configured forge, never from the payload's URL.
+        "forges": {"github": {"clone_url": f"{git_server.url}{{repo}}.git"}},
         "webhook_secrets": [{"repo": "acme/*", "secret": SECRET}],
         "rules": [
             {
