@@ -106,7 +106,9 @@ def workload(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterat
     source = logs / "context"
     source.mkdir()
     settings = {
-        "tokens": [{"name": "metrics", "sha256": hash_token(TOKEN), "images": ["*"]}],
+        "tokens": [
+            {"name": "metrics", "sha256": hash_token(TOKEN), "images": ["*"], "tenant": "acme"}
+        ],
         "sources": {"local_roots": [str(logs)]},
         "webhook_secrets": [{"repo": "acme/*", "secret": SECRET}],
         "rules": [{"repo": "acme/metered", "branches": ["main"], "images": ["reg.local/m:{sha}"]}],

@@ -110,7 +110,9 @@ def traced_fleet(
     git_server: GitServer,
 ) -> Any:
     settings = {
-        "tokens": [{"name": "tracing", "sha256": hash_token(TOKEN), "images": ["*"]}],
+        "tokens": [
+            {"name": "tracing", "sha256": hash_token(TOKEN), "images": ["*"], "tenant": "acme"}
+        ],
         # Webhook builds clone from the configured forge, never from the payload's URL.
         "forges": {"github": {"clone_url": f"{git_server.url}{{repo}}.git"}},
         "webhook_secrets": [{"repo": "acme/*", "secret": SECRET}],
