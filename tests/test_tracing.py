@@ -144,7 +144,7 @@ def test_a_signed_push_is_one_trace_from_the_webhook_to_the_pushed_image(
     traced_fleet: Service, trace_viewer: TraceViewer, git_server: GitServer, registry: str
 ) -> None:
     repo = git_server.create_repo(
-        "traced",
+        "acme/traced",  # where the configured forge clones acme/traced from
         {
             "Dockerfile": "ARG BASE\nFROM ${BASE}\nCOPY greeting /greeting\n"
             "RUN cat /greeting\nRUN echo built > /built\n",
