@@ -57,6 +57,43 @@ def test_classification(message: str, error_class: str, temporary: bool) -> None
     assert isinstance(error, TemporaryBuildError) is temporary
 
 
+# buildctl v0.34.2's own words (captured from real builds), for requests that fail the same
+# way every time: retrying them would only delay the answer.
+@pytest.mark.parametrize(
+    ("message", "error_class"),
+    [
+        (
+            'failed to solve: failed to parse stage name "Invalid_Ref:::x": invalid reference '
+            "format: repository name (library/Invalid_Ref) must be lowercase",
+            "invalid_reference",
+        ),
+        (
+            'failed to solve: failed to parse stage name "busybox@sha256:nothex": invalid '
+            "reference format",
+            "invalid_reference",
+        ),
+        (
+            "failed to solve: failed to push UPPER/Case:1: invalid reference format: repository "
+            "name (Case) must be lowercase",
+            "invalid_reference",
+        ),
+        (
+            "failed to solve: failed to read dockerfile: no local sources enabled",
+            "unsupported_source",
+        ),
+        (
+            "failed to solve: dockerfile parse error on line 2: unknown instruction: RUNN (did "
+            "you mean RUN?)",
+            "dockerfile",
+        ),
+    ],
+)
+def test_configuration_like_errors_are_permanent_at_once(message: str, error_class: str) -> None:
+    error = classify(message)
+    assert isinstance(error, PermanentBuildError)
+    assert error.error_class == error_class
+
+
 def test_only_the_daemon_rule_blames_the_daemon() -> None:
     daemon = classify("failed to dial gRPC: connection refused")
     registry = classify("failed to push: connection reset by peer")

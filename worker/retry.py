@@ -43,6 +43,9 @@ CLASSIFICATION: Final[tuple[Rule, ...]] = (
         "dockerfile",
         temporary=False,
     ),
+    # A context BuildKit cannot fetch as git or http (ftp://, file://) is read as a local
+    # one, which a remote build has none of.
+    _rule(r"no local sources enabled", "unsupported_source", temporary=False),
     _rule(
         r"failed to read dockerfile|dockerfile.*no such file", "dockerfile_missing", temporary=False
     ),
