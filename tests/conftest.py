@@ -11,6 +11,9 @@ Session fixtures (each starts its service on first use and stops it at session e
     base_image      str        REGISTRY/base/busybox:latest, built FROM scratch
     trace_viewer    TraceViewer  otel-desktop-viewer: OTLP in, web UI and query API out
     traced_buildkitd str       tcp://127.0.0.1:PORT, a buildkitd exporting its spans to it
+Module fixture:
+    empty_redis_url the session Redis's URL, FLUSHALLed once before the module
+
 Function fixture:
     redis           redis.asyncio.Redis (bytes), the server FLUSHALLed before the test
     fleet           BuildfleetClient on that same (flushed) server
@@ -31,6 +34,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
+import redis as sync_redis
 import redis.asyncio as aioredis
 
 from buildfleet import services
@@ -163,6 +167,15 @@ def git_server(services_dir: Path) -> Iterator[GitServer]:
 @pytest.fixture(scope="session")
 def base_image(buildkitd: str, registry: str) -> str:
     return services.push_base_image(buildkitd, registry)
+
+
+@pytest.fixture(scope="module")
+def empty_redis_url(redis_url: str) -> str:
+    """The session Redis, emptied first: for a module whose worker processes would otherwise
+    run (or requeue, as lost) builds earlier tests left behind."""
+    with sync_redis.Redis.from_url(redis_url) as client:
+        client.flushall()
+    return redis_url
 
 
 @pytest.fixture

@@ -101,7 +101,8 @@ def _call(
 
 
 @pytest.fixture(scope="module")
-def workload(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Workload]:
+def workload(tmp_path_factory: pytest.TempPathFactory, empty_redis_url: str) -> Iterator[Workload]:
+    redis_url = empty_redis_url
     logs = tmp_path_factory.mktemp("metrics")
     source = logs / "context"
     source.mkdir()

@@ -102,13 +102,14 @@ def _trace(viewer: TraceViewer, trace_id: str, ready: Any) -> list[Span]:
 @pytest.fixture
 def traced_fleet(
     tmp_path: Path,
-    redis_url: str,
+    empty_redis_url: str,
     registry: str,
     base_image: str,
     traced_buildkitd: str,
     trace_viewer: TraceViewer,
     git_server: GitServer,
 ) -> Any:
+    redis_url = empty_redis_url
     settings = {
         "tokens": [
             {"name": "tracing", "sha256": hash_token(TOKEN), "images": ["*"], "tenant": "acme"}

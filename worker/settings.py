@@ -142,6 +142,9 @@ class SimulateSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ran where, from when to when (what tests and the soak count concurrency from)."""
     slice_s: PositiveFloat = 0.25
     """Simulated work goes in stretches this long at most; each is recorded as it ends."""
+    outage_file: str | None = None
+    """A file naming the daemons that are down, one per line (the fault soak writes it): a
+    build there fails as if its daemon were lost, and the health probe says they are down."""
 
 
 class SchedulingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -4,6 +4,10 @@ For load tests, the fault soak and capacity planning, as kwok is for Kubernetes.
 can override the configured behaviour with labels `simulate.duration_s` and
 `simulate.outcome`.
 
+With `outage_file`, it models daemons going away: a build placed on a daemon named there
+fails as a lost daemon would fail it (temporary, the daemon at fault), and `probe` reports
+the daemon down until it leaves the file.
+
 It models a daemon that honours leases: work happens in short stretches, each only while
 the attempt's lease is surely its own (`BuildJob.fence`); when that is in doubt (Redis
 away, or the worker was paused) the work waits for a renewal, and when another attempt
@@ -18,6 +22,7 @@ import asyncio
 import hashlib
 import os
 import time
+from pathlib import Path
 
 import msgspec
 
@@ -78,6 +83,7 @@ class SimulateBackend:
         """`duration` seconds of work, done only while the lease is surely the attempt's."""
         remaining = duration
         while remaining > 0:
+            self._check_daemon(job)
             fence = job.fence
             if fence is not None and time.monotonic() >= fence.valid_until:
                 await fence.confirmed()
@@ -91,6 +97,26 @@ class SimulateBackend:
                 ended = min(time.monotonic(), began + _room(fence, began))
                 self._record(job, began_at, began_at + (ended - began))
             remaining -= ended - began
+
+    def _down(self) -> set[str]:
+        if self.settings.outage_file is None:
+            return set()
+        try:
+            return set(Path(self.settings.outage_file).read_text().split())
+        except FileNotFoundError:
+            return set()
+
+    def _check_daemon(self, job: BuildJob) -> None:
+        if job.placement is not None and job.placement in self._down():
+            raise TemporaryBuildError(
+                f"simulated daemon {job.placement} is gone",
+                error_class="daemon_unreachable",
+                daemon_at_fault=True,
+            )
+
+    async def probe(self, address: str) -> bool:
+        """The health probe: the daemon is up unless the outage file names it."""
+        return address not in self._down()
 
     def _record(self, job: BuildJob, began: float, ended: float) -> None:
         if self.settings.journal is None or ended <= began:
