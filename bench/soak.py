@@ -20,9 +20,13 @@ terminal events, overlapping runs of one build and capacity violations (both fro
 simulate backend's journal), recovery times, and throughput with faults against without.
 It exits 1 unless lost, duplicates, overlaps and violations are all 0.
 
-Recovery time of a fault: for a worker or daemon fault, how long each build it interrupted
-took to start again (or end) elsewhere; for a Redis fault, how long after Redis was back
-until the fleet started a build again.
+Recovery time of a fault: for a worker or daemon fault, how long until each build it
+interrupted was back in line (a Retrying event: the attempt failed and was rescheduled) or
+running again elsewhere (Started; a build taken from a dead or paused worker keeps its place
+at the head of the queue, so this includes no wait behind the backlog), or ended; for a
+Redis fault, how long after Redis was back until the fleet started a build again. A
+rescheduled build then waits its backoff and its turn like any build (figures by fault kind
+are printed too).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from producer.contract import (
     BuildEvent,
     BuildRequest,
     LocalSource,
+    Retrying,
     Started,
     decode_event,
     is_terminal,
@@ -351,14 +356,16 @@ def recovery_times(
 ) -> dict[str, list[float]]:
     """By kind of fault: per interrupted build (worker and daemon faults) or per Redis
     fault, how long until the fleet went on (see the module's docstring)."""
-    starts: dict[str, list[Started]] = defaultdict(list)
+    runs: dict[str, list[Started | Retrying]] = defaultdict(list)
     ends: dict[str, float] = {}
     for event in events:
-        if isinstance(event, Started):
-            starts[event.build_id].append(event)
+        if isinstance(event, Started | Retrying):
+            runs[event.build_id].append(event)
         elif is_terminal(event):
             ends.setdefault(event.build_id, event.at)
-    all_starts = sorted(s.at for runs in starts.values() for s in runs)
+    all_starts = sorted(
+        e.at for history in runs.values() for e in history if isinstance(e, Started)
+    )
     times: dict[str, list[float]] = defaultdict(list)
     for fault in faults:
         if fault.kind.startswith("redis"):
@@ -366,17 +373,22 @@ def recovery_times(
             if after:
                 times[fault.kind].append(after[0] - fault.ended)
             continue
-        for build_id in _interrupted(fault, starts, ends, journal):
-            again = [s.at for s in starts[build_id] if s.at > fault.began]
-            resumed = min([*again, ends.get(build_id, float("inf"))])
+        for build_id in _interrupted(fault, runs, ends, journal):
+            handled = [e.at for e in runs[build_id] if e.at > fault.began]
+            resumed = min([*handled, ends.get(build_id, float("inf"))])
             if resumed != float("inf"):
                 times[fault.kind].append(resumed - fault.began)
     return times
 
 
 def _interrupted(
-    fault: Fault, starts: dict[str, list[Started]], ends: dict[str, float], journal: list[Any]
+    fault: Fault,
+    runs: dict[str, list[Started | Retrying]],
+    ends: dict[str, float],
+    journal: list[Any],
 ) -> set[str]:
+    """The builds running where the fault struck: on the daemon (from the journal), or on
+    the worker (its last Started or Retrying before the fault a Started by that worker)."""
     if fault.kind == "daemon_away":
         return {
             e.build_id
@@ -385,8 +397,9 @@ def _interrupted(
         }
     return {
         build_id
-        for build_id, runs in starts.items()
-        if (before := [s for s in runs if s.at <= fault.began])
+        for build_id, history in runs.items()
+        if (before := [e for e in history if e.at <= fault.began])
+        and isinstance(before[-1], Started)
         and before[-1].worker.endswith(f"-{fault.target}")
         and ends.get(build_id, float("inf")) > fault.began
     }

@@ -23,9 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from buildfleet.tools import tool_home
 from worker.subprocesses import die_with_this_process
-
-BUILDKIT_VERSION = "v0.34.2"
 
 _PORT_RETRIES = 3
 
@@ -38,15 +37,9 @@ class ToolMissing(ServiceError):
     """A required executable is not installed."""
 
 
-def tools_dir() -> Path:
-    """Where scripts/setup caches the tools it builds."""
-    default = Path.home() / ".cache" / "buildfleet" / "tools"
-    return Path(os.environ.get("BUILDFLEET_TOOLS") or default)
-
-
 def find_tool(name: str) -> str:
     """Path of executable `name`: the pinned BuildKit build first, then PATH."""
-    pinned = tools_dir() / f"buildkit-{BUILDKIT_VERSION}" / "bin" / name
+    pinned = tool_home("buildkit", "BUILDKIT_VERSION") / "bin" / name
     if pinned.is_file() and os.access(pinned, os.X_OK):
         return str(pinned)
     found = shutil.which(name)

@@ -22,7 +22,6 @@ from types import TracebackType
 from typing import Literal, Self
 
 from buildfleet.processes import (
-    BUILDKIT_VERSION,
     Service,
     ServiceError,
     ToolMissing,
@@ -31,13 +30,12 @@ from buildfleet.processes import (
     spawn,
     start_on_free_port,
     tcp_open,
-    tools_dir,
     wait_ready,
 )
+from buildfleet.tools import tools_dir
 
 __all__ = [
     "BASE_IMAGE_NAME",
-    "BUILDKIT_VERSION",
     "DEFAULT_PATH_ENV",
     "Backend",
     "LocalFleetServices",

@@ -23,15 +23,14 @@ from buildfleet.services import (
     free_port,
     start_on_free_port,
     tcp_open,
-    tools_dir,
 )
+from buildfleet.tools import tool_home
 
-TRACE_VIEWER_VERSION: Final = "v0.4.1"
 TRACE_LINK_FIELD: Final = "{trace_id}"
 
 
 def trace_viewer_binary() -> str:
-    home = tools_dir() / f"otel-desktop-viewer-{TRACE_VIEWER_VERSION}"
+    home = tool_home("otel-desktop-viewer", "TRACE_VIEWER_VERSION")
     path = home / "bin" / "otel-desktop-viewer"
     if not (path.is_file() and os.access(path, os.X_OK)):
         raise ToolMissing(f"{path} not found; run scripts/setup to build it")

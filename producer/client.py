@@ -26,10 +26,23 @@ from producer.contract import (
     BuildRequest,
     BuildResult,
     BuildState,
+    CachePolicy,
+    Cancelled,
     ContractError,
+    DeadLettered,
+    Failed,
+    GitSource,
+    LocalSource,
+    Log,
+    Queued,
+    Retrying,
+    Started,
+    Step,
+    Succeeded,
     decode_event,
     decode_request,
     event_kind,
+    is_terminal,
     new_build_id,
     result_of,
 )
@@ -53,14 +66,37 @@ from producer.settings import QueueSettings, RedisSettings
 from producer.store import PRIORITIES, BuildStore, CancelOutcome, Submission
 from producer.workers import WORKER_STALE_S, DaemonBeat, WorkerBeat, worker_beat_decoder
 
+# The Python client's public surface (pinned by tests/test_public_api.py): the client, what
+# it takes and returns, and the errors it raises. Everything else in `producer` is internal.
 __all__ = [
+    "BuildEvent",
     "BuildNotFound",
+    "BuildRequest",
+    "BuildResult",
+    "BuildState",
     "BuildfleetClient",
+    "CachePolicy",
+    "CancelOutcome",
+    "Cancelled",
+    "ContractError",
     "DaemonStatus",
     "DeadLetter",
+    "DeadLettered",
+    "Failed",
     "FleetStatus",
     "FleetUnavailable",
+    "GitSource",
+    "LocalSource",
+    "Log",
+    "Queued",
+    "Retrying",
+    "Started",
+    "Step",
+    "Submission",
+    "Succeeded",
     "WorkerStatus",
+    "is_terminal",
+    "new_build_id",
 ]
 
 _BLOCK_MS: Final = 5_000
@@ -138,6 +174,7 @@ class BuildfleetClient:
     def from_url(
         cls, url: str, queue: QueueSettings | None = None, *, policy: RequestPolicy | None = None
     ) -> Self:
+        """A client for the fleet whose Redis is at `url` (see RedisSettings for the forms)."""
         return cls.connect(RedisSettings(url=url), queue, policy=policy)
 
     async def __aenter__(self) -> Self:
@@ -152,6 +189,7 @@ class BuildfleetClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close the client's Redis connections (`async with` does this on exit)."""
         await self.redis.aclose()
 
     async def ping(self) -> None:
@@ -173,6 +211,7 @@ class BuildfleetClient:
             return await self.store.submit_many(requests)
 
     async def get(self, build_id: str) -> BuildState:
+        """The build's current state; BuildNotFound when the fleet has no such build."""
         with unavailable("read build"):
             state = await self.store.state(build_id)
         if state is None:
@@ -180,6 +219,8 @@ class BuildfleetClient:
         return state
 
     async def cancel(self, build_id: str, reason: str = "cancelled by request") -> CancelOutcome:
+        """Cancel the build: a queued one ends at once, a running one when its worker has
+        stopped it. BuildNotFound when the fleet has no such build."""
         with unavailable("cancel"):
             outcome = await self.store.cancel(build_id, reason)
         if outcome is CancelOutcome.UNKNOWN:

@@ -14,6 +14,7 @@ from typing import Annotated, Final, Literal, TypeVar
 import msgspec
 
 from producer import reference
+from producer.fields import PositiveFloat, Priority
 
 BUILD_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -24,8 +25,6 @@ ImageName = Annotated[
 """An image or cache reference (producer.reference): never an option string."""
 GitRef = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._/+-]*$", max_length=255)]
 BuildArgName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=255)]
-Priority = Literal["interactive", "batch"]
-Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
 
 class ContractError(ValueError):
@@ -91,7 +90,7 @@ class BuildRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     priority: Priority = "interactive"
     tenant: str = "default"
     labels: dict[str, str] = msgspec.field(default_factory=dict)
-    timeout_s: Seconds | None = None
+    timeout_s: PositiveFloat | None = None
     supersede_key: str | None = None
     trace: TraceContext = TraceContext()
     submitted_at: float = 0.0
@@ -154,7 +153,6 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_d
 
 class Queued(_Event, tag="queued", frozen=True):
     priority: Priority = "interactive"
-    request: BuildRequest | None = None
 
 
 class Started(_Event, tag="started", frozen=True):
@@ -214,6 +212,7 @@ TerminalEvent = Succeeded | Failed | Cancelled | DeadLettered
 
 
 def is_terminal(event: BuildEvent) -> bool:
+    """Whether the event ends its build (succeeded, failed, cancelled, dead-lettered)."""
     return isinstance(event, _Ended)
 
 

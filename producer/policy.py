@@ -31,7 +31,7 @@ import re
 import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Annotated, Final, Literal
+from typing import Final, Literal
 
 import msgspec
 
@@ -42,6 +42,7 @@ from producer.contract import (
     GitSource,
     LocalSource,
 )
+from producer.fields import AbsolutePath, NonEmpty
 
 GitScheme = Literal["https", "ssh", "git", "http"]
 DEFAULT_SCHEMES: Final[tuple[GitScheme, ...]] = ("https", "ssh", "git")
@@ -67,9 +68,6 @@ _HOST: Final = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\]")
 _GIT_TRANSPORTS: Final = frozenset({"https", "ssh", "git", "http"})
 _URL_FORBIDDEN: Final = re.compile(r"[\x00-\x20\x7f#\\]")
 _PATH_FORBIDDEN: Final = re.compile(r"[\x00-\x1f\x7f#]")
-
-NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
-AbsolutePath = Annotated[str, msgspec.Meta(pattern=r"^/")]
 
 
 class PolicyError(ValueError):

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
+from producer.fields import NonNegativeFloat, PositiveFloat, PositiveInt
 from producer.keys import DEFAULT_QUEUE
-
-PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
-PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
-NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 
 _REDACTED = "***"
 

@@ -38,7 +38,6 @@ from producer.contract import (
     Cancelled,
     ContractError,
     DeadLettered,
-    Priority,
     Queued,
     Retrying,
     Started,
@@ -48,6 +47,7 @@ from producer.contract import (
     encode,
     result_of,
 )
+from producer.fields import Priority
 from producer.keys import (
     ACTIVE_BUILDS,
     CANCEL_CHANNEL,

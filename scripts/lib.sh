@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # Shared helpers for scripts/setup and scripts/test. Source it; do not run it.
 
-BUILDKIT_VERSION="v0.34.2"
+# shellcheck source=buildfleet/versions.env
+source "$(dirname "${BASH_SOURCE[0]}")/../buildfleet/versions.env"
 BUILDKIT_MODULE="github.com/moby/buildkit"
 export PATH="/usr/local/go/bin:${PATH}"
 BUILDFLEET_TOOLS="${BUILDFLEET_TOOLS:-${HOME}/.cache/buildfleet/tools}"
@@ -9,7 +10,6 @@ BUILDKIT_BIN="${BUILDFLEET_TOOLS}/buildkit-${BUILDKIT_VERSION}/bin"
 # The trace receiver with a web UI that `buildfleet up` and the tests run. Jaeger v2 would
 # be the first choice, but its Go module carries only a placeholder UI (the real one is
 # built with npm from another repository); otel-desktop-viewer embeds its UI.
-TRACE_VIEWER_VERSION="v0.4.1"
 TRACE_VIEWER_MODULE="github.com/CtrlSpice/otel-desktop-viewer"
 TRACE_VIEWER_BIN="${BUILDFLEET_TOOLS}/otel-desktop-viewer-${TRACE_VIEWER_VERSION}/bin"
 

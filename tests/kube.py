@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -36,6 +35,7 @@ import msgspec
 import pytest
 import yaml
 
+from buildfleet.tools import tools_dir, versions
 from producer.contract import BuildRequest, Log, Step, encode
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,11 +50,8 @@ FAIL_LOG_NAMESPACE = "bf-fail"
 
 
 def _setup_kube_version(var: str) -> str:
-    text = (REPO / "scripts" / "setup-kube").read_text()
-    match = re.search(rf'^{var}="\$\{{{var}:-([^}}]+)\}}"', text, re.MULTILINE)
-    if not match:
-        raise RuntimeError(f"cannot read {var} from scripts/setup-kube")
-    return os.environ.get(var, match.group(1))
+    """The version scripts/setup-kube built: the pinned one unless overridden, as there."""
+    return os.environ.get(var, versions()[var])
 
 
 @dataclass(frozen=True)
@@ -66,9 +63,7 @@ class KubeTools:
 
     @classmethod
     def find(cls) -> KubeTools:
-        tools = Path(
-            os.environ.get("BUILDFLEET_TOOLS", str(Path.home() / ".cache/buildfleet/tools"))
-        )
+        tools = tools_dir()
         kube_version = _setup_kube_version("KUBE_VERSION")
         kwok_version = _setup_kube_version("KWOK_VERSION")
         kube_bin = tools / f"kube-{kube_version}" / "bin"

@@ -22,7 +22,7 @@ import pytest
 import yaml  # type: ignore[import-untyped,unused-ignore]
 
 from buildfleet.config import FleetConfig, load_config
-from buildfleet.services import tools_dir
+from buildfleet.tools import tool_home
 from producer.gateway.settings import GatewaySettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,10 +48,7 @@ class Cluster(Protocol):
 
 def kubectl_path() -> Path:
     """The kubectl scripts/setup-kube builds, at the version that script pins."""
-    text = (REPO / "scripts" / "setup-kube").read_text()
-    match = re.search(r'^KUBE_VERSION="\$\{KUBE_VERSION:-([^}]+)\}"', text, re.MULTILINE)
-    assert match, "cannot read KUBE_VERSION from scripts/setup-kube"
-    path = tools_dir() / f"kube-{match.group(1)}" / "bin" / "kubectl"
+    path = tool_home("kube", "KUBE_VERSION") / "bin" / "kubectl"
     assert path.is_file(), f"{path} missing: run scripts/setup (it builds kubectl)"
     return path
 

@@ -10,6 +10,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 
 from producer.contract import BuildRequest
+from producer.fields import NonNegativeFloat, PositiveFloat, PositiveInt
 from producer.settings import QueueSettings, RedisSettings
 from worker.retry import RetrySettings
 
@@ -17,10 +18,6 @@ DEFAULT_BUILD_TIMEOUT_S: Final = 3600.0
 """How long a build attempt may take when its request names no timeout."""
 DEFAULT_LOG_TAIL_LINES: Final = 20
 """How many last log lines a failed build carries."""
-
-PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
-PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
-NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

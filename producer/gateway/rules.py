@@ -17,7 +17,8 @@ from typing import Any, Final
 
 from producer import policy, reference
 from producer.contract import BuildRequest, ContractError, TraceContext, request_from_builtins
-from producer.gateway.settings import Priority, Rule
+from producer.fields import Priority
+from producer.gateway.settings import Rule
 from producer.gateway.webhooks import Delivery, Push
 
 _NOT_TAG_CHAR: Final = re.compile(r"[^a-z0-9_.-]+")

@@ -38,14 +38,10 @@ from typing import Annotated, Final, Literal
 import msgspec
 
 from producer import policy, reference
+from producer.fields import NonEmpty, Port, PositiveFloat, PositiveInt, Priority
 from producer.policy import SourcePolicy
 
-PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
-PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
-Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Forge = Literal["github", "gitlab", "gitea"]
-Priority = Literal["interactive", "batch"]
-NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 TokenName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 TenantName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._/-]{0,127}$")]
 Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
