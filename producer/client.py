@@ -242,11 +242,15 @@ class BuildfleetClient:
         """The raw entries of a build's stream, up to and including the terminal one."""
         key = events_key(build_id)
         last_id = after
-        with unavailable("watch"):
-            found = await self.redis.exists(key)
-        if not found:
-            raise BuildNotFound(build_id)
+        response: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] = []
         while True:
+            if not response:
+                # Checked again after every quiet read: a build lost with its stream (a
+                # Redis failover can lose the last writes) ends the wait instead of hanging it.
+                with unavailable("watch"):
+                    found = await self.redis.exists(key)
+                if not found:
+                    raise BuildNotFound(build_id)
             read = functools.partial(self.redis.xread, {key: last_id}, block=_BLOCK_MS, count=500)
             with unavailable("watch"):
                 response = await self._patiently(read, "watching a build")

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from faults import OwnRedis, events, started_by, terminal_counts, until
 
 from buildfleet import services
-from producer.client import BuildfleetClient
+from producer.client import BuildfleetClient, BuildNotFound
 from producer.contract import (
     TERMINAL_STATUSES,
     BuildRequest,
@@ -214,6 +214,20 @@ async def test_a_sentinel_failover_while_builds_run_loses_nothing(tmp_path: Path
         sentinel.stop()
         replica.stop()
         primary.close()
+
+
+async def test_a_wait_on_a_build_redis_lost_ends_instead_of_hanging(
+    redis: aioredis.Redis, fleet: BuildfleetClient, tmp_path: Path
+) -> None:
+    # What a replica promoted before the build's writes reached it looks like: nothing.
+    request = simulated(tmp_path)
+    await fleet.submit(request)
+    waiting = asyncio.create_task(fleet.wait(request.id))
+    await asyncio.sleep(0.5)
+    assert not waiting.done()
+    await redis.flushall()
+    with pytest.raises(BuildNotFound):
+        await asyncio.wait_for(waiting, timeout=30)
 
 
 async def _takes_writes(url: str) -> bool:

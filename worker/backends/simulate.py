@@ -23,6 +23,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
+from typing import Final
 
 import msgspec
 
@@ -87,7 +88,7 @@ class SimulateBackend:
             fence = job.fence
             if fence is not None and time.monotonic() >= fence.valid_until:
                 await fence.confirmed()
-            began, began_at = time.monotonic(), time.time()
+            began = time.monotonic()
             stretch = min(remaining, self.settings.slice_s, _room(fence, began))
             try:
                 await asyncio.sleep(stretch)
@@ -95,7 +96,7 @@ class SimulateBackend:
                 # Work past the lease's sure end does not count: the daemon would have
                 # stopped it (a paused worker wakes up to find it so).
                 ended = min(time.monotonic(), began + _room(fence, began))
-                self._record(job, began_at, began_at + (ended - began))
+                self._record(job, _wall(began), _wall(ended))
             remaining -= ended - began
 
     def _down(self) -> set[str]:
@@ -130,6 +131,17 @@ class SimulateBackend:
         if self._journal is not None:
             os.close(self._journal)
             self._journal = None
+
+
+_WALL_AT_START: Final = time.time() - time.monotonic()
+
+
+def _wall(monotonic: float) -> float:
+    """A monotonic reading as wall-clock time, for the journal that several processes write.
+
+    One offset for the process: a run's stretches, timed on the monotonic clock, then never
+    seem to overlap because the wall clock was slewed between two readings."""
+    return _WALL_AT_START + monotonic
 
 
 def _room(fence: Fence | None, now: float) -> float:
