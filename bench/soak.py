@@ -18,7 +18,9 @@ without faults (the baseline throughput), then one with the fault injector cycli
 Then it prints builds accepted, faults by kind, lost builds (no terminal event), duplicate
 terminal events, overlapping runs of one build and capacity violations (both from the
 simulate backend's journal), recovery times, and throughput with faults against without.
-It exits 1 unless lost, duplicates, overlaps and violations are all 0.
+It exits 1 unless lost, duplicates, overlaps and violations are all 0. Its work directory
+(worker logs, journal, Redis AOF) is removed after a clean run unless `--keep`; a failed
+run keeps it for a look.
 
 Recovery time of a fault: for a worker or daemon fault, how long until each build it
 interrupted was back in line (a Retrying event: the attempt failed and was rescheduled) or
@@ -37,6 +39,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -489,6 +492,9 @@ def main() -> int:
     parser.add_argument("--deadline-s", type=float, default=3600.0)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work directory (logs, journal, AOF)"
+    )
     args = parser.parse_args()
     if args.short:
         args.builds, args.baseline, args.fault_s, args.fault_every_s = 2500, 800, 75.0, 5.0
@@ -507,6 +513,8 @@ def main() -> int:
         or figures["overlapping_runs"]
         or figures["capacity_violations"]
     )
+    if ok and not args.keep:
+        shutil.rmtree(figures["workdir"], ignore_errors=True)
     return 0 if ok else 1
 
 
