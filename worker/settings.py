@@ -9,7 +9,7 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-from producer.contract import BuildRequest
+from producer.contract import BuildRequest, SecretId
 from producer.settings import QueueSettings, RedisSettings
 from worker.retry import RetrySettings
 
@@ -21,6 +21,30 @@ DEFAULT_LOG_TAIL_LINES: Final = 20
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+
+EnvName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+AbsolutePath = Annotated[str, msgspec.Meta(pattern=r"^/[^\x00-\x1f,\"]*$", max_length=4096)]
+
+
+class SecretSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Where the value of one build secret lives on the worker (`[[worker.secrets]]`):
+    a file, or a variable of the worker's environment. Requests name the id only; the
+    builder reads the value itself (buildctl `--secret id=ID,src=FILE|env=NAME`), so it
+    never crosses Redis, an event, a log or a process's argv.
+
+        [[worker.secrets]]
+        id = "npm"
+        file = "/run/secrets/npmrc"
+    """
+
+    id: SecretId
+    file: AbsolutePath | None = None
+    env: EnvName | None = None
+
+    def __post_init__(self) -> None:
+        if (self.file is None) == (self.env is None):
+            raise ValueError(f"secrets: {self.id!r} needs exactly one of `file` or `env`")
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -44,6 +68,14 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metrics_host: str = "127.0.0.1"
     """Where the metrics server listens; 0.0.0.0 in a pod, so the kubelet and Prometheus
     reach it."""
+    secrets: tuple[SecretSource, ...] = ()
+    """Build secrets this worker can mount (`[[worker.secrets]]`), by id."""
+
+    def __post_init__(self) -> None:
+        ids = [secret.id for secret in self.secrets]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"secrets: id {repeated[0]!r} appears more than once")
 
     def timeout_for(self, request: BuildRequest) -> float:
         """The one build deadline: the request's own timeout, else the default."""
