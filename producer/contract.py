@@ -109,6 +109,8 @@ class BuildRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
                 raise ValueError(
                     f"Expected a relative path inside the source, got {path!r} - at `$.{field}`"
                 )
+        if len(self.secrets) > MAX_SECRETS:
+            raise ValueError(f"Expected at most {MAX_SECRETS} secrets - at `$.secrets`")
         if len(set(self.secrets)) != len(self.secrets):
             raise ValueError("Expected each secret id once - at `$.secrets`")
         if self.push and not self.images:
