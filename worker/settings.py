@@ -9,6 +9,7 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
+from producer import reference
 from producer.contract import BuildRequest, SecretId
 from producer.settings import QueueSettings, RedisSettings
 from worker.retry import RetrySettings
@@ -21,6 +22,7 @@ DEFAULT_LOG_TAIL_LINES: Final = 20
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 
 
 EnvName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
@@ -223,6 +225,43 @@ KANIKO_CAPABILITIES: Final = (
 modes, and run RUN steps as other users. Everything else is dropped."""
 
 
+KubeName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)]
+
+
+class RegistrySecret(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A `kubernetes.io/dockerconfigjson` Secret for the builds whose every pushed
+    reference (images, cache repository) lies under `prefix` (`[[kaniko.registry_secrets]]`).
+
+        [[kaniko.registry_secrets]]
+        prefix = "registry.example.com/acme"     # acme/app, acme/team/app; not acmecorp/
+        secret_name = "push-acme"
+    """
+
+    prefix: NonEmptyStr
+    """A registry/repository name without tag or digest (`registry.example.com/acme`)."""
+    secret_name: KubeName
+
+    def __post_init__(self) -> None:
+        try:
+            parsed = reference.parse(self.prefix)
+        except reference.ReferenceError as exc:
+            raise ValueError(f"registry_secrets: prefix: {exc}") from None
+        if parsed.tag is not None or parsed.digest is not None:
+            raise ValueError(
+                f"registry_secrets: prefix {self.prefix!r}: expected a name without tag or digest"
+            )
+
+    @property
+    def name(self) -> str:
+        """The prefix as registry/repository (`busybox` is `docker.io/library/busybox`)."""
+        return reference.parse(self.prefix).name
+
+    def covers(self, ref: str) -> bool:
+        """Whether the reference `ref` lies under the prefix (at a `/` boundary)."""
+        name = reference.parse(ref).name
+        return name == self.name or name.startswith(self.name + "/")
+
+
 class KanikoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How the kaniko backend creates and follows its Jobs.
 
@@ -237,7 +276,14 @@ class KanikoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
       config if running in a pod, else the default kubeconfig ($KUBECONFIG, ~/.kube/config).
     - `service_account`: the build pod's ServiceAccount (its token is never mounted).
     - `registry_secret`: a `kubernetes.io/dockerconfigjson` Secret in the namespace, mounted
-      as /kaniko/.docker/config.json for pushing and pulling.
+      as /kaniko/.docker/config.json for pushing and pulling, in every build's pod: every
+      RUN step of every build can read it. Prefer `registry_secrets`.
+    - `registry_secrets`: one Secret per image prefix (`[[kaniko.registry_secrets]]`); a
+      build's pod mounts only the Secret with the longest prefix covering every reference
+      it pushes (its images and cache repository), so a RUN step can read a credential for
+      its own build's images and no other. A build no prefix covers is refused (permanent,
+      `credentials`). Give each Secret a registry credential scoped to its prefix (and
+      pull rights to the base images its builds use).
     - `cache_repo`: `--cache=true --cache-repo=` when the request names no cache export ref.
     - `cpu_*`/`memory_*`: the executor's resources (the OOM message names `memory_limit`).
     - `unschedulable_timeout_s` / `image_pull_timeout_s`: how long a pod may stay
@@ -264,6 +310,7 @@ class KanikoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     context: str | None = None
     service_account: str | None = None
     registry_secret: str | None = None
+    registry_secrets: tuple[RegistrySecret, ...] = ()
     cache_repo: str | None = None
     snapshot_mode: Literal["redo", "full", "time"] = "redo"
     push_retry: int = 3
@@ -285,6 +332,13 @@ class KanikoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     cancel_wait_s: float = 30.0
     watch_timeout_s: int = 120
     max_connections: int = 512
+
+    def __post_init__(self) -> None:
+        if self.registry_secret is not None and self.registry_secrets:
+            raise ValueError(
+                "registry_secret, registry_secrets: give one or the other (a shared Secret "
+                "would undo the per-prefix scoping)"
+            )
 
 
 class TektonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
