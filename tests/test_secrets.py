@@ -24,6 +24,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
+from buildfleet.cli import make_parser, request_from_args
 from producer.client import BuildfleetClient
 from producer.contract import BuildRequest, Failed, LocalSource, Succeeded, encode
 from worker.settings import SecretSource
@@ -284,3 +285,10 @@ async def test_a_secret_the_worker_lacks_fails_at_once_naming_it(
             assert final.result.attempts == 1  # permanent: not retried
             assert final.result.error_class == error_class
             assert message in (final.result.error or ""), final.result.error
+
+
+def test_the_cli_names_secrets_by_id() -> None:
+    args = make_parser().parse_args(
+        ["submit", "/tmp", "--image", "r.io/a:1", "--secret", "npm", "--secret", "pip"]
+    )
+    assert request_from_args(args).secrets == ("npm", "pip")
