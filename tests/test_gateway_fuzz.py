@@ -96,13 +96,14 @@ def served(redis_url: str) -> Iterator[Served]:
         {
             "port": 0,
             "tokens": [
-                {"name": "fuzz", "sha256": hash_token(TOKEN), "images": ["*"]},
+                {"name": "fuzz", "sha256": hash_token(TOKEN), "images": ["*"], "secrets": ["*"]},
                 {
                     "name": "scoped",
                     "sha256": hash_token(SCOPED),
                     "images": ["reg.example:5000/team/*"],
                     "sources": ["https://github.com/team/*"],
                     "priorities": ["interactive"],
+                    "secrets": ["npm"],
                     "max_queued": 50,
                 },
             ],
@@ -317,6 +318,8 @@ def build_requests(draw: st.DrawFn) -> dict[str, Any]:
         "labels": st.dictionaries(hostile_text, hostile_text, max_size=3),
         "push": st.booleans(),
         "id": hostile_text,
+        "secrets": st.lists(st.sampled_from(["npm", "aws", "npm,src=/etc/passwd"]) | hostile_text,
+                            max_size=18),
     }  # fmt: skip
     for name in draw(st.lists(st.sampled_from(sorted(fields)), max_size=3, unique=True)):
         request[name] = draw(fields[name])
@@ -344,6 +347,7 @@ def test_hostile_build_requests_never_5xx_and_what_is_refused_leaves_no_build(
         if scoped:  # what the scoped token got through is inside its scope
             assert all(i.startswith("reg.example:5000/team/") for i in request.get("images", []))
             assert request["source"]["url"].startswith("https://github.com/team/")
+            assert set(request.get("secrets", [])) <= {"npm"}
 
 
 @FUZZ
