@@ -3,10 +3,10 @@
 A secret's value lives on the worker only (a file or a variable of `[[worker.secrets]]`);
 a RUN step that mounts it proves it got the right bytes (it compares their SHA-256), and
 then the value is looked for everywhere the fleet writes: every event, the build's state,
-the worker's log records, the services' logs, every Redis key and value (each type read
-out, and DUMPed), and the argv of every process that ran during the build, buildctl's
-included. Also when the build fails. Refusals: an id the worker lacks, a backend that
-cannot mount secrets.
+the worker's log records, its spans and metrics, the services' logs, every Redis key and
+value (each type read out, and DUMPed), and the argv of every process that ran during the
+build, buildctl's included. Also when the build fails. Refusals: an id the worker lacks, a
+missing file, an unset variable (backends that cannot mount secrets: test_conformance.py).
 """
 
 from __future__ import annotations
@@ -23,11 +23,22 @@ from pathlib import Path
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from buildfleet.cli import make_parser, request_from_args
 from producer.client import BuildfleetClient
 from producer.contract import BuildRequest, Failed, LocalSource, Succeeded, encode
+from producer.store import BuildStore
+from worker.backends.factory import make_backend
+from worker.capacity import Capacity
+from worker.runner import BuildRunner
+from worker.scheduling import FixedPlacer
 from worker.settings import SecretSource
+from worker.telemetry import Telemetry
 
 from fleet import worker_config, worker_in_task
 from registry import served_digest
@@ -292,3 +303,53 @@ def test_the_cli_names_secrets_by_id() -> None:
         ["submit", "/tmp", "--image", "r.io/a:1", "--secret", "npm", "--secret", "pip"]
     )
     assert request_from_args(args).secrets == ("npm", "pip")
+
+
+async def test_the_workers_spans_and_metrics_carry_no_secret(
+    redis: aioredis.Redis,
+    redis_url: str,
+    buildkitd: str,
+    registry: str,
+    base_image: str,
+    tmp_path: Path,
+) -> None:
+    value = secret_value()
+    (tmp_path / "token").write_bytes(value)
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    config = worker_config(
+        redis_url,
+        daemons=[buildkitd],
+        secrets=[SecretSource(id="token", file=str(tmp_path / "token"))],
+    )
+    runner = BuildRunner(
+        store=BuildStore(redis, config.queue),
+        backend=make_backend(config),
+        placer=FixedPlacer(buildkitd),
+        capacity=Capacity(redis, config.scheduling),
+        settings=config.worker,
+        retry=config.retry,
+        scheduling=config.scheduling,
+        telemetry=Telemetry(tracer_provider, MeterProvider(metric_readers=[reader])),
+    )
+    source = project(
+        tmp_path,
+        base_image,
+        f"RUN --mount=type=secret,id=token {checks(value, '/run/secrets/token')} && exit 7",
+    )
+    request = BuildRequest(
+        source=source, images=(f"{registry}/secrets/traced:1",), secrets=("token",)
+    )
+    fleet = BuildfleetClient(redis)  # borrows the fixture's connection: not closed here
+    await fleet.submit(request)
+    await runner.run({"job_id": request.id}, msgspec.json.encode(request))
+    result = await fleet.wait(request.id)
+    assert result.status == "failed" and result.error_class == "run_failed", result
+    finished = spans.get_finished_spans()
+    assert any(span.name == "build attempt" for span in finished)
+    for span in finished:
+        assert value.decode() not in span.to_json(), span.name
+    metrics = reader.get_metrics_data()
+    assert metrics is not None and value.decode() not in metrics.to_json()
