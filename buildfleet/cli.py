@@ -71,6 +71,7 @@ def request_from_args(args: argparse.Namespace) -> BuildRequest:
         "dockerfile": args.dockerfile,
         "context": args.context,
         "build_args": _pairs(args.build_arg, "--build-arg"),
+        "secrets": args.secret or [],
         "labels": _pairs(args.label, "--label"),
         "platforms": args.platform or [],
         "push": not args.no_push,
@@ -349,6 +350,12 @@ def _add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dockerfile", default="Dockerfile", help="relative to the context")
     parser.add_argument("--context", default=".", help="sub-directory of the source")
     parser.add_argument("--build-arg", action="append", metavar="NAME=VALUE")
+    parser.add_argument(
+        "--secret",
+        action="append",
+        metavar="ID",
+        help="a [[worker.secrets]] id the Dockerfile mounts (RUN --mount=type=secret,id=ID)",
+    )
     parser.add_argument("--label", action="append", metavar="NAME=VALUE")
     parser.add_argument("--target")
     parser.add_argument("--platform", action="append")

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -181,29 +182,46 @@ def _http_ok(url: str) -> bool:
         return int(response.status) == 200
 
 
-def start_registry(workdir: Path, *, timeout: float = 15.0) -> Service:
-    """Debian's docker-registry (distribution 2.8), deletes enabled; address `127.0.0.1:PORT`."""
-    storage = workdir / "registry"
+def _http_answers(url: str) -> bool:
+    """True when `url` answers 200, or 401 (a registry that wants credentials)."""
+    try:
+        return _http_ok(url)
+    except urllib.error.HTTPError as exc:
+        return exc.code == 401
+
+
+def start_registry(
+    workdir: Path,
+    *,
+    name: str = "registry",
+    htpasswd: Path | None = None,
+    timeout: float = 15.0,
+) -> Service:
+    """Debian's docker-registry (distribution 2.8), deletes enabled; address `127.0.0.1:PORT`.
+    With `htpasswd` (bcrypt entries) every request needs basic auth."""
+    storage = workdir / name
     storage.mkdir(parents=True, exist_ok=True)
     binary = find_tool("docker-registry")
 
     def launch(port: int) -> tuple[list[str], str]:
-        config = workdir / "registry.yml"
+        config = workdir / f"{name}.yml"
         # JSON is YAML: no YAML library needed.
-        settings = {
+        settings: dict[str, object] = {
             "version": 0.1,
             "log": {"level": "info", "accesslog": {"disabled": True}},
             "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True}},
             "http": {"addr": f"127.0.0.1:{port}"},
         }
+        if htpasswd is not None:
+            settings["auth"] = {"htpasswd": {"realm": name, "path": str(htpasswd)}}
         config.write_text(json.dumps(settings, indent=2) + "\n")
         return [binary, "serve", str(config)], f"127.0.0.1:{port}"
 
     def ready(port: int) -> bool:
-        return _http_ok(f"http://127.0.0.1:{port}/v2/")
+        return _http_answers(f"http://127.0.0.1:{port}/v2/")
 
-    log = workdir / "logs" / "registry.log"
-    return start_on_free_port("registry", log, launch, ready, timeout=timeout)
+    log = workdir / "logs" / f"{name}.log"
+    return start_on_free_port(name, log, launch, ready, timeout=timeout)
 
 
 def buildkitd_config(registries: Sequence[str], otel_socket: Path) -> str:

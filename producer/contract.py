@@ -25,6 +25,11 @@ ImageName = Annotated[
 """An image or cache reference (producer.reference): never an option string."""
 GitRef = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._/+-]*$", max_length=255)]
 BuildArgName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=255)]
+SECRET_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # noqa: S105 (a grammar)
+MAX_SECRETS: Final = 16
+SecretId = Annotated[str, msgspec.Meta(pattern=SECRET_ID_PATTERN)]
+"""A build secret's id: what `RUN --mount=type=secret,id=ID` names. Only the id ever
+travels; the value lives on the worker ([[worker.secrets]])."""
 
 
 class ContractError(ValueError):
@@ -83,6 +88,8 @@ class BuildRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     dockerfile: str = "Dockerfile"
     context: str = "."
     build_args: dict[BuildArgName, str] = msgspec.field(default_factory=dict)
+    secrets: Annotated[tuple[SecretId, ...], msgspec.Meta(max_length=MAX_SECRETS)] = ()
+    """Ids of the worker's secrets the Dockerfile mounts (`RUN --mount=type=secret,id=ID`)."""
     target: str | None = None
     platforms: tuple[str, ...] = ()
     push: bool = True
@@ -101,6 +108,10 @@ class BuildRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
                 raise ValueError(
                     f"Expected a relative path inside the source, got {path!r} - at `$.{field}`"
                 )
+        if len(self.secrets) > MAX_SECRETS:
+            raise ValueError(f"Expected at most {MAX_SECRETS} secrets - at `$.secrets`")
+        if len(set(self.secrets)) != len(self.secrets):
+            raise ValueError("Expected each secret id once - at `$.secrets`")
         if self.push and not self.images:
             raise ValueError("Expected at least one image name when push is true - at `$.images`")
 

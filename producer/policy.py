@@ -16,6 +16,8 @@ the Python client (trusted producers on their own host) may apply the same check
 | images, cache refs  | the reference grammar (producer.reference), then the allowed patterns |
 |                     | (globs over registry/repository)                                      |
 | priority, tenant    | the caller's own                                                      |
+| secrets             | ids only (the values live on the workers), at most 16, among the      |
+|                     | caller's allowed patterns (none unless configured)                    |
 | timeout_s           | at most the configured maximum                                        |
 | paths, platforms,   | no characters a builder reads as syntax (`#`, `,`, controls)          |
 | target, trace, ids  |                                                                       |
@@ -38,6 +40,7 @@ import msgspec
 from producer import reference
 from producer.contract import (
     BUILD_ID_PATTERN,
+    SECRET_ID_PATTERN,
     BuildRequest,
     GitSource,
     LocalSource,
@@ -57,6 +60,7 @@ MAX_SUPERSEDE_KEY: Final = 256
 MAX_LABELS: Final = 64
 
 _BUILD_ID: Final = re.compile(BUILD_ID_PATTERN)
+_SECRET_ID: Final = re.compile(SECRET_ID_PATTERN)
 _TRACEPARENT: Final = re.compile(TRACEPARENT_PATTERN)
 _PRINTABLE: Final = re.compile(r"[\x20-\x7e]*")
 _PLATFORM: Final = re.compile(PLATFORM_PATTERN)
@@ -108,12 +112,15 @@ class RequestPolicy:
     max_timeout_s: float | None = None
     tenant: str | None = None
     """The caller's tenant: a request may name it (or leave the default), no other."""
+    secrets: tuple[str, ...] = ()
+    """Globs over the secret ids the caller's builds may mount; (): none."""
 
     @classmethod
     def trusted(cls, max_timeout_s: float | None = None) -> RequestPolicy:
         """A producer on the fleet's own host (the CLI, `buildfleet up`): local sources from
-        anywhere, git from any host; the grammar and the timeout bound still hold."""
-        return cls(hosts=None, local_roots=None, max_timeout_s=max_timeout_s)
+        anywhere, git from any host, any secret the worker has; the grammar and the timeout
+        bound still hold."""
+        return cls(hosts=None, local_roots=None, max_timeout_s=max_timeout_s, secrets=("*",))
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +153,7 @@ def check_request(request: BuildRequest, policy: RequestPolicy) -> None:
         and request.timeout_s > policy.max_timeout_s
     ):
         raise PolicyError("$.timeout_s", f"expected at most {policy.max_timeout_s:g} seconds")
+    _check_secrets(request, policy)
     _check_recipe(request)
     _check_trace(request)
     _check_labels(request)
@@ -252,6 +260,18 @@ def _check_reference(text: str, field: str, policy: RequestPolicy) -> None:
         raise PolicyError(field, str(exc)) from None
     if not matches(parsed.name, policy.images):
         raise PolicyError(field, f"{parsed.name!r} is not among the images this token may use")
+
+
+def _check_secrets(request: BuildRequest, policy: RequestPolicy) -> None:
+    # (how many, and each once: the contract's own __post_init__ says)
+    for index, secret in enumerate(request.secrets):
+        field = f"$.secrets[{index}]"
+        if not _SECRET_ID.fullmatch(secret):
+            raise PolicyError(field, f"expected a secret id matching {SECRET_ID_PATTERN}")
+        if not any(fnmatch.fnmatchcase(secret, pattern) for pattern in policy.secrets):
+            raise PolicyError(
+                field, f"secret {secret!r} is not among the secrets this token may use"
+            )
 
 
 def _check_recipe(request: BuildRequest) -> None:

@@ -33,6 +33,7 @@ from worker.settings import (
     DaemonSettings,
     DockerSettings,
     KanikoSettings,
+    SecretSource,
     WorkerConfig,
 )
 
@@ -109,6 +110,7 @@ class Builder:
         daemons: list[str] | None = None,
         outcome: str = "success",
         log_cap_bytes: int = 1 << 20,
+        secrets: tuple[SecretSource, ...] = (),
     ) -> WorkerConfig:
         daemons = self.daemons if daemons is None else daemons
         docker = self.docker
@@ -138,10 +140,11 @@ class Builder:
             buildah=self.buildah,
             kaniko=kaniko,
             log_cap_bytes=log_cap_bytes,
+            secrets=secrets,
         )
 
-    def backend(self, outcome: str = "success") -> Backend:
-        return make_backend(self.config(outcome=outcome))
+    def backend(self, outcome: str = "success", secrets: tuple[SecretSource, ...] = ()) -> Backend:
+        return make_backend(self.config(outcome=outcome, secrets=secrets))
 
     def local(self, files: dict[str, str], marker: str = "") -> LocalSource:
         """A fresh local directory holding `files` (its path contains `marker`)."""

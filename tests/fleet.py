@@ -27,6 +27,7 @@ from worker.settings import (
     DockerSettings,
     KanikoSettings,
     SchedulingSettings,
+    SecretSource,
     SimulateSettings,
     WorkerConfig,
     WorkerSettings,
@@ -56,6 +57,7 @@ def worker_config(
     buildah: BuildahSettings | None = None,
     kaniko: KanikoSettings | None = None,
     log_cap_bytes: int = 1 << 20,
+    secrets: Sequence[SecretSource] = (),
 ) -> WorkerConfig:
     """A worker's configuration for tests; `daemons` are BuildKit's (docker's come in
     `docker`)."""
@@ -68,6 +70,7 @@ def worker_config(
             poll_delay_s=0.01,
             drain_grace_s=drain_grace_s,
             log_cap_bytes=log_cap_bytes,
+            secrets=tuple(secrets),
         ),
         retry=retry,
         buildkit=BuildkitSettings(

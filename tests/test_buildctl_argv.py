@@ -5,7 +5,8 @@ from pathlib import Path
 
 from producer.contract import BuildRequest, CachePolicy, GitSource, LocalSource
 from worker.backends.buildkit import buildctl_argv
-from worker.settings import BuildkitSettings
+from worker.backends.secrets import buildah_flags
+from worker.settings import BuildkitSettings, SecretSource
 
 METADATA = Path("/tmp/m.json")
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -61,3 +62,18 @@ def test_tls_settings_become_buildctl_connection_flags() -> None:
     mutual = BuildkitSettings(buildctl="/bin/buildctl", tls_dir="/etc/certs")
     assert plain.connection("tcp://d:1") == ["/bin/buildctl", "--addr", "tcp://d:1"]
     assert mutual.connection("tcp://d:1")[-2:] == ["--tlsdir", "/etc/certs"]
+
+
+def test_secrets_go_to_buildctl_as_where_their_values_are_never_the_values() -> None:
+    request = BuildRequest(source=LocalSource(path="/src"), push=False, secrets=("npm", "tok"))
+    sources = (
+        SecretSource(id="npm", file="/run/secrets/npmrc"),
+        SecretSource(id="tok", env="NPM_TOKEN"),
+    )
+    pairs = list(itertools.pairwise(buildctl_argv(["buildctl"], request, METADATA, sources)))
+    assert ("--secret", "id=npm,src=/run/secrets/npmrc") in pairs
+    assert ("--secret", "id=tok,env=NPM_TOKEN") in pairs
+    assert buildah_flags(sources) == [
+        "--secret", "id=npm,src=/run/secrets/npmrc,type=file",
+        "--secret", "id=tok,src=NPM_TOKEN,type=env",
+    ]  # fmt: skip

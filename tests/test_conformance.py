@@ -10,6 +10,7 @@ backend table: every claim there is either made to happen here or refused here.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import random
 import time
@@ -46,7 +47,7 @@ from worker.backends.kaniko.manifest import executor_args
 from worker.backends.kubenames import label_value
 from worker.errors import PermanentBuildError
 from worker.routing import rank
-from worker.settings import DockerSettings, KanikoSettings
+from worker.settings import DockerSettings, KanikoSettings, SecretSource
 
 from fleet import worker_in_task
 from registry import image_config, manifest, served_digest
@@ -431,8 +432,7 @@ UNSUPPORTED = (
         _with(cache=CachePolicy(import_refs=("127.0.0.1:9/cache/a", "127.0.0.1:9/cache/b"))),
         "cache.import_refs",
     ),
-    # Build secrets join the contract later: one more entry here, e.g.
-    # Unsupported("secret", lambda caps: not caps.secrets, _with(secrets=("npmrc",)), "secret"),
+    Unsupported("secret", lambda caps: not caps.secrets, _with(secrets=("npmrc",)), "npmrc"),
 )
 
 CAPABILITIES = {
@@ -513,6 +513,38 @@ async def test_the_cache_it_claims_is_exported_and_imported(builder: Builder) ->
         first, id=f"{first.id}-2", cache=CachePolicy(import_refs=(cache_ref,))
     )
     assert (await build(builder, second)).digest is not None
+
+
+async def test_the_secrets_it_claims_are_mounted_in_their_run_step_only(
+    builder: Builder, tmp_path: Path
+) -> None:
+    if not builder.capabilities.secrets:
+        return  # refused, naming the secret (above)
+    value = f"conformance-{marker()}-secret"
+    (tmp_path / "npmrc").write_text(value)
+    digest = hashlib.sha256(value.encode()).hexdigest()
+    text = dockerfile(
+        builder.base_image,
+        "RUN --mount=type=secret,id=npmrc "
+        f'test "$(sha256sum /run/secrets/npmrc | cut -c1-64)" = "{digest}" && echo ok > /ok',
+        "RUN test ! -s /run/secrets/npmrc && cat /ok",
+    )
+    request = BuildRequest(
+        source=builder.source({"Dockerfile": text}),
+        images=(builder.image("secret"),),
+        secrets=("npmrc",),
+    )
+    backend, sink = (
+        builder.backend(secrets=(SecretSource(id="npmrc", file=str(tmp_path / "npmrc")),)),
+        Sink(),
+    )
+    try:
+        built = await asyncio.wait_for(backend.build(BuildJob(request, 1), sink), BOUND)
+    finally:
+        await backend.aclose()
+    assert built.digest is not None
+    assert value not in sink.text
+    assert all(value not in (step.error or "") + step.name for step in sink.steps)
 
 
 # --- the table -----------------------------------------------------------------------------

@@ -43,6 +43,7 @@ def settings() -> GatewaySettings:
                     "images": [f"{REGISTRY}/alpha/*"],
                     "sources": ["https://github.com/alpha/*"],
                     "priorities": ["interactive"],
+                    "secrets": ["npm", "pip-*"],
                 },
                 {
                     "name": "beta-ci",
@@ -169,6 +170,11 @@ def git(url: str) -> dict[str, Any]:
     return good_request(source={"type": "git", "url": url, "ref": "main"})
 
 
+def beta_request(**overrides: Any) -> dict[str, Any]:
+    source = {"type": "git", "url": "https://github.com/beta/app.git", "ref": "main"}
+    return {"source": source, "images": [f"{REGISTRY}/beta/app:1"], **overrides}
+
+
 NESTED = b'{"unknown": ' + b'{"a":' * 10_000 + b"1" + b"}" * 10_000 + b"}"
 CASES: dict[str, Case] = {
     # --- sources -----------------------------------------------------------------------------
@@ -247,6 +253,23 @@ CASES: dict[str, Case] = {
         submit(good_request(labels={"pad": "x" * 70_000})), 413, "request body larger"
     ),
     "deeply nested body": Case(submit(NESTED), 400, "nested too deeply"),
+    # --- build secrets -----------------------------------------------------------------------
+    "a secret the token may not use": Case(
+        submit(good_request(secrets=["npm", "aws"])), 403, "$.secrets[1]"
+    ),
+    "a secret for a token allowed none": Case(
+        submit(beta_request(secrets=["npm"]), BETA), 403, "$.secrets[0]"
+    ),
+    "option characters in a secret id": Case(
+        submit(good_request(secrets=["npm,src=/etc/passwd"])), 400, "$.secrets[0]"
+    ),
+    "a secret id that is a path": Case(
+        submit(good_request(secrets=["../../run/secrets/x"])), 400, "$.secrets[0]"
+    ),
+    "too many secrets": Case(
+        submit(good_request(secrets=[f"pip-{n}" for n in range(17)])), 400, "$.secrets"
+    ),
+    "a secret named twice": Case(submit(good_request(secrets=["npm", "npm"])), 400, "$.secrets"),
     # --- tokens and tenants ------------------------------------------------------------------
     "no token": Case(submit(good_request(), token=None), 401, "Authorization"),
     "wrong token": Case(submit(good_request(), token="guess"), 401, "Authorization"),

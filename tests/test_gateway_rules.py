@@ -25,10 +25,11 @@ from test_gateway_payloads import (
     sha_for,
 )
 
-from producer.gateway.rules import plan, slug
+from producer.gateway.rules import Origin, build_request, plan, slug
 from producer.gateway.settings import Rule, WebhookSecret, load_gateway_settings
 from producer.gateway.webhooks import (
     BadRequest,
+    Delivery,
     Ignored,
     Ping,
     Push,
@@ -65,6 +66,9 @@ def push(ref: str = "refs/heads/main", repo: str = "Acme/API", **kw: Any) -> Pus
         ({"context": "../up"}, "context: expected a relative"),
         ({"priority": "urgent"}, "priority"),
         ({"imagez": ["x"]}, "imagez"),
+        ({"secrets": ["npm,src=/etc/passwd"]}, "$.rules[0].secrets[0]"),
+        ({"secrets": ["npm", "npm"]}, "secrets: expected each secret id once"),
+        ({"secrets": [f"s{n}" for n in range(17)]}, "$.rules[0].secrets"),
     ],
 )
 def test_invalid_rules_are_refused_at_startup_naming_the_field(
@@ -156,6 +160,15 @@ def test_branch_and_tag_patterns() -> None:
 def test_repository_globs_are_case_insensitive() -> None:
     assert plan([rule(repo="ACME/*")], push(repo="acme/Api")).builds
     assert not plan([rule(repo="acme/*")], push(repo="other/api")).builds
+
+
+def test_a_rules_secrets_reach_its_build_requests_as_ids() -> None:
+    [build] = plan([rule(secrets=["npm", "pip.conf"])], push()).builds
+    pushed = push()
+    origin = Origin(
+        Delivery("github", "d-1", pushed), "https://github.com/acme/api.git", "acme", None
+    )
+    assert build_request(build, pushed, origin).secrets == ("npm", "pip.conf")
 
 
 def test_a_deleted_ref_builds_nothing_whatever_the_rules() -> None:

@@ -55,6 +55,7 @@ from worker.kube.objects import (
     WatchEvent,
 )
 from worker.kube.watch import list_watch
+from worker.settings import RegistrySecret
 
 # tests/ is on sys.path (conftest.py loads `kube` as a plugin: the kube_cluster and
 # kubeconfig session fixtures come from there).
@@ -192,6 +193,83 @@ def test_manifest_is_unprivileged_and_bounded() -> None:
     assert container["volumeMounts"][0]["mountPath"] == "/kaniko/.docker"
     assert pod["volumes"][0]["secret"]["secretName"] == "regcred"
     assert container["resources"]["limits"]["memory"] == settings.memory_limit
+
+
+REG = "127.0.0.1:5000"
+SCOPED = (
+    RegistrySecret(prefix=f"{REG}/acme", secret_name="push-acme"),
+    RegistrySecret(prefix=f"{REG}/acme/team", secret_name="push-acme-team"),
+    RegistrySecret(prefix=f"{REG}/beta", secret_name="push-beta"),
+)
+
+
+def mounted_secrets(manifest: dict[str, Any]) -> list[str]:
+    pod = manifest["spec"]["template"]["spec"]
+    return [v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v]
+
+
+@pytest.mark.parametrize(
+    ("fields", "secret"),
+    [
+        ({"images": (f"{REG}/acme/app:1", f"{REG}/acme/app:latest")}, "push-acme"),
+        ({"images": (f"{REG}/acme/team/app:1",)}, "push-acme-team"),  # the longest prefix
+        ({"images": (f"{REG}/acme/app:1", f"{REG}/acme/team/app:1")}, "push-acme"),
+        (
+            {"images": (f"{REG}/beta/app:1",), "cache": CachePolicy(export_ref=f"{REG}/beta/c")},
+            "push-beta",
+        ),
+        ({"images": (f"{REG}/acme/app:1",), "push": False}, None),  # pushes nothing
+    ],
+)
+def test_a_builds_pod_mounts_only_the_secret_of_its_own_images(
+    fields: dict[str, Any], secret: str | None
+) -> None:
+    settings = KanikoSettings(registry_secrets=SCOPED)
+    manifest = build_job_manifest(BuildJob(make_request(**fields), 1), settings, "builds")
+    assert mounted_secrets(manifest) == ([secret] if secret else [])
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"images": (f"{REG}/acmecorp/app:1",)},  # a prefix covers whole path components
+        {"images": (f"{REG}/acme/app:1", f"{REG}/beta/app:1")},  # two tenants' images
+        {"images": (f"{REG}/acme/app:1",), "cache": CachePolicy(export_ref=f"{REG}/beta/c")},
+        {"images": ("docker.io/acme/app:1",)},  # another registry
+    ],
+)
+def test_a_build_no_prefix_covers_is_refused_naming_its_images(fields: dict[str, Any]) -> None:
+    settings = KanikoSettings(registry_secrets=SCOPED, cache_repo=f"{REG}/acme/cache")
+    with pytest.raises(PermanentBuildError) as info:
+        build_job_manifest(BuildJob(make_request(**fields), 1), settings, "builds")
+    assert info.value.error_class == "credentials"
+    assert "[[kaniko.registry_secrets]]" in info.value.message
+    assert fields["images"][-1] in info.value.message or "beta/c" in info.value.message
+
+
+def test_the_configured_cache_repository_must_be_covered_too() -> None:
+    settings = KanikoSettings(registry_secrets=SCOPED, cache_repo=f"{REG}/shared/cache")
+    with pytest.raises(PermanentBuildError, match="shared/cache"):
+        build_job_manifest(BuildJob(make_request(images=(f"{REG}/acme/a:1",)), 1), settings, "b")
+
+
+def test_scoped_registry_secrets_are_configured_strictly() -> None:
+    with pytest.raises(msgspec.ValidationError, match="one or the other"):
+        msgspec.convert(
+            {
+                "registry_secret": "all",
+                "registry_secrets": [{"prefix": "r.io/a", "secret_name": "a"}],
+            },
+            KanikoSettings,
+        )
+    for entry, why in (
+        ({"prefix": "r.io/a:tag", "secret_name": "a"}, "without tag"),
+        ({"prefix": "r.io/a,type=local", "secret_name": "a"}, "image reference"),
+        ({"prefix": "r.io/a", "secret_name": "Not_A_Name"}, "secret_name"),
+        ({"prefix": "r.io/a", "secret_name": "a", "secret": "x"}, "unknown field"),
+    ):
+        with pytest.raises(msgspec.ValidationError, match=why):
+            msgspec.convert({"registry_secrets": [entry]}, KanikoSettings)
 
 
 def _pod(phase: str, *, state: dict[str, Any] | None = None, **status: Any) -> Pod:
@@ -497,6 +575,34 @@ async def test_success_reports_digest_and_streams_logs(
     assert job["metadata"]["name"] == job_name(request.id, 1)
     assert job["metadata"]["labels"][LABEL_MANAGED_BY] == "buildfleet"
     assert job["metadata"]["labels"][LABEL_ATTEMPT] == "1"
+
+
+async def test_the_created_job_mounts_only_its_own_images_secret(
+    kube_cluster: KubeCluster, kubeconfig: Path, namespace: str
+) -> None:
+    backend = backend_for(
+        kubeconfig,
+        namespace,
+        "success",
+        registry_secrets=SCOPED,
+        pod_annotations={DIGEST_ANNOTATION: "sha256:" + "d" * 64},
+    )
+    allowed = make_request(images=(f"{REG}/acme/team/app:1",))
+    refused = make_request(images=(f"{REG}/acme/app:1", f"{REG}/beta/app:1"))
+    try:
+        await asyncio.wait_for(backend.build(BuildJob(allowed, 1), EventSink()), BOUND)
+        with pytest.raises(PermanentBuildError) as info:
+            await asyncio.wait_for(backend.build(BuildJob(refused, 1), EventSink()), BOUND)
+    finally:
+        await backend.aclose()
+    (job,) = jobs_of(kube_cluster, namespace, allowed.id)
+    assert mounted_secrets(job) == ["push-acme-team"]
+    text = json.dumps(job)
+    assert 'push-acme"' not in text and "push-beta" not in text  # no other credential
+    (mount,) = job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert (mount["mountPath"], mount["readOnly"]) == ("/kaniko/.docker", True)
+    assert info.value.error_class == "credentials"
+    assert jobs_of(kube_cluster, namespace, refused.id) == []  # refused before any Job
 
 
 async def test_a_build_costs_at_most_four_api_requests(

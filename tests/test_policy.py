@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -241,3 +243,42 @@ def test_trusted_producers_build_local_directories_and_any_host_within_the_gramm
 def test_policy_errors_are_value_errors_like_the_contracts() -> None:
     assert issubclass(PolicyError, ValueError)
     assert issubclass(ContractError, ValueError)
+
+
+# --- build secrets -------------------------------------------------------------------------
+
+
+def test_a_token_mounts_only_the_secrets_its_patterns_allow() -> None:
+    policy = dataclasses.replace(GATEWAY_LIKE, secrets=("npm", "pip-*"))
+    check_request(request(secrets=["npm", "pip-internal"]), policy)
+    assert refusal(policy, secrets=["npm", "aws"]).field == "$.secrets[1]"
+    assert refusal(policy, secrets=["NPM"]).field == "$.secrets[0]"  # ids are case-sensitive
+    assert refusal(GATEWAY_LIKE, secrets=["npm"]).field == "$.secrets[0]"  # none by default
+    check_request(request(secrets=["anything"]), RequestPolicy.trusted())
+
+
+def test_secret_ids_keep_their_grammar_even_when_built_in_python() -> None:
+    # msgspec validates decoded requests; one constructed in Python is checked by the policy
+    built = msgspec.structs.replace(request(), secrets=("npm,src=/etc/passwd",))
+    with pytest.raises(PolicyError) as caught:
+        check_request(built, RequestPolicy.trusted())
+    assert caught.value.field == "$.secrets[0]"
+    for secrets in (("npm", "npm"), tuple(f"s{n}" for n in range(17))):
+        with pytest.raises(ValueError, match=r"\$\.secrets"):
+            msgspec.structs.replace(request(), secrets=secrets)
+
+
+@pytest.mark.parametrize(
+    ("secrets", "why"),
+    [
+        (["a,src=/x"], "$.secrets[0]"),
+        (["-flag"], "$.secrets[0]"),
+        (["x" * 65], "$.secrets[0]"),
+        ([f"s{n}" for n in range(17)], "$.secrets"),
+        (["npm", "npm"], "$.secrets"),
+    ],
+)
+def test_the_contract_refuses_malformed_secret_ids(secrets: list[str], why: str) -> None:
+    with pytest.raises(ContractError) as caught:
+        request(secrets=secrets)
+    assert why in str(caught.value)

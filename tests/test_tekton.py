@@ -21,6 +21,7 @@ import pytest
 from buildfleet.config import load_config
 from producer.contract import BuildRequest, GitSource
 from worker.backends.base import BuildJob
+from worker.backends.capabilities import ensure_capable
 from worker.backends.factory import make_backend, placement_targets
 from worker.backends.kubenames import LABEL_ATTEMPT, LABEL_BUILD_ID, attempt_name, label_value
 from worker.backends.outcome import to_result
@@ -30,7 +31,7 @@ from worker.backends.tekton.taskrun import TaskRun
 from worker.backends.tekton.verdict import StepTracker, assess
 from worker.errors import PermanentBuildError, TemporaryBuildError
 from worker.kube.api import KubeApi
-from worker.settings import KanikoSettings
+from worker.settings import KanikoSettings, RegistrySecret
 
 from kube import (
     DELAY_ANNOTATION,
@@ -99,6 +100,26 @@ def test_taskrun_carries_the_build_as_params_and_the_deadline() -> None:
     assert "@sha256:" in step["image"]
     assert spec["podTemplate"]["automountServiceAccountToken"] is False
     assert [r["name"] for r in spec["taskSpec"]["results"]] == ["IMAGE_DIGEST"]
+
+
+def test_the_inline_task_mounts_only_the_secret_of_the_builds_images() -> None:
+    kaniko = KanikoSettings(
+        registry_secrets=(
+            RegistrySecret(prefix="r.io/acme", secret_name="push-acme"),
+            RegistrySecret(prefix="r.io/beta", secret_name="push-beta"),
+        )
+    )
+    job = BuildJob(make_request(images=("r.io/beta/app:1",)), 1)
+    spec = build_taskrun_manifest(job, TektonSettings(), kaniko, "builds")["spec"]["taskSpec"]
+    assert [v["secret"]["secretName"] for v in spec["volumes"]] == ["push-beta"]
+    both = BuildJob(make_request(images=("r.io/beta/app:1", "r.io/acme/app:1")), 1)
+    with pytest.raises(PermanentBuildError, match="registry_secrets"):
+        build_taskrun_manifest(both, TektonSettings(), kaniko, "builds")
+
+
+def test_tekton_refuses_build_secrets_naming_them() -> None:
+    with pytest.raises(PermanentBuildError, match=r"cannot mount build secrets.*npm"):
+        ensure_capable(make_request(secrets=("npm",)), "tekton")
 
 
 def test_a_configured_task_replaces_the_inline_spec() -> None:

@@ -9,8 +9,9 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-from producer.contract import BuildRequest
-from producer.fields import NonNegativeFloat, PositiveFloat, PositiveInt
+from producer import reference
+from producer.contract import BuildRequest, SecretId
+from producer.fields import NonEmpty, NonNegativeFloat, PositiveFloat, PositiveInt
 from producer.settings import QueueSettings, RedisSettings
 from worker.retry import RetrySettings
 
@@ -18,6 +19,30 @@ DEFAULT_BUILD_TIMEOUT_S: Final = 3600.0
 """How long a build attempt may take when its request names no timeout."""
 DEFAULT_LOG_TAIL_LINES: Final = 20
 """How many last log lines a failed build carries."""
+
+
+EnvName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+SecretFilePath = Annotated[str, msgspec.Meta(pattern=r"^/[^\x00-\x1f,\"]*$", max_length=4096)]
+
+
+class SecretSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Where the value of one build secret lives on the worker (`[[worker.secrets]]`):
+    a file, or a variable of the worker's environment. Requests name the id only; the
+    builder reads the value itself (buildctl `--secret id=ID,src=FILE|env=NAME`), so it
+    never crosses Redis, an event, a log or a process's argv.
+
+        [[worker.secrets]]
+        id = "npm"
+        file = "/run/secrets/npmrc"
+    """
+
+    id: SecretId
+    file: SecretFilePath | None = None
+    env: EnvName | None = None
+
+    def __post_init__(self) -> None:
+        if (self.file is None) == (self.env is None):
+            raise ValueError(f"secrets: {self.id!r} needs exactly one of `file` or `env`")
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -41,6 +66,14 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metrics_host: str = "127.0.0.1"
     """Where the metrics server listens; 0.0.0.0 in a pod, so the kubelet and Prometheus
     reach it."""
+    secrets: tuple[SecretSource, ...] = ()
+    """Build secrets this worker can mount (`[[worker.secrets]]`), by id."""
+
+    def __post_init__(self) -> None:
+        ids = [secret.id for secret in self.secrets]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"secrets: id {repeated[0]!r} appears more than once")
 
     def timeout_for(self, request: BuildRequest) -> float:
         """The one build deadline: the request's own timeout, else the default."""
@@ -188,6 +221,43 @@ KANIKO_CAPABILITIES: Final = (
 modes, and run RUN steps as other users. Everything else is dropped."""
 
 
+KubeName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)]
+
+
+class RegistrySecret(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A `kubernetes.io/dockerconfigjson` Secret for the builds whose every pushed
+    reference (images, cache repository) lies under `prefix` (`[[kaniko.registry_secrets]]`).
+
+        [[kaniko.registry_secrets]]
+        prefix = "registry.example.com/acme"     # acme/app, acme/team/app; not acmecorp/
+        secret_name = "push-acme"
+    """
+
+    prefix: NonEmpty
+    """A registry/repository name without tag or digest (`registry.example.com/acme`)."""
+    secret_name: KubeName
+
+    def __post_init__(self) -> None:
+        try:
+            parsed = reference.parse(self.prefix)
+        except reference.ReferenceError as exc:
+            raise ValueError(f"registry_secrets: prefix: {exc}") from None
+        if parsed.tag is not None or parsed.digest is not None:
+            raise ValueError(
+                f"registry_secrets: prefix {self.prefix!r}: expected a name without tag or digest"
+            )
+
+    @property
+    def name(self) -> str:
+        """The prefix as registry/repository (`busybox` is `docker.io/library/busybox`)."""
+        return reference.parse(self.prefix).name
+
+    def covers(self, ref: str) -> bool:
+        """Whether the reference `ref` lies under the prefix (at a `/` boundary)."""
+        name = reference.parse(ref).name
+        return name == self.name or name.startswith(self.name + "/")
+
+
 class KanikoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How the kaniko backend creates and follows its Jobs.
 
@@ -202,7 +272,14 @@ class KanikoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
       config if running in a pod, else the default kubeconfig ($KUBECONFIG, ~/.kube/config).
     - `service_account`: the build pod's ServiceAccount (its token is never mounted).
     - `registry_secret`: a `kubernetes.io/dockerconfigjson` Secret in the namespace, mounted
-      as /kaniko/.docker/config.json for pushing and pulling.
+      as /kaniko/.docker/config.json for pushing and pulling, in every build's pod: every
+      RUN step of every build can read it. Prefer `registry_secrets`.
+    - `registry_secrets`: one Secret per image prefix (`[[kaniko.registry_secrets]]`); a
+      build's pod mounts only the Secret with the longest prefix covering every reference
+      it pushes (its images and cache repository), so a RUN step can read a credential for
+      its own build's images and no other. A build no prefix covers is refused (permanent,
+      `credentials`). Give each Secret a registry credential scoped to its prefix (and
+      pull rights to the base images its builds use).
     - `cache_repo`: `--cache=true --cache-repo=` when the request names no cache export ref.
     - `cpu_*`/`memory_*`: the executor's resources (the OOM message names `memory_limit`).
     - `unschedulable_timeout_s` / `image_pull_timeout_s`: how long a pod may stay
@@ -229,6 +306,7 @@ class KanikoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     context: str | None = None
     service_account: str | None = None
     registry_secret: str | None = None
+    registry_secrets: tuple[RegistrySecret, ...] = ()
     cache_repo: str | None = None
     snapshot_mode: Literal["redo", "full", "time"] = "redo"
     push_retry: int = 3
@@ -250,6 +328,13 @@ class KanikoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     cancel_wait_s: float = 30.0
     watch_timeout_s: int = 120
     max_connections: int = 512
+
+    def __post_init__(self) -> None:
+        if self.registry_secret is not None and self.registry_secrets:
+            raise ValueError(
+                "registry_secret, registry_secrets: give one or the other (a shared Secret "
+                "would undo the per-prefix scoping)"
+            )
 
 
 class TektonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -66,6 +66,7 @@ def _request(build: PlannedBuild, push: Push, url: str) -> dict[str, object]:
         "dockerfile": build.dockerfile,
         "context": build.context,
         "build_args": build.build_args,
+        "secrets": build.secrets,
         "platforms": build.platforms,
         "push": build.push,
         "priority": "batch",

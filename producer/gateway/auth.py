@@ -60,4 +60,5 @@ def request_policy(
         priorities=frozenset(token.priorities),
         max_timeout_s=max_timeout_s,
         tenant=token.tenant_name,
+        secrets=token.secrets,
     )

@@ -168,7 +168,8 @@ def openapi_document(settings: GatewaySettings, queue: QueueSettings) -> dict[st
     trace = components["TraceContext"]["properties"]
     trace["traceparent"]["anyOf"][0]["pattern"] = policy.TRACEPARENT_PATTERN
     trace["tracestate"]["anyOf"][0]["maxLength"] = policy.TRACESTATE_MAX
-    # What msgspec cannot say by itself: pushing needs an image name.
+    # What msgspec cannot say by itself: pushing needs an image name; a secret is named once.
+    properties["secrets"]["uniqueItems"] = True
     request["if"] = {"properties": {"push": {"const": True}}}
     request["then"] = {"required": ["images"], "properties": {"images": {"minItems": 1}}}
     components["Error"] = {

@@ -41,6 +41,7 @@ class PlannedBuild:
     dockerfile: str
     context: str
     build_args: dict[str, str]
+    secrets: tuple[str, ...]
     target: str | None
     platforms: tuple[str, ...]
     priority: Priority
@@ -125,6 +126,7 @@ def plan(rules: Sequence[Rule], push: Push) -> Plan:
                 dockerfile=rule.dockerfile,
                 context=rule.context,
                 build_args=dict(rule.build_args),
+                secrets=rule.secrets,
                 target=rule.target,
                 platforms=rule.platforms,
                 priority=rule.priority,
@@ -194,6 +196,7 @@ def build_request(build: PlannedBuild, push: Push, origin: Origin) -> BuildReque
         "dockerfile": build.dockerfile,
         "context": build.context,
         "build_args": build.build_args,
+        "secrets": build.secrets,
         "platforms": build.platforms,
         "priority": build.priority,
         "push": build.push,

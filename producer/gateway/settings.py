@@ -15,6 +15,7 @@ are configured as their SHA-256 only.
     sha256 = "<hex SHA-256 of the token>"
     images = ["registry.local:5000/acme/*"]
     sources = ["https://github.com/acme/*"]
+    secrets = ["npm"]          # build secrets its builds may mount (ids; values: workers)
 
     [gateway.sources]
     hosts = ["git.internal:9418"]  # besides the forges' own hosts
@@ -38,6 +39,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 
 from producer import policy, reference
+from producer.contract import MAX_SECRETS, SecretId
 from producer.fields import NonEmpty, Port, PositiveFloat, PositiveInt, Priority
 from producer.policy import SourcePolicy
 
@@ -188,6 +190,9 @@ class TokenSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
         "interactive",
         "batch",
     )
+    secrets: tuple[NonEmpty, ...] = ()
+    """Globs over the build secret ids ([[worker.secrets]]) its builds may mount (`npm`,
+    `acme-*`); none unless listed."""
 
     @property
     def tenant_name(self) -> str:
@@ -228,6 +233,9 @@ class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
     dockerfile: NonEmpty = "Dockerfile"
     context: NonEmpty = "."
     build_args: dict[str, str] = msgspec.field(default_factory=dict)
+    secrets: Annotated[tuple[SecretId, ...], msgspec.Meta(max_length=MAX_SECRETS)] = ()
+    """Ids of worker secrets ([[worker.secrets]]) the Dockerfile mounts with
+    `RUN --mount=type=secret,id=ID`."""
     target: str | None = None
     platforms: tuple[str, ...] = ()
     priority: Priority = "interactive"
@@ -268,6 +276,8 @@ class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
                 raise ValueError(
                     f"{field}: expected a relative path inside the repository, got {path!r}"
                 )
+        if len(set(self.secrets)) != len(self.secrets):
+            raise ValueError("secrets: expected each secret id once")
 
 
 class SupersedeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -20,16 +20,18 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
 from producer.contract import BuildRequest, GitSource, LocalSource
 from worker.backends.base import BuildJob, Built, ProgressSink
 from worker.backends.capabilities import BY_BACKEND, refusal
+from worker.backends.secrets import buildah_flags, sources_for
 from worker.backends.steplines import BUILDAH_STEP, NumberedSteps
 from worker.errors import BuildError, PermanentBuildError, TemporaryBuildError
 from worker.retry import classify
-from worker.settings import BuildahSettings
+from worker.settings import BuildahSettings, SecretSource
 from worker.subprocesses import die_with_this_process
 
 _LINE_LIMIT: Final = 16 << 20
@@ -50,8 +52,14 @@ def _registry_flags(settings: BuildahSettings) -> list[str]:
     return flags
 
 
-def build_argv(settings: BuildahSettings, request: BuildRequest, iidfile: Path) -> list[str]:
-    """The `buildah build` command for one request. Pure, so it is tested without buildah."""
+def build_argv(
+    settings: BuildahSettings,
+    request: BuildRequest,
+    iidfile: Path,
+    secrets: Sequence[SecretSource] = (),
+) -> list[str]:
+    """The `buildah build` command for one request, mounting `secrets` (where their values
+    are, never the values). Pure, so it is tested without buildah."""
     argv = [*buildah_command(settings), "build",
             "--isolation", settings.isolation, "--layers", "--force-rm", "--stdin=false",
             "--iidfile", str(iidfile), *_registry_flags(settings)]  # fmt: skip
@@ -65,6 +73,7 @@ def build_argv(settings: BuildahSettings, request: BuildRequest, iidfile: Path) 
         argv += ["--target", request.target]
     if request.platforms:
         argv += ["--platform", request.platforms[0]]
+    argv += buildah_flags(secrets)
     cache = request.cache
     if cache.disabled:
         argv.append("--no-cache")
@@ -99,9 +108,16 @@ def push_argv(settings: BuildahSettings, image: str, digestfile: Path) -> list[s
 class BuildahBackend:
     name = "buildah"
 
-    def __init__(self, settings: BuildahSettings, *, tail_lines: int = 20) -> None:
+    def __init__(
+        self,
+        settings: BuildahSettings,
+        *,
+        tail_lines: int = 20,
+        secrets: Sequence[SecretSource] = (),
+    ) -> None:
         self.settings = settings
         self.tail_lines = tail_lines
+        self.secrets = tuple(secrets)
         self._remote_cache: bool | None = None
 
     async def build(self, job: BuildJob, progress: ProgressSink) -> Built:
@@ -109,10 +125,11 @@ class BuildahBackend:
         if (reason := refusal(request, BY_BACKEND["buildah"])) is not None:
             raise PermanentBuildError(reason, error_class="unsupported")
         _check_local_source(request)
+        secrets = sources_for(request, self.secrets)
         await self._check_remote_cache(request)
         with tempfile.TemporaryDirectory(prefix="buildfleet-buildah-") as scratch:
             steps = NumberedSteps(request.id, job.attempt, BUILDAH_STEP, tail_lines=self.tail_lines)
-            argv = build_argv(self.settings, request, Path(scratch, "iid"))
+            argv = build_argv(self.settings, request, Path(scratch, "iid"), secrets)
             output: list[str] = []
             returncode = await self._run(argv, steps, output, progress, cwd=scratch)
             if returncode != 0:

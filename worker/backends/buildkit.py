@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -21,10 +22,12 @@ import msgspec
 
 from producer.contract import BuildRequest, GitSource, LocalSource
 from worker.backends.base import BuildJob, Built, ProgressSink
+from worker.backends.capabilities import ensure_capable
+from worker.backends.secrets import buildctl_flags, sources_for
 from worker.errors import PermanentBuildError, TemporaryBuildError
 from worker.progress import ProgressParser
 from worker.retry import classify
-from worker.settings import BuildkitSettings
+from worker.settings import BuildkitSettings, SecretSource
 from worker.subprocesses import die_with_this_process
 from worker.telemetry import unsampled_traceparent
 
@@ -36,9 +39,15 @@ def _csv_field(field: str) -> str:
     return f'"{field}"' if "," in field else field
 
 
-def buildctl_argv(connection: list[str], request: BuildRequest, metadata: Path) -> list[str]:
+def buildctl_argv(
+    connection: list[str],
+    request: BuildRequest,
+    metadata: Path,
+    secrets: Sequence[SecretSource] = (),
+) -> list[str]:
     """The buildctl command for one request, after `connection` (buildctl and its address and
-    TLS flags). Pure, so it is tested without a daemon."""
+    TLS flags), mounting `secrets` (where their values are, never the values). Pure, so it
+    is tested without a daemon."""
     argv = [
         *connection, "build",
         "--frontend", "dockerfile.v0",
@@ -64,6 +73,7 @@ def buildctl_argv(connection: list[str], request: BuildRequest, metadata: Path) 
         argv += ["--opt", f"target={request.target}"]
     if request.platforms:
         argv += ["--opt", f"platform={','.join(request.platforms)}"]
+    argv += buildctl_flags(secrets)
     if request.images:
         names = _csv_field(f"name={','.join(request.images)}")
         argv += ["--output", f"type=image,{names},push={str(request.push).lower()}"]
@@ -117,17 +127,27 @@ def _probe_env() -> dict[str, str]:
 class BuildkitBackend:
     name = "buildkit"
 
-    def __init__(self, settings: BuildkitSettings, *, tail_lines: int = 20) -> None:
+    def __init__(
+        self,
+        settings: BuildkitSettings,
+        *,
+        tail_lines: int = 20,
+        secrets: Sequence[SecretSource] = (),
+    ) -> None:
         self.settings = settings
         self.tail_lines = tail_lines
+        self.secrets = tuple(secrets)
 
     async def build(self, job: BuildJob, progress: ProgressSink) -> Built:
         address = job.placement or self._default_address()
         request = job.request
+        ensure_capable(request, self.name)
         _check_local_source(request)
+        secrets = sources_for(request, self.secrets)
         with tempfile.TemporaryDirectory(prefix="buildfleet-") as scratch:
             metadata = Path(scratch, "metadata.json")
-            argv = buildctl_argv(self.settings.connection(address), request, metadata)
+            connection = self.settings.connection(address)
+            argv = buildctl_argv(connection, request, metadata, secrets)
             parser = ProgressParser(request.id, job.attempt, tail_lines=self.tail_lines)
             returncode = await self._run(argv, job.traceparent, parser, progress)
             if returncode != 0:

@@ -38,6 +38,9 @@ class Capabilities:
     platforms: bool = False
     """Builds for a platform other than the worker's (one per attempt unless multi)."""
     secrets: bool = False
+    """Mounts the worker's build secrets (`RUN --mount=type=secret`); else it refuses them."""
+    secrets_note: str = ""
+    """Why it refuses secrets (said in the refusal)."""
     local_source: bool = False
     git_subdir: bool = True
     labels: bool = False
@@ -60,6 +63,7 @@ SURVEY: Final[tuple[Capabilities, ...]] = (
         cache_note="registry cache, mode=min or max",
         multi_platform=True,
         platforms=True,
+        secrets=True,
         local_source=True,
         labels=True,
     ),
@@ -72,6 +76,8 @@ SURVEY: Final[tuple[Capabilities, ...]] = (
         cache_export_modes=_BOTH,
         cache_note="its own layer cache repository (cache.export_ref, read and written)",
         platforms=True,
+        secrets_note="Kaniko has no RUN --mount=type=secret, and a Secret mounted into its "
+        "pod is readable by every RUN step",
     ),
     Capabilities(
         builder="Docker Engine API",
@@ -83,6 +89,8 @@ SURVEY: Final[tuple[Capabilities, ...]] = (
         cache_export_modes=frozenset({"min"}),
         cache_note="import with cachefrom; export inline only (mode=min, in the pushed image)",
         platforms=True,
+        secrets_note="the Engine API takes secrets only over a BuildKit session, which "
+        "this backend does not hold",
         local_source=True,
         labels=True,
     ),
@@ -97,6 +105,7 @@ SURVEY: Final[tuple[Capabilities, ...]] = (
         cache_export_modes=_BOTH,
         cache_note="its own layer cache repository (--cache-from/--cache-to), one ref each",
         platforms=True,
+        secrets=True,
         local_source=True,
         labels=True,
     ),
@@ -109,6 +118,8 @@ SURVEY: Final[tuple[Capabilities, ...]] = (
         cache_export_modes=_BOTH,
         cache_note="Kaniko's layer cache repository (cache.export_ref, read and written)",
         platforms=True,
+        secrets_note="its Kaniko executor has no RUN --mount=type=secret, and a Secret "
+        "mounted into the pod is readable by every RUN step",
     ),
     Capabilities(
         builder="Skaffold",
@@ -162,6 +173,12 @@ def refusal(request: BuildRequest, caps: Capabilities) -> str | None:
         return (
             f"{name} builds for the worker's own platform only, "
             f"not platform {request.platforms[0]!r}"
+        )
+    if request.secrets and not caps.secrets:
+        because = f" ({caps.secrets_note})" if caps.secrets_note else ""
+        return (
+            f"{name} cannot mount build secrets{because}: secrets "
+            f"{', '.join(request.secrets)}; build with the buildkit or buildah backend"
         )
     return _cache_refusal(request, caps)
 

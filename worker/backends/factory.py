@@ -15,11 +15,12 @@ from worker.settings import DaemonSettings, WorkerConfig
 
 def make_backend(config: WorkerConfig) -> Backend:
     tail_lines = config.worker.log_tail_lines
+    secrets = config.worker.secrets  # only the backends that can mount them get them
     match config.worker.backend:
         case "buildkit":
             from worker.backends.buildkit import BuildkitBackend
 
-            return BuildkitBackend(config.buildkit, tail_lines=tail_lines)
+            return BuildkitBackend(config.buildkit, tail_lines=tail_lines, secrets=secrets)
         case "docker":
             from worker.backends.docker import DockerBackend
 
@@ -27,7 +28,7 @@ def make_backend(config: WorkerConfig) -> Backend:
         case "buildah":
             from worker.backends.buildah import BuildahBackend
 
-            return BuildahBackend(config.buildah, tail_lines=tail_lines)
+            return BuildahBackend(config.buildah, tail_lines=tail_lines, secrets=secrets)
         case "simulate":
             from worker.backends.simulate import SimulateBackend
 

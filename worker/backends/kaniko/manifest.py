@@ -1,6 +1,8 @@
 """The batch/v1 Job of one Kaniko build attempt, and the executor's arguments.
 
-Invariants of every Job built here: unprivileged (no privilege escalation, every
+Invariants of every Job built here: it mounts at most one registry Secret, one whose
+prefix covers every image it pushes (`registry_secret`), since every RUN step can read
+it; unprivileged (no privilege escalation, every
 capability dropped but the few the executor needs as root in its container), no
 ServiceAccount token mounted, never retried by Kubernetes (`backoffLimit: 0`: retries are
 the fleet's), bounded by the attempt's deadline (`activeDeadlineSeconds` from
@@ -160,14 +162,49 @@ def security_context(settings: KanikoSettings) -> Manifest:
     }
 
 
-def docker_config_volume(settings: KanikoSettings) -> tuple[Manifest, Manifest] | None:
-    """The registry Secret as /kaniko/.docker/config.json: (volume, volumeMount)."""
-    if not settings.registry_secret:
+def pushed_references(request: BuildRequest, settings: KanikoSettings) -> list[str]:
+    """What the executor writes to: the images (when it pushes) and its cache repository."""
+    pushed = list(request.images) if request.push else []
+    cache_repo = request.cache.export_ref or settings.cache_repo
+    if cache_repo and not request.cache.disabled:
+        pushed.append(cache_repo)
+    return pushed
+
+
+def registry_secret(request: BuildRequest, settings: KanikoSettings) -> str | None:
+    """The one Secret the build's pod may read: the shared `registry_secret`, or the
+    `registry_secrets` entry with the longest prefix covering every reference the build
+    writes (none when it writes nothing). A permanent error when no prefix covers them."""
+    if not settings.registry_secrets:
+        return settings.registry_secret
+    pushed = pushed_references(request, settings)
+    if not pushed:
+        return None
+    covering = [
+        entry for entry in settings.registry_secrets if all(entry.covers(ref) for ref in pushed)
+    ]
+    if not covering:
+        raise PermanentBuildError(
+            f"no [[kaniko.registry_secrets]] prefix covers every reference this build pushes "
+            f"({', '.join(pushed)}): a build's pod gets the credential of its own images only; "
+            f"push to one prefix, or configure a Secret for it",
+            error_class="credentials",
+        )
+    return max(covering, key=lambda entry: len(entry.name)).secret_name
+
+
+def docker_config_volume(
+    request: BuildRequest, settings: KanikoSettings
+) -> tuple[Manifest, Manifest] | None:
+    """The build's registry Secret (`registry_secret`) as /kaniko/.docker/config.json:
+    (volume, volumeMount); None when it gets none."""
+    secret_name = registry_secret(request, settings)
+    if secret_name is None:
         return None
     volume: Manifest = {
         "name": "docker-config",
         "secret": {
-            "secretName": settings.registry_secret,
+            "secretName": secret_name,
             "items": [{"key": ".dockerconfigjson", "path": "config.json"}],
         },
     }
@@ -209,7 +246,7 @@ def build_job_manifest(job: BuildJob, settings: KanikoSettings, namespace: str) 
         pod_spec["nodeSelector"] = dict[str, JSONValue](settings.node_selector)
     if settings.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in settings.tolerations]
-    if docker_config := docker_config_volume(settings):
+    if docker_config := docker_config_volume(request, settings):
         volume, mount = docker_config
         container["volumeMounts"] = [mount]
         pod_spec["volumes"] = [volume]

@@ -16,6 +16,7 @@ attempt. Pure: no I/O.
 
 from __future__ import annotations
 
+from producer.contract import BuildRequest
 from worker.backends.base import BuildJob
 from worker.backends.kaniko.manifest import (
     deadline_seconds,
@@ -43,8 +44,9 @@ def _strings(values: list[str] | tuple[str, ...]) -> list[JSONValue]:
     return list(values)
 
 
-def task_spec(kaniko: KanikoSettings) -> Manifest:
-    """The inline Task: declares the params and the result, runs the executor in one step."""
+def task_spec(kaniko: KanikoSettings, request: BuildRequest) -> Manifest:
+    """The inline Task: declares the params and the result, runs the executor in one step,
+    with the one registry Secret that covers `request`'s images (as for a Kaniko Job)."""
     step: Manifest = {
         "name": STEP,
         "image": kaniko.executor_image,
@@ -72,7 +74,7 @@ def task_spec(kaniko: KanikoSettings) -> Manifest:
         "results": [{"name": RESULT_DIGEST, "type": "string", "description": "the image's digest"}],
         "steps": [step],
     }
-    if docker_config := docker_config_volume(kaniko):
+    if docker_config := docker_config_volume(request, kaniko):
         volume, mount = docker_config
         step["volumeMounts"] = [mount]
         spec["volumes"] = [volume]
@@ -113,7 +115,7 @@ def build_taskrun_manifest(
     if settings.task_ref:
         spec["taskRef"] = {"name": settings.task_ref, "kind": "Task"}
     else:
-        spec["taskSpec"] = task_spec(kaniko)
+        spec["taskSpec"] = task_spec(kaniko, request)
     if settings.service_account:
         spec["serviceAccountName"] = settings.service_account
     labels = {**settings.labels, **attempt_labels(request.id, job.attempt)}
