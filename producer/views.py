@@ -1,5 +1,5 @@
 """What people are shown of builds and of the fleet: the web view's JSON (GET /v1/builds,
-GET /v1/fleet) and the trace link `buildfleet get` prints. No I/O of its own.
+GET /v1/fleet) and the trace link `buildfleet get` prints. Pure.
 
 A tenant's token sees its own builds only; the fleet's shape (queue depth, workers, daemons
 and their load) is shared by everyone, but never which builds another tenant runs: a
@@ -12,10 +12,8 @@ from typing import Final
 
 import msgspec
 
-from producer.client import FleetStatus
-from producer.contract import TERMINAL_STATUSES, BuildRequest, GitSource, Status
+from producer.contract import TERMINAL_STATUSES, BuildRequest, BuildState, GitSource, Status
 from producer.settings import TelemetrySettings
-from producer.store import Listed
 
 _SHORT_COMMIT: Final = 12
 
@@ -83,16 +81,22 @@ def describe_source(request: BuildRequest) -> str:
 
 
 def summarize(
-    listed: Listed, *, daemon: str | None, now: float, telemetry: TelemetrySettings
+    state: BuildState,
+    *,
+    started_at: float | None,
+    daemon: str | None,
+    now: float,
+    telemetry: TelemetrySettings,
 ) -> BuildSummary:
-    """`listed` as a row; `daemon` is where it runs now (ended builds say where they ran)."""
-    state, request, result = listed.state, listed.state.request, listed.state.result
+    """`state` as a row: `started_at` is when its latest attempt started, `daemon` where it
+    runs now (an ended build's result says where it ran)."""
+    request, result = state.request, state.result
     submitted = request.submitted_at if request else 0.0
     finished = result.finished_at if result and result.finished_at else None
     if state.status in TERMINAL_STATUSES:
         end, start = finished or now, submitted
-    elif state.status == "running" and listed.started_at is not None:
-        end, start = now, listed.started_at
+    elif state.status == "running" and started_at is not None:
+        end, start = now, started_at
     else:
         end, start = now, submitted
     trace_id = trace_id_of(request)
@@ -104,25 +108,11 @@ def summarize(
         source=describe_source(request) if request else "",
         images=request.images if request else (),
         submitted_at=submitted,
-        started_at=listed.started_at,
+        started_at=started_at,
         finished_at=finished,
         duration_s=round(max(0.0, end - start), 3) if start else 0.0,
         daemon=(result.daemon if result else None) or daemon,
         error=result.error if result else None,
         trace_id=trace_id,
         trace_url=telemetry.trace_url(trace_id) if trace_id else None,
-    )
-
-
-def fleet_view(status: FleetStatus) -> FleetView:
-    return FleetView(
-        waiting=status.waiting,
-        running=status.running,
-        workers=tuple(
-            WorkerView(w.name, w.heartbeat_age_s, len(w.builds), w.concurrency, w.backend)
-            for w in status.workers
-        ),
-        daemons=tuple(
-            DaemonView(d.address, d.healthy, d.in_flight, d.capacity) for d in status.daemons
-        ),
     )

@@ -19,8 +19,8 @@ from test_gateway_tenancy import REGISTRY, A, B, Http, auth, post, settings
 
 from producer.client import BuildfleetClient
 from producer.contract import BuildRequest, BuildResult, LocalSource, Started, Succeeded
-from producer.gateway.api import LIST_MAX
 from producer.gateway.app import make_app
+from producer.gateway.openapi import LIST_MAX
 from producer.keys import WORKERS, slot_key, tenant_recent_key
 from producer.settings import TelemetrySettings
 from producer.store import RECENT_BUILDS_KEPT, Begun

@@ -24,20 +24,18 @@ from producer.gateway import rules
 from producer.gateway.admission import Caps, Refused
 from producer.gateway.http import TOKEN, error, read_body, refused, reply, sse, too_many
 from producer.gateway.metrics import CONTENT_TYPE
-from producer.gateway.openapi import STREAM_ID_PATTERN
+from producer.gateway.openapi import LIST_DEFAULT, LIST_MAX, STREAM_ID_PATTERN
 from producer.gateway.state import Gateway
 from producer.gateway.streams import Overflow, Subscription
 from producer.policy import PolicyError, check_request
 from producer.store import CancelOutcome
-from producer.views import fleet_view, summarize, trace_id_of
+from producer.views import DaemonView, FleetView, WorkerView, summarize, trace_id_of
 
 log = logging.getLogger("buildfleet.gateway")
 
 _BUILD_ID: Final = re.compile(BUILD_ID_PATTERN)
 _STREAM_ID: Final = re.compile(STREAM_ID_PATTERN)
 _json: Final = msgspec.json.Encoder()
-LIST_DEFAULT: Final = 50
-LIST_MAX: Final = 200
 
 
 async def submit(gateway: Gateway, request: web.Request) -> web.Response:
@@ -115,7 +113,8 @@ async def builds(gateway: Gateway, request: web.Request) -> web.Response:
     now = time.time()
     rows = [
         summarize(
-            item,
+            item.state,
+            started_at=item.started_at,
             daemon=placements.get(item.state.build_id),
             now=now,
             telemetry=gateway.telemetry,
@@ -128,7 +127,19 @@ async def builds(gateway: Gateway, request: web.Request) -> web.Response:
 async def fleet(gateway: Gateway, _request: web.Request) -> web.Response:
     """The fleet's queue depth, workers and daemons' load (no build ids: they may be
     another tenant's)."""
-    return reply(200, fleet_view(await gateway.client.status()))
+    status = await gateway.client.status()
+    view = FleetView(
+        waiting=status.waiting,
+        running=status.running,
+        workers=tuple(
+            WorkerView(w.name, w.heartbeat_age_s, len(w.builds), w.concurrency, w.backend)
+            for w in status.workers
+        ),
+        daemons=tuple(
+            DaemonView(d.address, d.healthy, d.in_flight, d.capacity) for d in status.daemons
+        ),
+    )
+    return reply(200, view)
 
 
 async def cancel(gateway: Gateway, request: web.Request) -> web.Response:
