@@ -147,7 +147,7 @@ def test_the_web_view_follows_builds_live_without_a_reload(fleet: Fleet) -> None
     _submit(fleet, TOKEN, "ui-running", 12.0)
     _submit(fleet, TOKEN, "ui-next", 4.0)
 
-    with open_page(f"{fleet.gateway}/ui") as page:
+    with open_page(f"{fleet.gateway}/ui", size=(1300, 720)) as page:
         _sign_in(page)
         page.wait_for(f"{_row_status('ui-running')} === 'running'", what="ui-running running")
         assert page.evaluate(_row_status("ui-next")) == "queued"
