@@ -24,12 +24,12 @@ from producer.client import BuildfleetClient, BuildNotFound, FleetUnavailable
 from producer.contract import (
     BuildRequest,
     BuildResult,
-    BuildState,
     ContractError,
     request_from_builtins,
 )
 from producer.policy import PolicyError, RequestPolicy
 from producer.reference import ReferenceError
+from producer.views import trace_id_of
 
 EXIT_OK: Final = 0
 EXIT_BUILD_FAILED: Final = 1
@@ -137,17 +137,10 @@ async def _watch(config: FleetConfig, args: argparse.Namespace) -> int:
         return _print_result(result, as_json=False)
 
 
-def trace_id_of(state: BuildState) -> str | None:
-    """The id of a build's trace: the one its request carries (the gateway's, or the
-    submitter's)."""
-    traceparent = state.request.trace.traceparent if state.request else None
-    return traceparent.split("-")[1] if traceparent else None
-
-
 async def _get(config: FleetConfig, args: argparse.Namespace) -> int:
     async with BuildfleetClient.connect(config.redis, config.queue) as fleet:
         state = await fleet.get(args.build_id)
-    trace_id = trace_id_of(state)
+    trace_id = trace_id_of(state.request)
     trace_url = config.telemetry.trace_url(trace_id) if trace_id else None
     if args.json:
         answer = msgspec.to_builtins(state)
@@ -331,7 +324,7 @@ def _gateway(config: FleetConfig, args: argparse.Namespace) -> int:
 
     configure_from_environment()
 
-    run_gateway(config.gateway, config.redis, config.queue)
+    run_gateway(config.gateway, config.redis, config.queue, telemetry=config.telemetry)
     return EXIT_OK
 
 

@@ -18,7 +18,7 @@ from typing import Any, Final
 import msgspec
 
 from producer.gateway.settings import GatewaySettings
-from producer.settings import QueueSettings, RedisSettings
+from producer.settings import QueueSettings, RedisSettings, TelemetrySettings
 from worker.retry import RetrySettings
 from worker.settings import (
     BuildahSettings,
@@ -37,17 +37,6 @@ ENV_PREFIX: Final = "BUILDFLEET_"
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message says where and why."""
-
-
-class TelemetrySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Where people look at traces (the exporters themselves read the `OTEL_*` variables)."""
-
-    trace_link: str = ""
-    """A trace's page in the trace viewer, `{trace_id}` standing for its id, e.g.
-    `https://jaeger.example.com/trace/{trace_id}`; `buildfleet get` prints it filled in."""
-
-    def trace_url(self, trace_id: str) -> str | None:
-        return self.trace_link.replace("{trace_id}", trace_id) if self.trace_link else None
 
 
 class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -106,6 +106,7 @@ def _start_gateway(
         **_otel_env(viewer, "buildfleet-gateway"),
         "BUILDFLEET_REDIS_URL": redis_url,
         "BUILDFLEET_GATEWAY_PORT": str(port),
+        "BUILDFLEET_TELEMETRY_TRACE_LINK": viewer.trace_link,  # the web view links traces
         **_gateway_policy(fleet, token),
     }
     address = f"http://127.0.0.1:{port}"
@@ -161,6 +162,7 @@ def run_local_fleet(
             "workers": workers,
             "worker_metrics": metrics,
             "gateway": gateway.address,
+            "web_view": f"{gateway.address}/ui",
             "api_token": token,
             "trace_viewer": viewer.ui,
             "trace_link": viewer.trace_link,
@@ -176,6 +178,7 @@ def run_local_fleet(
                 f"  redis     {redis_url}\n"
                 f"  registry  {fleet.registry}   (base image {fleet.base_image})\n"
                 f"  gateway   {gateway.address}   (API token {token})\n"
+                f"  web view  {gateway.address}/ui   (sign in with the API token)\n"
                 f"  traces    {viewer.ui}   (OTLP {viewer.otlp_http})\n"
                 f"  metrics   {' '.join(metrics)}\n"
                 f"  logs      {workdir / 'logs'}\n"

@@ -63,7 +63,7 @@ from producer.keys import (
 from producer.policy import RequestPolicy, check_request
 from producer.resilience import RedisHealth, persistently
 from producer.settings import QueueSettings, RedisSettings
-from producer.store import PRIORITIES, BuildStore, CancelOutcome, Submission
+from producer.store import PRIORITIES, BuildStore, CancelOutcome, Listed, Submission
 from producer.workers import WORKER_STALE_S, DaemonBeat, WorkerBeat, worker_beat_decoder
 
 # The Python client's public surface (pinned by tests/test_public_api.py): the client, what
@@ -86,6 +86,7 @@ __all__ = [
     "FleetStatus",
     "FleetUnavailable",
     "GitSource",
+    "Listed",
     "LocalSource",
     "Log",
     "Queued",
@@ -217,6 +218,26 @@ class BuildfleetClient:
         if state is None:
             raise BuildNotFound(build_id)
         return state
+
+    async def recent(self, tenant: str, count: int = 50) -> list[Listed]:
+        """`tenant`'s newest builds (at most `count`, of the last RECENT_BUILDS_KEPT it
+        submitted), newest first."""
+        with unavailable("list builds"):
+            return await self.store.recent(tenant, count)
+
+    async def placements(self, daemons: Sequence[str]) -> dict[str, str]:
+        """The daemon each running build holds a capacity slot on, by build id."""
+        now_ms = int(time.time() * 1000)
+        with unavailable("read placements"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for daemon in daemons:
+                    pipe.zrangebyscore(slot_key(daemon), now_ms, "+inf")
+                holders: list[list[bytes]] = await pipe.execute()
+        return {
+            member.decode().rpartition("#")[0]: daemon  # a holder is `{build_id}#{generation}`
+            for daemon, members in zip(daemons, holders, strict=True)
+            for member in members
+        }
 
     async def cancel(self, build_id: str, reason: str = "cancelled by request") -> CancelOutcome:
         """Cancel the build: a queued one ends at once, a running one when its worker has

@@ -102,6 +102,12 @@ def tenant_queued_key(tenant: str) -> str:
     return f"{_TENANT}{tenant}:queued"
 
 
+def tenant_recent_key(tenant: str) -> str:
+    """Sorted set: a tenant's newest builds scored by submit time (milliseconds), capped,
+    so the web view lists a tenant's builds without scanning anything."""
+    return f"{_TENANT}{tenant}:recent"
+
+
 def token_queued_key(token: str) -> str:
     """Sorted set: an API token's builds counted against its cap of queued builds."""
     return f"{_TOKEN}{token}:queued"

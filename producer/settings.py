@@ -72,3 +72,15 @@ class QueueSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A dead letter keeps its request up to this size (larger: its size only)."""
     dead_letters_max_bytes: PositiveInt = 256 * 1024 * 1024
     """The dead-letter stream's budget: it keeps as many entries as fit at the cap above."""
+
+
+class TelemetrySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where people look at traces (the exporters themselves read the `OTEL_*` variables)."""
+
+    trace_link: str = ""
+    """A trace's page in the trace viewer, `{trace_id}` standing for its id, e.g.
+    `https://jaeger.example.com/trace/{trace_id}`; `buildfleet get` prints it filled in, and
+    the gateway's web view (`/ui`) links each build to it."""
+
+    def trace_url(self, trace_id: str) -> str | None:
+        return self.trace_link.replace("{trace_id}", trace_id) if self.trace_link else None

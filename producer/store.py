@@ -3,8 +3,8 @@
 Per build: a hash `buildfleet:build:{id}` (request, status, attempt, lease generation,
 result, cancel request) and a stream `buildfleet:build:{id}:events` that `watch` replays;
 fleet-wide: the capped stream `buildfleet:events` and the index of builds that have not
-ended. Each transition is one Lua script (producer/lua/), so a status change and its event
-are written together. Invariants:
+ended; per tenant: a capped index of its newest builds. Each transition is one Lua script
+(producer/lua/), so a status change and its event are written together. Invariants:
 
 - A build that has ended refuses every later event: exactly one terminal event, whatever
   races (a cancel, a timeout, a worker coming back from a pause).
@@ -57,6 +57,7 @@ from producer.keys import (
     events_key,
     job_key,
     lease_key,
+    tenant_recent_key,
     waiting_key,
 )
 from producer.lua import Arg, ScriptCall
@@ -68,6 +69,9 @@ logger = logging.getLogger("buildfleet.store")
 # A record outlives its build's longest plausible wait in the queue; it is shortened to the
 # result TTL when the build ends.
 PENDING_TTL_S: Final = 30 * 24 * 3600
+RECENT_BUILDS_KEPT: Final = 1000
+"""How many of a tenant's newest builds its index of recent builds keeps (what the web view
+can list)."""
 PRIORITIES: Final[tuple[Priority, ...]] = ("interactive", "batch")
 _WAITING_KEYS: Final = tuple(waiting_key(priority) for priority in PRIORITIES)
 
@@ -186,6 +190,7 @@ class BuildStore:
                 self.queue.name,
                 ACTIVE_BUILDS,
                 waiting_key(request.priority),
+                tenant_recent_key(request.tenant),
             ]
             args: list[Arg] = [
                 request.id,
@@ -196,6 +201,8 @@ class BuildStore:
                 PENDING_TTL_S * 1000,
                 PENDING_TTL_S,
                 self.queue.events_maxlen,
+                int(stamped.submitted_at * 1000),
+                RECENT_BUILDS_KEPT,
             ]
             calls.append((lua.SUBMIT, keys, args))
         created = await lua.run_all(self.redis, calls)
@@ -251,18 +258,22 @@ class BuildStore:
 
     async def state(self, build_id: str) -> BuildState | None:
         fields: list[bytes | None] = await self.redis.hmget(  # type: ignore[misc]
-            build_key(build_id), ["status", "attempt", "request", "result"]
+            build_key(build_id), _STATE_FIELDS
         )
-        status, attempt, request, result = fields
-        if status is None:
-            return None
-        return BuildState(
-            build_id=build_id,
-            status=cast(Status, status.decode()),
-            attempt=int(attempt or 1),
-            request=decode_request(request) if request else None,
-            result=decode_result(result) if result else None,
-        )
+        listed = _listed(build_id, fields)
+        return listed.state if listed else None
+
+    async def recent(self, tenant: str, count: int) -> list[Listed]:
+        """A tenant's `count` newest builds, newest first (two round trips); a build whose
+        record has expired is left out."""
+        raw_ids: list[bytes] = await self.redis.zrevrange(tenant_recent_key(tenant), 0, count - 1)
+        build_ids = [raw.decode() for raw in raw_ids]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for build_id in build_ids:
+                pipe.hmget(build_key(build_id), _STATE_FIELDS)
+            rows: list[list[bytes | None]] = await pipe.execute()
+        found = (_listed(build_id, row) for build_id, row in zip(build_ids, rows, strict=True))
+        return [listed for listed in found if listed is not None]
 
     # --- workers ---------------------------------------------------------------------
 
@@ -496,6 +507,31 @@ def _log_if_failed(outcome: asyncio.Future[PublishOutcome]) -> None:
         return
     log = logger.debug if is_transient(exc) else logger.warning
     log("a progress event was not published: %s", exc)
+
+
+_STATE_FIELDS: Final = ["status", "attempt", "request", "result", "started_ms"]
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """A build's state, and when its latest attempt started (None before any did)."""
+
+    state: BuildState
+    started_at: float | None
+
+
+def _listed(build_id: str, fields: Sequence[bytes | None]) -> Listed | None:
+    status, attempt, request, result, started_ms = fields
+    if status is None:
+        return None
+    state = BuildState(
+        build_id=build_id,
+        status=cast(Status, status.decode()),
+        attempt=int(attempt or 1),
+        request=decode_request(request) if request else None,
+        result=decode_result(result) if result else None,
+    )
+    return Listed(state, int(started_ms) / 1000 if started_ms else None)
 
 
 def _with_submitted_at(request: BuildRequest, now: float) -> BuildRequest:

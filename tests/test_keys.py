@@ -29,6 +29,7 @@ def test_every_fleet_key_lives_under_the_fleet_prefix() -> None:
         keys.supersede_record_key("t", "k"),
         keys.push_history_key("github", "a/b", "refs/heads/main"),
         keys.tenant_queued_key("t"),
+        keys.tenant_recent_key("t"),
         keys.token_queued_key("t"),
         keys.gateway_wake_key("g"),
         keys.DURATIONS_KEY,

@@ -126,6 +126,9 @@ def test_up_builds_through_its_gateway_and_ctrl_c_leaves_nothing_behind(
         trace_id = str(state["request"]["trace"]["traceparent"]).split("-")[1]  # type: ignore[index]
         link = fleet["trace_link"].replace("{trace_id}", trace_id)
         assert link == f"{fleet['trace_viewer']}/traces/{trace_id}"
+        assert state["trace_url"] == link  # the gateway links it too, for its web view
+        with urllib.request.urlopen(fleet["web_view"], timeout=10) as page:
+            assert (page.status, fleet["web_view"]) == (200, f"{gateway}/ui")
         cli_env = {
             **env,
             "BUILDFLEET_REDIS_URL": fleet["redis_url"],

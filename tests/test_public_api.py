@@ -25,6 +25,7 @@ PUBLIC = {
     "FleetStatus",
     "FleetUnavailable",
     "GitSource",
+    "Listed",
     "LocalSource",
     "Log",
     "Queued",

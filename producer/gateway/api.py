@@ -1,9 +1,9 @@
 """The REST API (/v1, behind the authentication middleware) and the operations routes.
 
-A token sees, cancels and follows only its tenant's builds: another tenant's build answers
-404, as an unknown one does. A submission is decoded (400 naming the field), checked
-against the token's policy (403 naming the field), admitted (429 with Retry-After), then
-enqueued.
+A token sees, lists, cancels and follows only its tenant's builds: another tenant's build
+answers 404, as an unknown one does. A submission is decoded (400 naming the field),
+checked against the token's policy (403 naming the field), admitted (429 with
+Retry-After), then enqueued.
 """
 
 from __future__ import annotations
@@ -18,17 +18,18 @@ from typing import Any, Final
 import msgspec
 from aiohttp import web
 
-from producer.contract import BUILD_ID_PATTERN, ContractError, decode_request, encode
+from producer.contract import BUILD_ID_PATTERN, ContractError, decode_request
 from producer.errors import BuildNotFound, FleetUnavailable
 from producer.gateway import rules
 from producer.gateway.admission import Caps, Refused
 from producer.gateway.http import TOKEN, error, read_body, refused, reply, sse, too_many
 from producer.gateway.metrics import CONTENT_TYPE
-from producer.gateway.openapi import STREAM_ID_PATTERN
+from producer.gateway.openapi import LIST_DEFAULT, LIST_MAX, STREAM_ID_PATTERN
 from producer.gateway.state import Gateway
 from producer.gateway.streams import Overflow, Subscription
 from producer.policy import PolicyError, check_request
 from producer.store import CancelOutcome
+from producer.views import DaemonView, FleetView, WorkerView, summarize, trace_id_of
 
 log = logging.getLogger("buildfleet.gateway")
 
@@ -88,8 +89,57 @@ async def submit(gateway: Gateway, request: web.Request) -> web.Response:
 
 
 async def get(gateway: Gateway, request: web.Request) -> web.Response:
+    """The build's state, with its trace's id and link (as `buildfleet get --json`)."""
     state = await gateway.visible_state(_build_id(request), request[TOKEN])
-    return web.Response(body=encode(state), content_type="application/json")
+    trace_id = trace_id_of(state.request)
+    answer = msgspec.to_builtins(state)
+    answer.update(
+        trace_id=trace_id,
+        trace_url=gateway.telemetry.trace_url(trace_id) if trace_id else None,
+    )
+    return reply(200, answer)
+
+
+async def builds(gateway: Gateway, request: web.Request) -> web.Response:
+    """The token's tenant's newest builds (`?limit=`, 1 to LIST_MAX), newest first."""
+    text = request.query.get("limit", str(LIST_DEFAULT))
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= LIST_MAX):
+        return error(400, f"limit must be a whole number from 1 to {LIST_MAX}: {text[:40]!r}")
+    listed = await gateway.client.recent(request[TOKEN].tenant_name, int(text))
+    placements: dict[str, str] = {}
+    if any(item.state.status == "running" for item in listed):
+        status = await gateway.client.status()
+        placements = await gateway.client.placements([d.address for d in status.daemons])
+    now = time.time()
+    rows = [
+        summarize(
+            item.state,
+            started_at=item.started_at,
+            daemon=placements.get(item.state.build_id),
+            now=now,
+            telemetry=gateway.telemetry,
+        )
+        for item in listed
+    ]
+    return reply(200, {"builds": rows})
+
+
+async def fleet(gateway: Gateway, _request: web.Request) -> web.Response:
+    """The fleet's queue depth, workers and daemons' load (no build ids: they may be
+    another tenant's)."""
+    status = await gateway.client.status()
+    view = FleetView(
+        waiting=status.waiting,
+        running=status.running,
+        workers=tuple(
+            WorkerView(w.name, w.heartbeat_age_s, len(w.builds), w.concurrency, w.backend)
+            for w in status.workers
+        ),
+        daemons=tuple(
+            DaemonView(d.address, d.healthy, d.in_flight, d.capacity) for d in status.daemons
+        ),
+    )
+    return reply(200, view)
 
 
 async def cancel(gateway: Gateway, request: web.Request) -> web.Response:

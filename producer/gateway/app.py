@@ -8,7 +8,8 @@ Middlewares, outermost first:
   else is a logged 500. Every answer is counted by route, method and status.
 - authentication: every /v1 route needs a configured bearer token (its SHA-256 compared in
   constant time), then passes that token's rate limit (429 with Retry-After). The token
-  is put on the request (`producer.gateway.http.TOKEN`) for the handlers.
+  is put on the request (`producer.gateway.http.TOKEN`) for the handlers. The web view's
+  page (/ui) holds no data and needs none: everything it shows comes from /v1.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from redis.exceptions import RedisError
 
 from producer.client import BuildfleetClient
 from producer.errors import BuildNotFound, FleetUnavailable
-from producer.gateway import api, hooks
+from producer.gateway import api, hooks, ui
 from producer.gateway.http import TOKEN, BodyTooLarge, error, too_many
 from producer.gateway.limits import retry_after
 from producer.gateway.openapi import openapi_document
 from producer.gateway.settings import GatewaySettings
 from producer.gateway.state import Gateway
 from producer.gateway.tracing import tracing_middleware
+from producer.settings import TelemetrySettings
 
 log = logging.getLogger("buildfleet.gateway")
 
@@ -117,9 +119,15 @@ def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
     return {"Allow": allow} if allow else None
 
 
-def make_app(settings: GatewaySettings, client: BuildfleetClient) -> web.Application:
-    """The gateway as an aiohttp Application over `client` (which the caller closes)."""
-    gateway = Gateway(settings, client)
+def make_app(
+    settings: GatewaySettings,
+    client: BuildfleetClient,
+    *,
+    telemetry: TelemetrySettings | None = None,
+) -> web.Application:
+    """The gateway as an aiohttp Application over `client` (which the caller closes);
+    `telemetry` says where the web view links each build's trace."""
+    gateway = Gateway(settings, client, telemetry)
     app = web.Application(
         client_max_size=max(settings.body_limit_bytes, settings.api_body_limit_bytes),
         middlewares=[
@@ -150,6 +158,8 @@ def make_app(settings: GatewaySettings, client: BuildfleetClient) -> web.Applica
             f"/hooks/{forge}", functools.partial(hooks.webhook, gateway, forge=forge)
         )
     app.router.add_post("/v1/builds", route(api.submit))
+    app.router.add_get("/v1/builds", route(api.builds), allow_head=False)
+    app.router.add_get("/v1/fleet", route(api.fleet), allow_head=False)
     app.router.add_get("/v1/builds/{build_id}", route(api.get), allow_head=False)
     app.router.add_delete("/v1/builds/{build_id}", route(api.cancel))
     app.router.add_get("/v1/builds/{build_id}/events", route(api.events), allow_head=False)
@@ -157,4 +167,5 @@ def make_app(settings: GatewaySettings, client: BuildfleetClient) -> web.Applica
     app.router.add_get("/readyz", route(api.readyz), allow_head=False)
     app.router.add_get("/metrics", route(api.metrics), allow_head=False)
     app.router.add_get("/openapi.json", openapi, allow_head=False)
+    app.router.add_get("/ui", ui.page, allow_head=False)
     return app

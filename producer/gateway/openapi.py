@@ -12,12 +12,18 @@ from producer.contract import BUILD_ID_PATTERN, BuildEvent, BuildRequest, BuildS
 from producer.gateway.settings import GatewaySettings
 from producer.gateway.webhooks import DELIVERY_ID_PATTERN, REPOSITORY_PATTERN
 from producer.settings import QueueSettings
+from producer.views import BuildSummary, FleetView
+
+LIST_DEFAULT: Final = 50
+LIST_MAX: Final = 200
+"""GET /v1/builds: how many builds it lists unless asked, and at most."""
 
 STREAM_ID_PATTERN: Final = r"^\d{1,19}-\d{1,19}$"
 """A Redis stream id (19 digits each side always fit the 64-bit parts Redis accepts)."""
 _REF: Final = "#/components/schemas/{name}"
 _RELATIVE_PATH: Final = r"^(?!/)(?!(.*/)?\.\.(/|$))"
 _STR: Final = {"type": "string"}
+_NULLABLE_STR: Final = {"type": ["string", "null"]}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -143,6 +149,35 @@ def _webhook(forge: str, headers: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _view_paths() -> dict[str, Any]:
+    """The fleet's state for the web view, and the web view's page."""
+    return {
+        "/v1/fleet": {
+            "get": {
+                "operationId": "getFleet",
+                "summary": "Builds waiting and running, the workers, the daemons' load",
+                "description": "Fleet-wide, without build ids (they may be another tenant's).",
+                "tags": ["fleet"],
+                "security": [{"bearer": []}],
+                "responses": {"200": _answer("The fleet", "FleetView"), **_API_ERRORS},
+            }
+        },
+        "/ui": {
+            "get": {
+                "operationId": "webView",
+                "summary": "The web view: a static page that asks for a token",
+                "tags": ["operations"],
+                "responses": {
+                    "200": {
+                        "description": "HTML, under a strict Content-Security-Policy",
+                        "content": {"text/html": {"schema": _STR}},
+                    }
+                },
+            }
+        },
+    }
+
+
 def _build_id_parameter() -> dict[str, Any]:
     return {
         "name": "build_id",
@@ -153,10 +188,19 @@ def _build_id_parameter() -> dict[str, Any]:
 
 
 def openapi_document(settings: GatewaySettings, queue: QueueSettings) -> dict[str, Any]:
-    (_req, _state, _event), components = msgspec.json.schema_components(
-        [BuildRequest, BuildState, BuildEvent], ref_template=_REF
+    (_req, _state, _event, _summary, _fleet), components = msgspec.json.schema_components(
+        [BuildRequest, BuildState, BuildEvent, BuildSummary, FleetView], ref_template=_REF
     )
     components["BuildEvent"] = _event
+    components["BuildView"] = {
+        "allOf": [
+            _ref("BuildState"),
+            _object([], trace_id=_NULLABLE_STR, trace_url=_NULLABLE_STR),
+        ]
+    }
+    components["BuildList"] = _object(
+        ["builds"], builds={"type": "array", "items": _ref("BuildSummary")}
+    )
     request = components["BuildRequest"]
     properties = request["properties"]
     for field in ("dockerfile", "context"):
@@ -259,7 +303,28 @@ def openapi_document(settings: GatewaySettings, queue: QueueSettings) -> dict[st
                 _header("X-Gitea-Delivery", "delivery id", True, DELIVERY_ID_PATTERN),
             ],
         ),
+        **_view_paths(),
         "/v1/builds": {
+            "get": {
+                "operationId": "listBuilds",
+                "summary": "This token's tenant's newest builds, newest first",
+                "tags": ["builds"],
+                "security": [{"bearer": []}],
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "description": f"how many (default {LIST_DEFAULT})",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": LIST_MAX},
+                    }
+                ],
+                "responses": {
+                    "200": _answer("The builds", "BuildList"),
+                    "400": _answer(f"limit is not a whole number from 1 to {LIST_MAX}"),
+                    **_API_ERRORS,
+                },
+            },
             "post": {
                 "operationId": "submitBuild",
                 "summary": "Enqueue one build",
@@ -287,7 +352,7 @@ def openapi_document(settings: GatewaySettings, queue: QueueSettings) -> dict[st
                         "headers": _RETRY_AFTER,
                     },
                 },
-            }
+            },
         },
         "/v1/builds/{build_id}": {
             "parameters": [build_id],
@@ -297,7 +362,9 @@ def openapi_document(settings: GatewaySettings, queue: QueueSettings) -> dict[st
                 "tags": ["builds"],
                 "security": [{"bearer": []}],
                 "responses": {
-                    "200": _answer("The build's state", "BuildState"),
+                    "200": _answer(
+                        "The build's state, its trace id and its trace's link", "BuildView"
+                    ),
                     "404": _answer("No such build (unknown, expired, or another tenant's)"),
                     **_API_ERRORS,
                 },

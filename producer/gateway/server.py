@@ -18,7 +18,7 @@ from aiohttp import web
 from producer.client import BuildfleetClient
 from producer.gateway.app import make_app
 from producer.gateway.settings import GatewaySettings
-from producer.settings import QueueSettings, RedisSettings
+from producer.settings import QueueSettings, RedisSettings, TelemetrySettings
 
 log = logging.getLogger("buildfleet.gateway")
 
@@ -40,9 +40,14 @@ class GatewayServer:
         await self.runner.cleanup()
 
 
-async def start_gateway(settings: GatewaySettings, client: BuildfleetClient) -> GatewayServer:
+async def start_gateway(
+    settings: GatewaySettings,
+    client: BuildfleetClient,
+    *,
+    telemetry: TelemetrySettings | None = None,
+) -> GatewayServer:
     """Serve the gateway on `settings.host`:`settings.port` (0 picks a free port)."""
-    app = make_app(settings, client)
+    app = make_app(settings, client, telemetry=telemetry)
     runner = web.AppRunner(
         app,
         access_log=None,
@@ -65,11 +70,12 @@ def run_gateway(
     redis: RedisSettings | None = None,
     queue: QueueSettings | None = None,
     *,
+    telemetry: TelemetrySettings | None = None,
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """`buildfleet gateway`: serve until SIGINT or SIGTERM, then drain and stop."""
     with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
-        runner.run(serve_gateway(settings, redis, queue, on_ready=on_ready))
+        runner.run(serve_gateway(settings, redis, queue, telemetry=telemetry, on_ready=on_ready))
 
 
 def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -92,6 +98,7 @@ async def serve_gateway(
     redis: RedisSettings | None = None,
     queue: QueueSettings | None = None,
     *,
+    telemetry: TelemetrySettings | None = None,
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """The body of `run_gateway`, for callers that already run an event loop."""
@@ -102,7 +109,7 @@ async def serve_gateway(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
     try:
-        server = await start_gateway(settings, client)
+        server = await start_gateway(settings, client, telemetry=telemetry)
         log.info("gateway listening on %s (%s)", server.url, type(loop).__module__)
         if on_ready is not None:
             on_ready(server.url)

@@ -1,6 +1,6 @@
-"""The gateway's state, made once per application: settings, the client, the ledger, the
-admissions, the event hub, the limiters and the metrics. The handlers (producer.gateway.hooks
-and .api) read and use it; nothing here speaks HTTP."""
+"""The gateway's state, made once per application: settings (and where traces are seen),
+the client, the ledger, the admissions, the event hub, the limiters and the metrics. The
+handlers (producer.gateway.hooks, .api and .ui) read and use it; nothing here speaks HTTP."""
 
 from __future__ import annotations
 
@@ -19,12 +19,19 @@ from producer.gateway.metrics import GatewayMetrics
 from producer.gateway.settings import GatewaySettings, TokenSettings
 from producer.gateway.streams import EventHub
 from producer.policy import RequestPolicy
+from producer.settings import TelemetrySettings
 from producer.store import Submission
 
 
 class Gateway:
-    def __init__(self, settings: GatewaySettings, client: BuildfleetClient) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        client: BuildfleetClient,
+        telemetry: TelemetrySettings | None = None,
+    ) -> None:
         self.settings = settings
+        self.telemetry = telemetry or TelemetrySettings()
         self.client = client
         self.redis = client.redis
         queue = client.store.queue

@@ -1,6 +1,6 @@
 -- An attempt starts. A new lease generation fences every earlier attempt of the build
 -- (their events and transitions are refused from now on), the lease is taken, the build
--- moves to running with its Started event, and when slot sets are given (the daemons the
+-- moves to running (noting when, `started_ms`) with its Started event, and when slot sets are given (the daemons the
 -- build would rather run on, in rank order) a capacity slot is taken on the first with room.
 -- KEYS: record, build events, fleet events, lease, waiting set, then the slot sets.
 -- Returns {0} when the build has ended, {-1} when a cancel came first, else
@@ -15,7 +15,7 @@ local status = redis.call('HGET', record, 'status')
 if status and terminal[status] then return {0} end
 if redis.call('HEXISTS', record, 'cancel') == 1 then return {-1} end
 local generation = redis.call('HINCRBY', record, 'gen', 1)
-redis.call('HSET', record, 'status', 'running', 'attempt', attempt)
+redis.call('HSET', record, 'status', 'running', 'attempt', attempt, 'started_ms', now_ms)
 redis.call('ZREM', waiting, build_id)
 redis.call('SET', lease, worker .. ' ' .. generation, 'PX', lease_ms)
 append(build_events, fleet_events, maxlen, event)
