@@ -25,6 +25,7 @@ from worker.settings import (
     BuildkitSettings,
     DaemonSettings,
     DockerSettings,
+    JibSettings,
     KanikoSettings,
     SchedulingSettings,
     SimulateSettings,
@@ -55,6 +56,7 @@ def worker_config(
     docker: DockerSettings | None = None,
     buildah: BuildahSettings | None = None,
     kaniko: KanikoSettings | None = None,
+    jib: JibSettings | None = None,
     log_cap_bytes: int = 1 << 20,
 ) -> WorkerConfig:
     """A worker's configuration for tests; `daemons` are BuildKit's (docker's come in
@@ -79,6 +81,7 @@ def worker_config(
         docker=docker or DockerSettings(),
         buildah=buildah or BuildahSettings(),
         kaniko=kaniko or KanikoSettings(),
+        jib=jib or JibSettings(),
     )
 
 
