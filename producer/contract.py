@@ -82,7 +82,8 @@ class JibRecipe(
     `module` is the directory of the project's build file (pom.xml) inside the source;
     `base_image` replaces the project's own `from` image; `main_class` its entrypoint's
     class (else Jib infers it). Gradle is in the grammar; backends answer whether they
-    build it."""
+    build it. Unknown fields are refused, unlike elsewhere in the contract: a recipe field
+    an older worker ignored would build a different image than the one asked for."""
 
     tool: Literal["maven", "gradle"] = "maven"
     module: ModulePath = "."
