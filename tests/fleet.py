@@ -119,6 +119,7 @@ def worker_env(config: WorkerConfig) -> dict[str, str]:
         "BUILDFLEET_BUILDKIT_DAEMONS": json.dumps(
             [{"address": d.address, "max_builds": d.max_builds} for d in config.buildkit.daemons]
         ),
+        "BUILDFLEET_JIB_INSECURE_REGISTRIES": json.dumps(list(config.jib.insecure_registries)),
         "BUILDFLEET_SIMULATE_DURATION_S": str(config.simulate.duration_s),
         "BUILDFLEET_SIMULATE_OUTCOME": config.simulate.outcome,
         **(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import random
 import tarfile
 import urllib.request
@@ -31,7 +32,7 @@ from worker.errors import PermanentBuildError, TemporaryBuildError
 from worker.retry import classify
 from worker.settings import JibSettings
 
-from fleet import worker_config, worker_in_task
+from fleet import cli, worker_config, worker_in_task
 from gitrepos import GitServer
 from registry import image_config, manifest, served_digest
 
@@ -389,3 +390,42 @@ async def test_a_git_module_builds_through_a_worker_and_its_timeout_fails_it(
     assert processes_mentioning(f"{silent}/jib/api") == []
     layers = _layer_files(registry, "jib/api", "1")
     assert b"from-release" in layers["app/classes/example/Hello.class"]
+
+
+SKAFFOLD = """\
+apiVersion: skaffold/v4beta13
+kind: Config
+build:
+  artifacts:
+    - image: api
+      context: services
+      jib:
+        project: api
+        fromImage: {base}
+"""
+
+
+async def test_a_skaffold_jib_artifact_is_rebuilt_by_a_jib_worker(
+    fleet: BuildfleetClient,
+    redis_url: str,
+    registry: str,
+    base_image: str,
+    git_server: GitServer,
+    tmp_path: Path,
+) -> None:
+    files = {
+        "skaffold.yaml": SKAFFOLD.format(base=base_image),
+        **maven_project("services/api", greeting="from-skaffold", artifact="api"),
+    }
+    repo = git_server.create_repo(f"jib-skaffold-{random.randrange(10**6)}", files)
+    config = worker_config(redis_url, backend="jib", jib=jib_settings(registry))
+    async with worker_in_task(config):
+        done = await asyncio.to_thread(
+            cli, redis_url, "rebuild", f"{repo.url}#main:skaffold.yaml",
+            "--default-repo", f"{registry}/sk", "--tag", "t1", "--wait", "--json", cwd=tmp_path,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    [build] = json.loads(done.stdout)["builds"]
+    assert (build["name"], build["status"]) == (f"{registry}/sk/api:t1", "succeeded"), build
+    layers = _layer_files(registry, "sk/api", "t1")
+    assert b"from-skaffold" in layers["app/classes/example/Hello.class"]
