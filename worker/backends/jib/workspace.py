@@ -9,8 +9,10 @@ pointing out of it is refused).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Final
 
@@ -88,7 +90,8 @@ async def _git(git: str, cwd: Path, *args: str) -> None:
     try:
         out, _ = await process.communicate()
     except BaseException:
-        process.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # git and its transport helpers
         await asyncio.shield(process.wait())
         raise
     if process.returncode != 0:
