@@ -56,31 +56,32 @@ class JibBackend:
         ensure_capable(request, "jib")
         recipe = request.recipe
         assert isinstance(recipe, JibRecipe)  # ensure_capable refused any other
-        with tempfile.TemporaryDirectory(prefix="buildfleet-jib-") as scratch_dir:
-            scratch = Path(scratch_dir)
-            digest_file = scratch / "out" / "digest"
-            digest_file.parent.mkdir()
-            try:
-                check(recipe, request)
-            except JibRequestError as exc:
-                raise PermanentBuildError(str(exc), error_class="unsupported") from exc
-            project = await checkout(self.settings.git, request, recipe, scratch)
-            pom = project / "pom.xml"
-            argv = maven_argv(self.settings, recipe, request, pom, digest_file)
-            steps = MavenSteps(request.id, job.attempt, tail_lines=self.tail_lines)
-            returncode = await self._run(argv, project, steps, progress)
-            if returncode != 0:
-                error = _failure(returncode, steps, scratch)
-                for event in steps.finish(time.time(), error.message):
-                    await progress(event)
-                raise error
-            for event in steps.finish(time.time()):
-                await progress(event)
-            if not request.push:
-                return Built(digest=None)
-            digest = _read_digest(digest_file)
-        await self._verify(request, digest)
+        try:
+            check(recipe, request)
+        except JibRequestError as exc:
+            raise PermanentBuildError(str(exc), error_class="unsupported") from exc
+        with tempfile.TemporaryDirectory(prefix="buildfleet-jib-") as scratch:
+            digest = await self._maven(job, recipe, Path(scratch), progress)
+        if digest is not None:
+            await self._verify(request, digest)
         return Built(digest=digest)
+
+    async def _maven(
+        self, job: BuildJob, recipe: JibRecipe, scratch: Path, progress: ProgressSink
+    ) -> str | None:
+        """Run Maven on a fresh copy of the source; the digest Jib pushed (None: not pushed)."""
+        request = job.request
+        project = await checkout(self.settings.git, request, recipe, scratch)
+        digest_file = scratch / "digest"
+        argv = maven_argv(self.settings, recipe, request, project / "pom.xml", digest_file)
+        steps = MavenSteps(request.id, job.attempt, tail_lines=self.tail_lines)
+        returncode = await self._run(argv, project, steps, progress)
+        error = _failure(returncode, steps, scratch) if returncode != 0 else None
+        for event in steps.finish(time.time(), error.message if error else None):
+            await progress(event)
+        if error is not None:
+            raise error
+        return _read_digest(digest_file) if request.push else None
 
     async def _verify(self, request: BuildRequest, digest: str) -> None:
         if not self.settings.verify_push:

@@ -104,7 +104,6 @@ def maven_argv(
             "compile", plugin,
             f"-Dimage={where.image}",
             f"-Djib.outputPaths.digest={digest_file}",
-            f"-Djib.outputPaths.tar={digest_file.with_name('image.tar')}",
             f"-Djib.baseImageCache={repository.parent / 'jib-base-cache'}",
             "-Djib.disableUpdateChecks=true", "-Djib.console=plain"]  # fmt: skip
     if where.tags:
