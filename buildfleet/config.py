@@ -24,6 +24,7 @@ from worker.settings import (
     BuildahSettings,
     BuildkitSettings,
     DockerSettings,
+    JibSettings,
     KanikoSettings,
     SchedulingSettings,
     SimulateSettings,
@@ -51,6 +52,7 @@ class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     docker: DockerSettings = DockerSettings()
     buildah: BuildahSettings = BuildahSettings()
     tekton: TektonSettings = msgspec.field(default_factory=TektonSettings)
+    jib: JibSettings = msgspec.field(default_factory=JibSettings)
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
     telemetry: TelemetrySettings = TelemetrySettings()
 
@@ -67,6 +69,7 @@ class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             docker=self.docker,
             buildah=self.buildah,
             tekton=self.tekton,
+            jib=self.jib,
         )
 
 

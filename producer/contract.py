@@ -61,6 +61,49 @@ class LocalSource(msgspec.Struct, frozen=True, tag="local"):
 
 Source = GitSource | LocalSource
 
+ModulePath = Annotated[
+    str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.][A-Za-z0-9._/-]*$", max_length=1024)
+]
+"""A project directory inside the source: relative, never an option (no leading '-')."""
+JavaClassName = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[A-Za-z_$][A-Za-z0-9_$]*(\.[A-Za-z_$][A-Za-z0-9_$]*)*$", max_length=512
+    ),
+]
+
+
+class JibRecipe(
+    msgspec.Struct,
+    frozen=True,
+    tag="jib",
+    tag_field="type",
+    omit_defaults=True,
+    forbid_unknown_fields=True,
+):
+    """Build a Java project's image with Jib instead of a Dockerfile.
+
+    `module` is the directory of the project's build file (pom.xml) inside the source;
+    `base_image` replaces the project's own `from` image; `main_class` its entrypoint's
+    class (else Jib infers it). Gradle is in the grammar; backends answer whether they
+    build it. Unknown fields are refused, unlike elsewhere in the contract: a recipe field
+    an older worker ignored would build a different image than the one asked for."""
+
+    tool: Literal["maven", "gradle"] = "maven"
+    module: ModulePath = "."
+    base_image: ImageName | None = None
+    main_class: JavaClassName | None = None
+
+    def __post_init__(self) -> None:
+        if ".." in self.module.split("/"):
+            raise ValueError(
+                f"Expected a relative module path inside the source, got {self.module!r}"
+            )
+
+
+Recipe = JibRecipe
+"""How to build, when not from a Dockerfile (a tagged union as recipes are added)."""
+
 
 class CachePolicy(msgspec.Struct, frozen=True, omit_defaults=True):
     """Registry cache: import from `import_refs`, export to `export_ref` (registry
@@ -87,6 +130,8 @@ class BuildRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     id: BuildId = msgspec.field(default_factory=new_build_id)
     dockerfile: str = "Dockerfile"
     context: str = "."
+    recipe: Recipe | None = None
+    """None: build `dockerfile`; else the recipe says how."""
     build_args: dict[BuildArgName, str] = msgspec.field(default_factory=dict)
     secrets: Annotated[tuple[SecretId, ...], msgspec.Meta(max_length=MAX_SECRETS)] = ()
     """Ids of the worker's secrets the Dockerfile mounts (`RUN --mount=type=secret,id=ID`)."""
@@ -114,6 +159,21 @@ class BuildRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
             raise ValueError("Expected each secret id once - at `$.secrets`")
         if self.push and not self.images:
             raise ValueError("Expected at least one image name when push is true - at `$.images`")
+        if self.recipe is not None:
+            self._check_recipe_fields()
+
+    def _check_recipe_fields(self) -> None:
+        """A recipe replaces the Dockerfile: its fields would be silently ignored."""
+        for field, value, default in (
+            ("dockerfile", self.dockerfile, "Dockerfile"),
+            ("target", self.target, None),
+            ("build_args", self.build_args, {}),
+        ):
+            if value != default:
+                raise ValueError(
+                    f"A {self.recipe_kind} recipe builds no Dockerfile: drop `{field}` "
+                    f"- at `$.{field}`"
+                )
 
     @property
     def cache_key(self) -> str:
@@ -123,7 +183,16 @@ class BuildRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
                 origin = url
             case LocalSource(path=path):
                 origin = path
-        return f"{origin}::{self.context}::{self.dockerfile}"
+        match self.recipe:
+            case JibRecipe(module=module):
+                return f"{origin}::{self.context}::jib:{module}"
+            case None:
+                return f"{origin}::{self.context}::{self.dockerfile}"
+
+    @property
+    def recipe_kind(self) -> str:
+        """What the request builds from: "dockerfile", or its recipe's type ("jib")."""
+        return "dockerfile" if self.recipe is None else "jib"
 
 
 Status = Literal[

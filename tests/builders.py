@@ -4,7 +4,8 @@ Each is one `Builder`: how to make its backend (always through `make_backend`, a
 does), its sources, and how to look for what a build must not leave behind. BuildKit,
 Docker (BuildKit and classic builder) and Buildah build for real against the session's
 registry; Kaniko runs on the kwok cluster, which simulates its pods' outcomes, so it shows
-what kwok can: the Job's lifecycle, its arguments, its refusals.
+what kwok can: the Job's lifecycle, its arguments, its refusals. Jib builds Java projects
+from a recipe, not a Dockerfile: `make_jib_builder` is its own, for the suite's recipe cases.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from worker.settings import (
     BuildahSettings,
     DaemonSettings,
     DockerSettings,
+    JibSettings,
     KanikoSettings,
     SecretSource,
     WorkerConfig,
@@ -94,6 +96,7 @@ class Builder:
     docker: DockerSettings | None = None
     buildah: BuildahSettings | None = None
     kaniko: KanikoSettings | None = None
+    jib: JibSettings | None = None
     start_daemon: Callable[[str], services.Service] | None = None
     """Starts one more daemon of this kind (the one a test kills); None: no daemon."""
     cluster: KubeCluster | None = None
@@ -139,6 +142,7 @@ class Builder:
             docker=docker,
             buildah=self.buildah,
             kaniko=kaniko,
+            jib=self.jib,
             log_cap_bytes=log_cap_bytes,
             secrets=secrets,
         )
@@ -207,6 +211,22 @@ def kill_builder_of(builder: Builder, daemon: services.Service | None, marker: s
             os.kill(int(pid), signal.SIGKILL)
             return
     raise AssertionError(f"no buildah process for {marker}")
+
+
+def make_jib_builder(request: pytest.FixtureRequest, workdir: Path) -> Builder:
+    """The jib backend: Maven and Jib on this machine, the session's registry (plain HTTP,
+    so configured insecure) and its busybox base image."""
+    registry: str = request.getfixturevalue("registry")
+    return Builder(
+        name="jib",
+        backend_name="jib",
+        capabilities=BY_BACKEND["jib"],
+        registry=registry,
+        base_image=request.getfixturevalue("base_image"),
+        git=request.getfixturevalue("git_server"),
+        workdir=workdir,
+        jib=JibSettings(insecure_registries=(registry,), cancel_grace_s=1.0),
+    )
 
 
 def make_builder(name: str, request: pytest.FixtureRequest, workdir: Path) -> Builder:

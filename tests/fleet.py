@@ -25,6 +25,7 @@ from worker.settings import (
     BuildkitSettings,
     DaemonSettings,
     DockerSettings,
+    JibSettings,
     KanikoSettings,
     SchedulingSettings,
     SecretSource,
@@ -56,6 +57,7 @@ def worker_config(
     docker: DockerSettings | None = None,
     buildah: BuildahSettings | None = None,
     kaniko: KanikoSettings | None = None,
+    jib: JibSettings | None = None,
     log_cap_bytes: int = 1 << 20,
     secrets: Sequence[SecretSource] = (),
 ) -> WorkerConfig:
@@ -82,6 +84,7 @@ def worker_config(
         docker=docker or DockerSettings(),
         buildah=buildah or BuildahSettings(),
         kaniko=kaniko or KanikoSettings(),
+        jib=jib or JibSettings(),
     )
 
 
@@ -119,6 +122,7 @@ def worker_env(config: WorkerConfig) -> dict[str, str]:
         "BUILDFLEET_BUILDKIT_DAEMONS": json.dumps(
             [{"address": d.address, "max_builds": d.max_builds} for d in config.buildkit.daemons]
         ),
+        "BUILDFLEET_JIB_INSECURE_REGISTRIES": json.dumps(list(config.jib.insecure_registries)),
         "BUILDFLEET_SIMULATE_DURATION_S": str(config.simulate.duration_s),
         "BUILDFLEET_SIMULATE_OUTCOME": config.simulate.outcome,
         **(

@@ -2,9 +2,12 @@
 
 Each case runs once per builder of tests/builders.py (BuildKit, Docker with BuildKit, Docker
 with its classic builder, Buildah, and Kaniko on kwok for what kwok can show), against the
-real builders, registry, git daemon and Redis of the session. What a builder cannot do is
-read from the capability table (worker/backends/capabilities.py), which is also the README's
-backend table: every claim there is either made to happen here or refused here.
+real builders, registry, git daemon and Redis of the session. Jib builds from a recipe, not
+a Dockerfile: its cases are the ones that apply (a build and its digest, a failing build, a
+cancel, and refusing the other kind of request, which every Dockerfile builder refuses too).
+What a builder cannot do is read from the capability table (worker/backends/capabilities.py),
+which is also the README's backend table: every claim there is either made to happen here or
+refused here.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ from builders import (
     forget_containers,
     kill_builder_of,
     make_builder,
+    make_jib_builder,
 )
+from javaproject import MAIN_CLASS, maven_project, silent_registry
 
 from producer.client import BuildfleetClient
 from producer.contract import (
     BuildRequest,
     CachePolicy,
     GitSource,
+    JibRecipe,
     LocalSource,
     Log,
     Retrying,
@@ -556,5 +562,97 @@ def test_the_readme_table_is_the_capability_table() -> None:
 
 def test_every_backend_answers_with_the_capabilities_the_table_declares() -> None:
     # (Tekton's builds are the Kaniko executor's: tests/test_tekton.py drives them.)
-    assert set(BY_BACKEND) == {"buildkit", "kaniko", "docker", "buildah", "tekton"}
+    assert set(BY_BACKEND) == {"buildkit", "kaniko", "docker", "buildah", "tekton", "jib"}
     assert docker_capabilities(DockerSettings()) == BY_BACKEND["docker"]
+
+
+# --- jib: a recipe instead of a Dockerfile --------------------------------------------------
+
+
+@pytest.fixture
+def jib(request: pytest.FixtureRequest, tmp_path: Path) -> Builder:
+    return make_jib_builder(request, tmp_path)
+
+
+def jib_request(builder: Builder, repository: str, **files: str) -> BuildRequest:
+    source = builder.local(files or maven_project())
+    recipe = JibRecipe(base_image=builder.base_image, main_class=MAIN_CLASS)
+    return BuildRequest(source=source, images=(builder.image(repository),), recipe=recipe)
+
+
+async def test_jib_build_and_push_gives_the_digest_the_registry_serves(jib: Builder) -> None:
+    request = jib_request(jib, "app")
+    backend, sink = jib.backend(), Sink()
+    try:
+        built = await asyncio.wait_for(backend.build(BuildJob(request, 1), sink), BOUND)
+    finally:
+        await backend.aclose()
+    assert all(e.build_id == request.id and e.attempt == 1 for e in sink.events)
+    assert any(step.completed for step in sink.steps)
+    assert built.digest is not None
+    assert served_digest(jib.registry, "conformance/jib/app", "1") == built.digest
+
+
+async def test_a_failing_jib_build_fails_through_the_fleet_with_the_error(
+    jib: Builder, fleet: BuildfleetClient, redis_url: str
+) -> None:
+    request = jib_request(jib, "fails", **maven_project(broken=True))
+    async with worker_in_task(jib.config(redis_url)):
+        result = await asyncio.wait_for(fleet.wait(await fleet.submit(request)), BOUND)
+    assert (result.status, result.error_class, result.attempts) == ("failed", "compile_failed", 1)
+    assert result.error is not None and "Broken.java:[4,13] illegal start" in result.error
+    assert result.failed_step == "maven-compiler-plugin:compile @ hello"
+    assert served_digest(jib.registry, "conformance/jib/fails", "1") is None
+
+
+async def test_cancel_of_a_jib_build_leaves_no_process(
+    jib: Builder, fleet: BuildfleetClient, redis_url: str
+) -> None:
+    tag = marker()
+    async with silent_registry() as silent:  # Jib waits on it until cancelled
+        request = msgspec.structs.replace(
+            jib_request(jib, "cancelled"), images=(f"{silent}/conformance/jib/c{tag}:1",)
+        )
+        async with worker_in_task(jib.config(redis_url)):
+            await fleet.submit(request)
+            async for event in fleet.watch(request.id):
+                if isinstance(event, Step) and event.name.startswith("jib-maven-plugin:build"):
+                    break
+            await fleet.cancel(request.id)
+            result = await asyncio.wait_for(fleet.wait(request.id), BOUND)
+    assert result.status == "cancelled", result
+    await _wait_for("nothing left behind", lambda: not jib.leftovers(tag), 20.0)
+
+
+async def test_jib_refuses_a_dockerfile_request_naming_it(jib: Builder) -> None:
+    source = jib.local({"Dockerfile": dockerfile(jib.base_image, "RUN true")})
+    request = BuildRequest(source=source, images=(jib.image("refused"),))
+    with pytest.raises(PermanentBuildError) as info:
+        await build(jib, request)
+    assert info.value.error_class == "unsupported"
+    assert info.value.message == (
+        "Jib builds from a jib recipe, not from a Dockerfile; "
+        "send it to a fleet whose workers run backend buildah or buildkit or docker or "
+        "kaniko or tekton"
+    )
+
+
+async def test_a_dockerfile_builder_refuses_a_jib_request_naming_it(
+    builder: Builder, fleet: BuildfleetClient, redis_url: str
+) -> None:
+    source = builder.source(maven_project())
+    request = BuildRequest(
+        source=source, images=(builder.image("jib"),), recipe=JibRecipe(module=".")
+    )
+    began = time.monotonic()
+    async with worker_in_task(builder.config(redis_url)):
+        result = await asyncio.wait_for(fleet.wait(await fleet.submit(request)), BOUND)
+    assert (result.status, result.error_class) == ("failed", "unsupported"), result
+    assert result.error == (
+        f"{builder.capabilities.builder} builds from a Dockerfile, not from a jib recipe; "
+        "send it to a fleet whose workers run backend jib"
+    )
+    assert time.monotonic() - began < 30  # refused up front, not after a build
+    if builder.backend_name != "buildkit":  # and by the backend itself, called directly
+        with pytest.raises(PermanentBuildError, match="not from a jib recipe"):
+            await build(builder, request)

@@ -9,6 +9,7 @@ from producer.contract import (
     BuildResult,
     ContractError,
     GitSource,
+    JibRecipe,
     Log,
     Succeeded,
     decode_event,
@@ -97,3 +98,55 @@ def test_the_job_envelope_is_msgpack_and_garbage_still_reaches_the_worker() -> N
     assert msgspec.msgpack.decode(jobcodec.serialize({"r": ValueError("x")})) == {
         "r": "ValueError('x')"
     }
+
+
+JIB = {"type": "jib", "tool": "maven", "module": "services/api"}
+
+
+def test_a_jib_recipe_round_trips_and_keys_the_cache_by_its_module() -> None:
+    request = request_from_builtins(
+        {"source": GIT, "images": ["reg/api:1"], "recipe": {**JIB, "main_class": "a.b.Main"}}
+    )
+    assert request.recipe == JibRecipe(module="services/api", main_class="a.b.Main")
+    assert decode_request(encode(request)) == request
+    assert request.recipe_kind == "jib"
+    assert request.cache_key.endswith("::jib:services/api")
+
+
+@pytest.mark.parametrize(
+    ("recipe", "names"),
+    [
+        ({**JIB, "module": "../outside"}, "relative module path"),
+        ({**JIB, "module": "/abs"}, "$.recipe.module"),
+        ({**JIB, "module": "-Dmaven.repo.local=/"}, "$.recipe.module"),
+        ({**JIB, "module": "a b"}, "$.recipe.module"),
+        ({**JIB, "main_class": "a.B -Dx=y"}, "$.recipe.main_class"),
+        ({**JIB, "main_class": "a;rm -rf /"}, "$.recipe.main_class"),
+        ({**JIB, "base_image": "busybox,type=local"}, "$.recipe.base_image"),
+        ({**JIB, "tool": "ant"}, "$.recipe.tool"),
+        ({**JIB, "mainClass": "a.B"}, "unknown field `mainClass`"),
+        ({**JIB, "type": "bazel"}, "$.recipe"),
+    ],
+    ids=[
+        "escaping-module", "absolute-module", "option-module", "space-module",
+        "option-main-class", "shell-main-class", "option-base-image", "unknown-tool",
+        "misspelt-field", "unknown-recipe",
+    ],
+)  # fmt: skip
+def test_a_hostile_jib_recipe_is_refused_naming_the_field(
+    recipe: dict[str, str], names: str
+) -> None:
+    with pytest.raises(ContractError) as caught:
+        request_from_builtins({"source": GIT, "images": ["reg/app:1"], "recipe": recipe})
+    assert names in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [{"dockerfile": "Other.Dockerfile"}, {"target": "release"}, {"build_args": {"A": "1"}}],
+    ids=["dockerfile", "target", "build-args"],
+)
+def test_a_jib_request_with_dockerfile_fields_is_refused(patch: dict[str, object]) -> None:
+    field = next(iter(patch))
+    with pytest.raises(ContractError, match=f"jib recipe builds no Dockerfile: drop `{field}`"):
+        request_from_builtins({"source": GIT, "images": ["r/a:1"], "recipe": JIB, **patch})

@@ -187,6 +187,7 @@ build:
     - image: api
       jib:
         project: api
+        args: [-Pprod]
 profiles:
   - name: prod
     patches:
@@ -281,7 +282,10 @@ async def test_a_skaffold_config_with_profiles_documents_requires_and_a_jib_arti
         f"{registry}/sk/shared:{shared_short}": "succeeded",
     }
     [jib] = [b for b in report["builds"] if b["status"] == "skipped"]
-    assert jib["error"] == "jib artifact: this fleet has no jib backend yet"
+    assert jib["error"] == (
+        "jib artifact: args ['-Pprod'] would reach Maven unvalidated; "
+        "configure them in the project's pom.xml"
+    )
     assert jib["origin"] == f"{repo.url}@{repo.head[:12]}:deploy/skaffold.yaml:18"
     fleet = BuildfleetClient(redis)
     web_build = next(b for b in report["builds"] if "/web:" in b["name"])

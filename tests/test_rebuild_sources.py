@@ -17,7 +17,7 @@ from buildfleet.rebuild.pacing import Pacer, longest_first
 from buildfleet.rebuild.plan import Plan, SourceError
 from buildfleet.rebuild.skaffold import SkaffoldOptions, load_skaffold
 from buildfleet.rebuild.trees import LocalTree, Tree
-from producer.contract import LocalSource
+from producer.contract import JibRecipe, LocalSource
 
 
 def write(path: Path, text: str) -> Path:
@@ -184,6 +184,7 @@ def test_documents_requires_and_builders_become_entries_and_skips(tmp_path: Path
     assert list(built) == [
         "registry.local/acme/lib:latest",
         "registry.local/acme/web:latest",
+        "registry.local/acme/api:latest",
         "registry.other/x/worker:latest",
     ]
     web = built["registry.local/acme/web:latest"]
@@ -194,9 +195,69 @@ def test_documents_requires_and_builders_become_entries_and_skips(tmp_path: Path
     assert web.cache.import_refs == ("registry.local/web:cache",)
     worker = built["registry.other/x/worker:latest"]
     assert worker.cache.export_ref == "registry.local/cache"
-    [jib] = plan.refused
-    assert (jib.name, jib.status) == ("registry.local/acme/api:latest", "skipped")
-    assert "no jib backend" in jib.reason and jib.origin == f"{config}:23"
+    api = built["registry.local/acme/api:latest"]
+    assert api.recipe == JibRecipe(tool="maven", module="api")
+    assert api.source == LocalSource(path=str(tmp_path)) and api.context == "."
+    assert plan.refused == []
+
+
+JIB_ARTIFACT = """
+apiVersion: skaffold/v4beta13
+kind: Config
+build:
+  artifacts:
+    - image: api
+      context: services
+      jib:
+{jib}
+"""
+
+
+def test_a_jib_artifact_becomes_a_jib_recipe_request(tmp_path: Path) -> None:
+    jib = "        project: api/server\n        type: gradle\n        fromImage: base.local/jre:17"
+    config = write(tmp_path / "skaffold.yaml", JIB_ARTIFACT.replace("{jib}", jib))
+    plan, _ = load(config)
+    [entry] = plan.entries
+    assert entry.request.source == LocalSource(path=str(tmp_path / "services"))
+    assert entry.request.recipe == JibRecipe(
+        tool="gradle", module="api/server", base_image="base.local/jre:17"
+    )
+
+
+@pytest.mark.parametrize(
+    ("jib", "reason"),
+    [
+        ("        args: [-Dexec=rm]", "args ['-Dexec=rm'] would reach Maven unvalidated"),
+        ("        project: com.example:api", "selects a module by artifact id"),
+    ],
+    ids=["args", "artifact-id"],
+)
+def test_a_jib_artifact_the_fleet_cannot_build_safely_is_skipped_saying_why(
+    tmp_path: Path, jib: str, reason: str
+) -> None:
+    config = write(tmp_path / "skaffold.yaml", JIB_ARTIFACT.replace("{jib}", jib))
+    plan, _ = load(config)
+    [skipped] = plan.refused
+    assert plan.entries == [] and skipped.status == "skipped"
+    assert reason in skipped.reason and skipped.origin == f"{config}:5"
+
+
+@pytest.mark.parametrize(
+    ("jib", "error"),
+    [
+        ("        project: ../outside", r"jib: Expected a relative module path inside"),
+        ("        project: -Dx=y", r"jib.project: Expected `str` matching regex"),
+        ("        fromImage: 'FROM busybox'", r"jib.fromImage: Expected `str` matching"),
+        ("        type: ant", r"jib.type: Invalid enum value 'ant'"),
+    ],
+    ids=["escaping-module", "option-module", "bad-base-image", "unknown-tool"],
+)
+def test_a_jib_artifact_with_hostile_fields_is_an_error_naming_its_line(
+    tmp_path: Path, jib: str, error: str
+) -> None:
+    config = write(tmp_path / "skaffold.yaml", JIB_ARTIFACT.replace("{jib}", jib))
+    with pytest.raises(SourceError, match=rf"skaffold.yaml:[89]: {error}"):
+        load(config)
 
 
 def test_a_profile_overlays_patches_and_activates_profiles_of_required_configs(

@@ -38,6 +38,25 @@ CLASSIFICATION: Final[tuple[Rule, ...]] = (
     _rule(r"^executor failed running \[.*\]: exit code: \d+", "run_failed", temporary=False),
     _rule(r"^The command '.*' returned a non-zero code: \d+", "run_failed", temporary=False),
     _rule(r"^building at STEP \"RUN .*\": exit status \d+", "run_failed", temporary=False),
+    # Maven (the jib backend): the project's own code or build file is at fault.
+    _rule(r"compilation failure|compilation error", "compile_failed", temporary=False),
+    _rule(
+        r"could not find artifact|non-resolvable (?:parent|import) pom"
+        r"|plugin .* or one of its dependencies could not be resolved.*could not find"
+        r"|non-parseable pom|malformed pom",
+        "project_invalid",
+        temporary=False,
+    ),
+    _rule(
+        r"set the configuration parameter 'allowInsecureRegistries'",
+        "insecure_registry",
+        temporary=False,
+    ),
+    _rule(
+        r"could not transfer artifact",
+        "dependency_unavailable",
+        temporary=True,
+    ),
     _rule(
         r"dockerfile parse error|unknown instruction|parse error on line",
         "dockerfile",
@@ -69,6 +88,7 @@ CLASSIFICATION: Final[tuple[Rule, ...]] = (
     ),
     _rule(
         r"401 unauthorized|403 forbidden|authorization failed|insufficient_scope"
+        r"|make sure your credentials for .* are set up correctly"
         r"|access denied|requested access to the resource is denied",
         "auth_denied",
         temporary=False,
@@ -102,7 +122,7 @@ CLASSIFICATION: Final[tuple[Rule, ...]] = (
     ),
     _rule(
         r"connection reset by peer|broken pipe|closed pipe|unexpected eof|i/o timeout"
-        r"|connection refused|no route to host|tls handshake timeout",
+        r"|connection refused|no route to host|tls handshake timeout|unknown host",
         "connection_lost",
         temporary=True,
     ),

@@ -56,6 +56,7 @@ from producer.keys import slot_key
 from producer.resilience import RedisHealth, persistently
 from producer.store import AttemptToken, Begun, BuildStore, DeadLetterEntry, PublishOutcome
 from worker.backends.base import Backend, BuildJob, Built
+from worker.backends.capabilities import recipe_refusal
 from worker.capacity import Capacity, Held
 from worker.errors import BuildError, PermanentBuildError, TemporaryBuildError
 from worker.progress import LogBudget
@@ -243,6 +244,9 @@ class BuildRunner:
 
     async def _build(self, current: _Attempt) -> Built:
         request, token = current.request, current.token
+        # Every backend refuses what it cannot build from, before it waits for a slot.
+        if (reason := recipe_refusal(request, self.backend.name)) is not None:
+            raise PermanentBuildError(reason, error_class="unsupported")
         budget = LogBudget(self.settings.log_cap_bytes)
 
         async def progress(event: Step | Log) -> None:

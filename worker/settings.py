@@ -48,7 +48,9 @@ class SecretSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
 class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One worker process."""
 
-    backend: Literal["buildkit", "docker", "buildah", "kaniko", "tekton", "simulate"] = "buildkit"
+    backend: Literal["buildkit", "docker", "buildah", "kaniko", "tekton", "jib", "simulate"] = (
+        "buildkit"
+    )
     concurrency: PositiveInt = 8
     """Builds this process runs at once (arq's `max_jobs`)."""
     name: str = msgspec.field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
@@ -159,6 +161,33 @@ class BuildahSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             root = os.path.join(home, ".local", "share", "buildfleet", "buildah")
             runroot = os.path.join(runtime, "buildfleet-buildah")
         return self.root or root, self.runroot or runroot
+
+
+class JibSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How the jib backend runs Maven with the Jib plugin on the worker.
+
+    - `maven_repository`: Maven's local repository, one per worker (warm builds download
+      nothing); Jib's base-image layer cache lives beside it.
+    - `insecure_registries`: registries (host:port) reached over plain HTTP or with a
+      self-signed certificate; only for these is Jib allowed insecure connections.
+    - `plugin_version`: the jib-maven-plugin the worker runs, whatever the project pins.
+    """
+
+    mvn: str = "mvn"
+    git: str = "git"
+    maven_repository: str = msgspec.field(
+        default_factory=lambda: os.path.join(
+            os.path.expanduser("~"), ".cache", "buildfleet", "maven", "repository"
+        )
+    )
+    plugin_version: Annotated[str, msgspec.Meta(pattern=r"^[0-9][0-9A-Za-z.-]*$")] = "3.5.2"
+    insecure_registries: tuple[str, ...] = ()
+    java_home: str | None = None
+    """The JDK Maven runs with; unset: Maven's own choice (JAVA_HOME, else `java` on PATH)."""
+    cancel_grace_s: PositiveFloat = 2.0
+    """After SIGTERM to Maven's process group, how long until SIGKILL."""
+    verify_push: bool = True
+    """Ask the registry for each pushed tag's digest and compare it with Jib's."""
 
 
 class SimulateSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -391,3 +420,4 @@ class WorkerConfig:
     docker: DockerSettings = field(default_factory=DockerSettings)
     buildah: BuildahSettings = field(default_factory=BuildahSettings)
     tekton: TektonSettings = field(default_factory=TektonSettings)
+    jib: JibSettings = field(default_factory=JibSettings)

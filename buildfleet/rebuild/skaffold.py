@@ -10,8 +10,10 @@ and their `activeProfiles`.
 
 Each artifact becomes one entry by its builder, through `BUILDERS`: `docker` and `kaniko`
 blocks become Dockerfile builds (`dockerfile` relative to `context`, `target`,
-`buildArgs`, `cacheFrom` or kaniko's `cache.repo`); builders this fleet has no backend for
-are listed as skipped with the reason. Enabling one is one entry in the table.
+`buildArgs`, `cacheFrom` or kaniko's `cache.repo`); `jib` blocks become jib-recipe builds
+(`project` the module's directory, `fromImage` the base image; Maven only, and without
+`args`, which would reach Maven unvalidated); builders this fleet has no backend for are
+listed as skipped with the reason. Enabling one is one entry in the table.
 
 Images are named as Skaffold names them: `--default-repo` before an image without a
 registry, and the tag given by `--tag`, else the commit's short id (Skaffold's default
@@ -69,6 +71,13 @@ class _Kaniko(_Dockerfile, rename="camel"):
     cache: _KanikoCache | None = None
 
 
+class _Jib(msgspec.Struct, rename="camel"):
+    project: str | None = None
+    args: list[str] = msgspec.field(default_factory=list)
+    type: str | None = None
+    from_image: str | None = None
+
+
 class _Dependency(msgspec.Struct):
     image: str
     alias: str | None = None
@@ -81,6 +90,7 @@ class _Artifact(msgspec.Struct):
     requires: list[_Dependency] = msgspec.field(default_factory=list)
     docker: _Dockerfile | None = None
     kaniko: _Kaniko | None = None
+    jib: _Jib | None = None
 
 
 class _Build(msgspec.Struct):
@@ -137,12 +147,12 @@ class ArtifactContext:
     """Every artifact image of the config -> the name this batch builds it as."""
 
 
-Recipe = Callable[[ArtifactContext], dict[str, object]]
-
-
 @dataclass(frozen=True, slots=True)
 class Unsupported:
     reason: str
+
+
+Recipe = Callable[[ArtifactContext], "dict[str, object] | Unsupported"]
 
 
 def _dockerfile_request(context: ArtifactContext) -> dict[str, object]:
@@ -170,10 +180,37 @@ def _dockerfile_request(context: ArtifactContext) -> dict[str, object]:
     return request
 
 
+def _jib_request(context: ArtifactContext) -> dict[str, object] | Unsupported:
+    artifact = context.artifact
+    spec = artifact.jib or _Jib()
+    if spec.args:
+        return Unsupported(
+            f"jib artifact: args {spec.args} would reach Maven unvalidated; "
+            "configure them in the project's pom.xml"
+        )
+    tool = spec.type or "maven"
+    project = spec.project or "."
+    if ":" in project:
+        return Unsupported(
+            f"jib artifact: project {project!r} selects a module by artifact id; "
+            "name its directory instead"
+        )
+    source, workdir = context.tree.source(context.tree.join(context.directory, artifact.context))
+    recipe: dict[str, object] = {"type": "jib", "tool": tool, "module": project}
+    if spec.from_image:
+        recipe["base_image"] = spec.from_image
+    return {
+        "source": source,
+        "context": workdir,
+        "recipe": recipe,
+        "platforms": artifact.platforms,
+    }
+
+
 BUILDERS: Final[Mapping[str, Recipe | Unsupported]] = {
     "docker": _dockerfile_request,
     "kaniko": _dockerfile_request,
-    "jib": Unsupported("jib artifact: this fleet has no jib backend yet"),
+    "jib": _jib_request,
     "ko": Unsupported("ko artifact: this fleet has no ko backend"),
     "bazel": Unsupported("bazel artifact: this fleet has no bazel backend"),
     "buildpacks": Unsupported("buildpacks artifact: this fleet has no buildpacks backend"),
@@ -191,6 +228,10 @@ _ARTIFACT_FIELDS: Final = {
     "target": "{builder}.target",
     "build_args": "{builder}.buildArgs",
     "cache": "{builder}",
+    "recipe": "{builder}",
+    "recipe.module": "jib.project",
+    "recipe.tool": "jib.type",
+    "recipe.base_image": "jib.fromImage",
 }
 
 
@@ -356,6 +397,11 @@ class _Loader:
                 continue
             context = ArtifactContext(artifact, tree, posixpath.dirname(path), names)
             fields = recipe(context)
+            if isinstance(fields, Unsupported):
+                self.plan.refused.append(
+                    Refused(names[artifact.image], origin, fields.reason, "skipped")
+                )
+                continue
             try:
                 request = request_from_builtins(
                     {**fields, "images": [names[artifact.image]], "priority": "batch"}
@@ -375,8 +421,8 @@ def _raw_artifacts(doc: Map) -> list[Map]:
 def _artifact_error(exc: ContractError, raw: Map, where: str, builder: str) -> SourceError:
     message = str(exc).removeprefix("invalid build request: ")
     match = _AT_PATH.search(message)
-    request_field = (match.group(1) if match else "$").removeprefix("$.").split(".")[0]
-    request_field = request_field.split("[")[0]
+    at = (match.group(1) if match else "$").removeprefix("$.").split("[")[0]
+    request_field = at if at in _ARTIFACT_FIELDS else at.split(".")[0]
     artifact_field = _ARTIFACT_FIELDS.get(request_field, "image").format(builder=builder)
     line = line_at(raw, f"$.{artifact_field}", raw.line)
     return SourceError(f"{where}:{line}: {artifact_field}: {_AT_PATH.sub('', message)}")

@@ -16,6 +16,8 @@ from producer.contract import BuildRequest, GitSource, LocalSource
 from worker.errors import PermanentBuildError
 
 CacheMode = Literal["min", "max"]
+RecipeKind = Literal["dockerfile", "jib"]
+_RECIPE_NAMES: Final[dict[str, str]] = {"dockerfile": "a Dockerfile", "jib": "a jib recipe"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +48,9 @@ class Capabilities:
     labels: bool = False
     """Puts the request's labels on the image (never refused: labels also carry metadata)."""
     status: str = "backend"
+    recipes: frozenset[RecipeKind] = frozenset({"dockerfile"})
+    """What it builds from: a Dockerfile, or a recipe (`BuildRequest.recipe`)."""
+    recipe_note: str = "Dockerfile"
 
 
 _NONE: Final[frozenset[CacheMode]] = frozenset()
@@ -131,11 +136,15 @@ SURVEY: Final[tuple[Capabilities, ...]] = (
     ),
     Capabilities(
         builder="Jib",
-        backend=None,
+        backend="jib",
         privileges="unprivileged, no Dockerfile",
-        daemon="none (Maven/Gradle plugin)",
-        where="the worker, for Java projects",
-        status="not a backend yet (issue #13)",
+        daemon="none: one `mvn ... jib:build` per attempt",
+        where="the worker's own host or pod (JDK and Maven)",
+        cache_note="Maven's local repository and Jib's layer cache, on the worker",
+        local_source=True,
+        recipes=frozenset({"jib"}),
+        recipe_note="jib recipe: Maven (Gradle not yet)",
+        secrets_note="a Jib build has no RUN step to mount one in",
     ),
     Capabilities(
         builder="img",
@@ -153,6 +162,8 @@ BY_BACKEND: Final = {row.backend: row for row in SURVEY if row.backend is not No
 def refusal(request: BuildRequest, caps: Capabilities) -> str | None:
     """Why `caps`' builder cannot honour `request`, naming what it asked for; None if it can."""
     name = caps.builder
+    if (refused := _recipe_refusal(request, caps)) is not None:
+        return refused
     if isinstance(request.source, LocalSource) and not caps.local_source:
         return f"{name} cannot build a local directory; give a git source"
     if (
@@ -181,6 +192,25 @@ def refusal(request: BuildRequest, caps: Capabilities) -> str | None:
             f"{', '.join(request.secrets)}; build with the buildkit or buildah backend"
         )
     return _cache_refusal(request, caps)
+
+
+def _recipe_refusal(request: BuildRequest, caps: Capabilities) -> str | None:
+    kind = request.recipe_kind
+    if kind in caps.recipes:
+        return None
+    can = " or ".join(_RECIPE_NAMES[k] for k in sorted(caps.recipes))
+    backends = sorted(row.backend for row in SURVEY if row.backend and kind in row.recipes)
+    return (
+        f"{caps.builder} builds from {can}, not from {_RECIPE_NAMES[kind]}; "
+        f"send it to a fleet whose workers run backend {' or '.join(backends)}"
+    )
+
+
+def recipe_refusal(request: BuildRequest, backend: str) -> str | None:
+    """Why `backend` cannot build what `request` is built from (a Dockerfile, a recipe);
+    None if it can, or if the backend has no row (the simulate backend builds anything)."""
+    caps = BY_BACKEND.get(backend)
+    return None if caps is None else _recipe_refusal(request, caps)
 
 
 def _cache_refusal(request: BuildRequest, caps: Capabilities) -> str | None:
@@ -235,15 +265,16 @@ def _platform_cell(caps: Capabilities) -> str:
 def markdown_table() -> str:
     """The README's backend table, one row per builder of the survey."""
     header = (
-        "| Builder | buildfleet | Privileges | Daemon | Cache | Secrets | Platforms | "
-        "Where it runs |\n|---|---|---|---|---|---|---|---|\n"
+        "| Builder | buildfleet | Builds from | Privileges | Daemon | Cache | Secrets | "
+        "Platforms | Where it runs |\n|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for caps in SURVEY:
         driven = f"`{caps.backend}` backend" if caps.backend else caps.status
         secrets = _yes(caps.secrets) if caps.backend else "-"
         rows.append(
-            f"| {caps.builder} | {driven} | {caps.privileges} | {caps.daemon} | "
+            f"| {caps.builder} | {driven} | {caps.recipe_note if caps.backend else '-'} | "
+            f"{caps.privileges} | {caps.daemon} | "
             f"{_cache_cell(caps)} | {secrets} | {_platform_cell(caps)} | {caps.where} |"
         )
     return header + "\n".join(rows) + "\n"

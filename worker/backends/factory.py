@@ -41,11 +41,16 @@ def make_backend(config: WorkerConfig) -> Backend:
             from worker.backends.tekton import TektonBackend
 
             return TektonBackend(config.tekton, config.kaniko, tail_lines=tail_lines)
+        case "jib":
+            from worker.backends.jib import JibBackend
+
+            return JibBackend(config.jib, tail_lines=tail_lines)
 
 
 def placement_targets(config: WorkerConfig) -> tuple[DaemonSettings, ...]:
     """Where builds can go, each with its cap: BuildKit or Docker daemons, or the Kaniko
-    (Tekton) namespace. Buildah builds on the worker itself: its `concurrency` is the cap."""
+    (Tekton) namespace. Buildah and Jib build on the worker itself: its `concurrency` is the
+    cap."""
     match config.worker.backend:
         case "kaniko":
             kaniko = config.kaniko
@@ -55,7 +60,7 @@ def placement_targets(config: WorkerConfig) -> tuple[DaemonSettings, ...]:
             return (DaemonSettings(address=tekton.namespace, max_builds=tekton.max_builds),)
         case "docker":
             return config.docker.daemons
-        case "buildah":
+        case "buildah" | "jib":
             return ()
         case _:
             return config.buildkit.daemons
