@@ -100,7 +100,12 @@ class Progress:
         self.bars.stop()
         self.out.print(summary(report))
         if submitted and any(b.status in ("queued", "running") for b in report.builds):
-            self.out.print(f"follow it: buildfleet rebuild --follow {report.batch}")
+            self.out.print(
+                f"follow it: buildfleet rebuild --follow {report.batch}",
+                soft_wrap=True,
+                markup=False,
+                highlight=False,
+            )
 
     def stopped(self, why: str, batch: str, resume: str, report: BatchReport) -> None:
         running = sum(b.status in ("queued", "running", "retrying") for b in report.builds)
@@ -111,5 +116,9 @@ class Progress:
             f"  follow them:  buildfleet rebuild --follow {batch}\n"
             f"  resume:       {resume}\n"
             f"                (skips what succeeded, submits the rest)\n"
-            f"  cancel:       buildfleet rebuild --cancel {batch}"
+            f"  cancel:       buildfleet rebuild --cancel {batch}",
+            # Commands to copy: never broken across lines, never read as markup.
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
         )
