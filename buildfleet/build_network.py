@@ -75,17 +75,21 @@ class BuildNetwork:
             raise ServiceError(f"no CNI plugins in {CNI_PLUGINS}: run scripts/setup")
         if self.slot is None:
             self.slot = _claim(self._claims)
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.conflist_path.write_text(json.dumps(self.conflist(), indent=2) + "\n")
-        for rule in self._rules():
-            if not _iptables([*rule[:1], "-C", *rule[1:]]):
-                _iptables([*rule[:1], "-I", *rule[1:]], check=True)
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            self.conflist_path.write_text(json.dumps(self.conflist(), indent=2) + "\n")
+            for tool, rule in self._rules():
+                if not _xtables(tool, "-C", rule):
+                    _xtables(tool, "-I", rule, check=True)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         if self.slot is None:
             return
-        for rule in [*self._rules(), *self._isolation_rules()]:
-            while _iptables([*rule[:1], "-D", *rule[1:]]):
+        for tool, rule in [*self._rules(), *self._isolation_rules()]:
+            while _xtables(tool, "-D", rule):
                 pass
         subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True, check=False)
         (self._claims / str(self.slot)).unlink(missing_ok=True)
@@ -114,11 +118,12 @@ class BuildNetwork:
             ],
         }
 
-    def _rules(self) -> list[list[str]]:
+    def _rules(self) -> list[tuple[str, list[str]]]:
+        """(tool, chain and rule): every packet from the bridge to this host is refused."""
         rule = ["INPUT", "-i", self.bridge, "-m", "comment", "--comment", _COMMENT, "-j", "REJECT"]
-        return [["iptables", *rule], ["ip6tables", *rule]]
+        return [("iptables", rule), ("ip6tables", rule)]
 
-    def _isolation_rules(self) -> list[list[str]]:
+    def _isolation_rules(self) -> list[tuple[str, list[str]]]:
         """The rules the firewall plugin added for this bridge (it never removes them)."""
         rules = []
         for chain in _ISOLATION_CHAINS:
@@ -128,7 +133,7 @@ class BuildNetwork:
             for line in listed.stdout.splitlines():
                 words = shlex.split(line)
                 if words[:2] == ["-A", chain] and self.bridge in words:
-                    rules.append(["iptables", *words[1:]])
+                    rules.append(("iptables", words[1:]))
         return rules
 
     def _slot(self) -> int:
@@ -137,9 +142,11 @@ class BuildNetwork:
         return self.slot
 
 
-def _iptables(argv: list[str], *, check: bool = False) -> bool:
-    """Run `iptables ARGS` (or ip6tables), waiting for the host's xtables lock."""
-    done = subprocess.run([argv[0], "-w", *argv[1:]], capture_output=True, text=True, check=False)
+def _xtables(tool: str, action: str, rule: list[str], *, check: bool = False) -> bool:
+    """`iptables` (or ip6tables) ACTION CHAIN RULE..., waiting for the host's xtables lock;
+    True when it succeeded (for -C: the rule exists)."""
+    argv = [tool, "-w", action, *rule]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if check and done.returncode != 0:
         raise ServiceError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
     return done.returncode == 0

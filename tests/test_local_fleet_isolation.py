@@ -6,7 +6,10 @@ The probe is busybox `nc` sending a RESP PING to every address of this host (127
 bridge's gateway, the host's own addresses) on Redis's port and on a port this test listens
 on at 0.0.0.0. Redis counts every command it refuses for want of a password
 (`errorstat_NOAUTH`): a probe that reached it would move that count. The control test runs
-the same probe on a buildkitd sharing the host's network, where it does reach Redis.
+the same probe on a buildkitd sharing the host's network, where it does reach Redis. The
+last tests open build networks side by side (root, the host's real iptables) and check each
+gets a bridge and subnet of its own, a dead owner's slot is taken over, and close() leaves
+no rule or claim behind.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
+from buildfleet.build_network import BuildNetwork
 from buildfleet.services import find_tool
 
 pytestmark = pytest.mark.timeout(300)
@@ -121,6 +125,17 @@ def _descendants(pid: int) -> set[int]:
     return children.union(*(_descendants(child) for child in children)) if children else set()
 
 
+def _listening(pids: set[int]) -> list[str]:
+    """The local addresses of the TCP sockets these processes listen on (IPv4 and IPv6)."""
+    listed = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in listed.splitlines():
+        owners = {int(pid) for pid in re.findall(r"pid=(\d+),", line)}
+        if owners & pids:
+            found.append(line.split()[3])
+    return found
+
+
 @contextlib.contextmanager
 def _up(workdir: Path, cwd: Path) -> Iterator[tuple[dict[str, object], subprocess.Popen[str]]]:
     env = {k: v for k, v in os.environ.items() if k != "BUILDFLEET_REDIS_URL"}
@@ -188,8 +203,13 @@ def test_up_run_steps_reach_neither_its_redis_nor_the_host(tmp_path: Path) -> No
         assert _noauth_refusals(client) == refused_before
         assert accepted == []
 
-        # The password is in no output, log, or process's argv.
+        # Every service of the fleet listens on loopback only.
         spawned = _descendants(up.pid)
+        listening_on = _listening(spawned)
+        assert len(listening_on) >= 8, listening_on  # redis, registry, buildkitd, git, ...
+        assert [a for a in listening_on if not a.startswith("127.0.0.1:")] == []
+
+        # The password is in no output, log, or process's argv.
         assert password not in str(fleet["_line"])
         logs = [workdir.parent / "up.log", *(workdir / "logs").iterdir()]
         assert [log for log in logs if password in log.read_text(errors="replace")] == []
@@ -223,3 +243,59 @@ def test_the_probe_does_reach_redis_from_a_build_on_the_hosts_network(
     assert f"reached 127.0.0.1:{port}" in _outcomes(built.stderr)
     assert "-NOAUTH" in built.stderr
     assert _noauth_refusals(client) > refused_before
+
+
+def _input_rules() -> str:
+    return subprocess.run(["iptables", "-S", "INPUT"], capture_output=True, text=True).stdout
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_build_networks_side_by_side_get_their_own_bridge_and_undo_everything(
+    tmp_path: Path,
+) -> None:
+    claims = tmp_path / "claims"
+    first = BuildNetwork(tmp_path / "a", claims=claims)
+    second = BuildNetwork(tmp_path / "b", claims=claims)
+    first.open()
+    try:
+        second.open()
+        bridges = [first.bridge, second.bridge]
+        try:
+            assert bridges[0] != bridges[1]
+            assert not first.subnet.overlaps(second.subnet)
+            for network in (first, second):
+                assert f"-i {network.bridge} " in _input_rules()
+                assert (claims / str(network.slot)).read_text().strip() == str(os.getpid())
+                [bridge, firewall] = network.conflist()["plugins"]  # type: ignore[misc]
+                assert bridge["ipam"]["dataDir"] == str(network.home / "cni-ipam")
+                assert firewall["type"] == "firewall"
+        finally:
+            second.close()
+    finally:
+        first.close()
+    rules = _input_rules()
+    assert [bridge for bridge in bridges if f"-i {bridge} " in rules] == []
+    assert sorted(p.name for p in claims.iterdir()) == [".lock"]
+
+
+def test_a_build_network_takes_over_the_slot_of_a_dead_owner(tmp_path: Path) -> None:
+    claims = tmp_path / "claims"
+    holder = BuildNetwork(tmp_path / "a", claims=claims)
+    holder.open()
+    try:
+        slot = holder.slot
+        (claims / str(slot)).write_text(f"{_dead_pid()}\n")  # its owner died, SIGKILLed
+        taker = BuildNetwork(tmp_path / "b", claims=claims)
+        taker.open()
+        try:
+            assert taker.slot == slot
+        finally:
+            taker.close()
+    finally:
+        holder.slot = None  # the claim is the taker's, and gone with it
+    assert sorted(p.name for p in claims.iterdir()) == [".lock"]
