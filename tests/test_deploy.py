@@ -23,7 +23,7 @@ import pytest
 import yaml  # type: ignore[import-untyped,unused-ignore]
 
 from buildfleet.config import FleetConfig, load_config
-from buildfleet.services import BUILDKIT_VERSION, tools_dir
+from buildfleet.services import tools_dir
 from producer.contract import BuildRequest, GitSource
 from producer.gateway.settings import GatewaySettings
 from worker.backends.base import BuildJob
@@ -149,7 +149,7 @@ def test_every_yaml_file_under_deploy_parses() -> None:
                 assert {"apiVersion", "kind"} <= doc.keys(), f"{path}: not a Kubernetes object"
 
 
-def test_compose_runs_nothing_privileged_and_buildkitd_rootless() -> None:
+def test_compose_runs_nothing_privileged_and_buildkitd_rootless(rendered: list[Manifest]) -> None:
     compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
     services: dict[str, Manifest] = compose["services"]
     assert {"redis", "registry", "buildkitd", "worker", "gateway"} <= services.keys()
@@ -161,7 +161,9 @@ def test_compose_runs_nothing_privileged_and_buildkitd_rootless() -> None:
         assert service["read_only"] is True
         assert service["user"].split(":")[0] == "10001"
     buildkitd = services["buildkitd"]
-    assert buildkitd["image"] == f"moby/buildkit:{BUILDKIT_VERSION}-rootless"
+    [statefulset_buildkitd] = pod_spec(find(rendered, "StatefulSet", BUILDKITD))["containers"]
+    assert buildkitd["image"] == statefulset_buildkitd["image"]  # rootless, as in Kubernetes
+    assert buildkitd["image"].endswith("-rootless")
     assert sorted(buildkitd["security_opt"]) == ["apparmor=unconfined", "seccomp=unconfined"]
     assert "--oci-worker-no-process-sandbox" in buildkitd["command"]
     assert "user" not in buildkitd, "the rootless image's own user (1000)"
