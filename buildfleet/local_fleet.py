@@ -3,7 +3,11 @@
 Real services on free loopback ports (a trace viewer, Redis unless `BUILDFLEET_REDIS_URL`
 names one, a registry, the builders of `--backend`: buildkitd, or a Docker daemon of its own,
 or buildah storage; a git daemon, a base image), then worker processes and the HTTP gateway
-pointed at them. The gateway, the workers and buildkitd export their traces (and the
+pointed at them. Every service listens on 127.0.0.1 only. The fleet's own Redis wants the
+work directory's password (`redis.password` there, mode 0600; printed never, only the file's
+name). buildkitd's RUN steps get a network of their own that cannot reach this host
+(buildfleet.build_network): not Redis, not the worker's loopback, nothing bound to 0.0.0.0.
+The gateway, the workers and buildkitd export their traces (and the
 processes their metrics) to the trace viewer; each worker serves Prometheus text, /healthz
 and /readyz on a port of its own. The gateway's API token is made up for this fleet and
 printed; it may push to the fleet's registry only, build from its git daemon and the usual
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shlex
 import signal
 import sys
 import threading
@@ -28,6 +34,8 @@ from buildfleet.processes import Service, find_tool, free_port, spawn, wait_read
 from buildfleet.services import Backend, LocalFleetServices, buildah_storage
 from buildfleet.traceviewer import TraceViewer, start_trace_viewer
 from producer.gateway.auth import hash_token, new_token
+
+REDIS_PASSWORD_FILE = "redis.password"  # noqa: S105 - the name of the file that holds it
 
 
 def _otel_env(viewer: TraceViewer, service_name: str) -> dict[str, str]:
@@ -55,21 +63,48 @@ def _backend_env(fleet: LocalFleetServices) -> dict[str, str]:
             }
 
 
-def _worker_env(fleet: LocalFleetServices, redis_url: str) -> dict[str, str]:
+def redis_password(workdir: Path) -> str:
+    """The password of the work directory's own Redis: made up on first use and kept,
+    readable by its owner only, in `workdir/redis.password`."""
+    path = workdir / REDIS_PASSWORD_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        os.chmod(path, 0o600)
+        return path.read_text().strip()
+    password = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as out:
+        out.write(password + "\n")
+    return password
+
+
+def _redis_env(redis_url: str, password: str | None) -> dict[str, str]:
+    env = {"BUILDFLEET_REDIS_URL": redis_url}
+    if password is not None:
+        env["BUILDFLEET_REDIS_PASSWORD"] = password
+    return env
+
+
+def _worker_env(
+    fleet: LocalFleetServices, redis_url: str, password: str | None = None
+) -> dict[str, str]:
     return {
         **os.environ,
-        "BUILDFLEET_REDIS_URL": redis_url,
+        **_redis_env(redis_url, password),
         "BUILDFLEET_WORKER_BACKEND": fleet.backend,
         **_backend_env(fleet),
     }
 
 
 def _start_workers(
-    fleet: LocalFleetServices, redis_url: str, count: int, viewer: TraceViewer
+    fleet: LocalFleetServices,
+    redis: tuple[str, str | None],
+    count: int,
+    viewer: TraceViewer,
 ) -> list[Service]:
     """`count` worker processes, each serving its metrics on a port of its own (the
     service's address is that server's URL)."""
-    env = {**_worker_env(fleet, redis_url), **_otel_env(viewer, "buildfleet-worker")}
+    env = {**_worker_env(fleet, *redis), **_otel_env(viewer, "buildfleet-worker")}
     workers = []
     for n in range(1, count + 1):
         port = free_port()
@@ -98,13 +133,13 @@ def _gateway_policy(fleet: LocalFleetServices, token: str) -> dict[str, str]:
 
 
 def _start_gateway(
-    fleet: LocalFleetServices, redis_url: str, token: str, viewer: TraceViewer
+    fleet: LocalFleetServices, redis: tuple[str, str | None], token: str, viewer: TraceViewer
 ) -> Service:
     port = free_port()
     env = {
         **os.environ,
         **_otel_env(viewer, "buildfleet-gateway"),
-        "BUILDFLEET_REDIS_URL": redis_url,
+        **_redis_env(*redis),
         "BUILDFLEET_GATEWAY_PORT": str(port),
         "BUILDFLEET_TELEMETRY_TRACE_LINK": viewer.trace_link,  # the web view links traces
         **_gateway_policy(fleet, token),
@@ -139,26 +174,35 @@ def run_local_fleet(
     own_redis = "BUILDFLEET_REDIS_URL" not in os.environ
     workdir = Path(os.environ.get("BUILDFLEET_WORKDIR", "") or Path.cwd() / ".tmp" / "fleet")
     workdir.mkdir(parents=True, exist_ok=True)
+    password = redis_password(workdir) if own_redis else None
     with ExitStack() as stack:
         viewer = start_trace_viewer(workdir)
         stack.callback(viewer.stop)
         fleet = stack.enter_context(
             LocalFleetServices(
-                workdir, backend=backend, redis=own_redis, otlp_endpoint=viewer.otlp_grpc
+                workdir,
+                backend=backend,
+                redis=own_redis,
+                otlp_endpoint=viewer.otlp_grpc,
+                redis_password=password,
+                run_network="isolated",
             )
         )
         redis_url = fleet.redis_url or config.redis.url
-        fleet_workers = _start_workers(fleet, redis_url, workers, viewer)
+        redis = (redis_url, password)
+        fleet_workers = _start_workers(fleet, redis, workers, viewer)
         for worker in fleet_workers:
             stack.callback(worker.stop, grace=config.worker.drain_grace_s + 5)
         token = new_token()
-        gateway = _start_gateway(fleet, redis_url, token, viewer)
+        gateway = _start_gateway(fleet, redis, token, viewer)
         stack.callback(gateway.stop, grace=config.gateway.shutdown_timeout_s + 5)
         metrics = [f"{worker.address}/metrics" for worker in fleet_workers]
         every = (viewer.service, *fleet.services, *fleet_workers, gateway)
+        password_file = str(workdir / REDIS_PASSWORD_FILE) if password is not None else None
         addresses = {
             **fleet.addresses(),
             "redis_url": redis_url,
+            "redis_password_file": password_file,
             "workers": workers,
             "worker_metrics": metrics,
             "gateway": gateway.address,
@@ -172,25 +216,42 @@ def run_local_fleet(
         if as_json:
             print(json.dumps(addresses), flush=True)
         else:
-            print(
-                f"buildfleet is up: {workers} workers building with {backend}"
-                f"{' at ' + fleet.builders[0] if fleet.builders else ''}\n"
-                f"  redis     {redis_url}\n"
-                f"  registry  {fleet.registry}   (base image {fleet.base_image})\n"
-                f"  gateway   {gateway.address}   (API token {token})\n"
-                f"  web view  {gateway.address}/ui   (sign in with the API token)\n"
-                f"  traces    {viewer.ui}   (OTLP {viewer.otlp_http})\n"
-                f"  metrics   {' '.join(metrics)}\n"
-                f"  logs      {workdir / 'logs'}\n"
-                f"Submit a build from another shell:\n"
-                f"  export BUILDFLEET_REDIS_URL={redis_url}\n"
-                f"  export BUILDFLEET_TELEMETRY_TRACE_LINK={viewer.trace_link}\n"
-                f"  export OTEL_EXPORTER_OTLP_ENDPOINT={viewer.otlp_http}\n"
-                f"  buildfleet submit config/example --image {fleet.registry}/demo/hello:latest"
-                f" --build-arg BASE={fleet.base_image} --wait\n"
-                f"  buildfleet get BUILD_ID   (its state, trace id and trace link)\n"
-                f"Ctrl-C stops everything.",
-                flush=True,
-            )
+            print(_summary(fleet, addresses, password_file), flush=True)
         _wait_for_stop_signal()
     return 0
+
+
+def _summary(
+    fleet: LocalFleetServices, addresses: dict[str, object], password_file: str | None
+) -> str:
+    """What `up` prints: where everything is and how to submit a build. Never the Redis
+    password: the file that holds it."""
+    redis_url, metrics = addresses["redis_url"], addresses["worker_metrics"]
+    assert isinstance(metrics, list)
+    if password_file is None:
+        redis_line, export_password = f"{redis_url}", ""
+    else:
+        quoted = shlex.quote(password_file)
+        redis_line = f"{redis_url}   (password in {password_file})"
+        export_password = f'  export BUILDFLEET_REDIS_PASSWORD="$(cat {quoted})"\n'
+    builders = f" at {fleet.builders[0]}" if fleet.builders else ""
+    return (
+        f"buildfleet is up: {addresses['workers']} workers building with {fleet.backend}"
+        f"{builders}\n"
+        f"  redis     {redis_line}\n"
+        f"  registry  {fleet.registry}   (base image {fleet.base_image})\n"
+        f"  gateway   {addresses['gateway']}   (API token {addresses['api_token']})\n"
+        f"  web view  {addresses['gateway']}/ui   (sign in with the API token)\n"
+        f"  traces    {addresses['trace_viewer']}   (OTLP {addresses['otlp_endpoint']})\n"
+        f"  metrics   {' '.join(metrics)}\n"
+        f"  logs      {fleet.workdir / 'logs'}\n"
+        f"Submit a build from another shell:\n"
+        f"  export BUILDFLEET_REDIS_URL={redis_url}\n"
+        f"{export_password}"
+        f"  export BUILDFLEET_TELEMETRY_TRACE_LINK={addresses['trace_link']}\n"
+        f"  export OTEL_EXPORTER_OTLP_ENDPOINT={addresses['otlp_endpoint']}\n"
+        f"  buildfleet submit config/example --image {fleet.registry}/demo/hello:latest"
+        f" --build-arg BASE={fleet.base_image} --wait\n"
+        f"  buildfleet get BUILD_ID   (its state, trace id and trace link)\n"
+        f"Ctrl-C stops everything."
+    )

@@ -67,6 +67,8 @@ class Service:
     address: str
     scratch: Path | None = None
     """A directory of its own outside `workdir` (dockerd's short exec root), removed on stop."""
+    release: Callable[[], None] | None = None
+    """Undoes what was set up on the host for it (buildkitd's build network), once it exited."""
 
     @property
     def running(self) -> bool:
@@ -89,6 +91,8 @@ class Service:
         self.process.wait()
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
+        if self.release is not None:
+            self.release()
 
     def log_tail(self, lines: int = 50) -> str:
         """The last `lines` lines of the service's log."""
@@ -143,6 +147,7 @@ def spawn(
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
     scratch: Path | None = None,
+    release: Callable[[], None] | None = None,
 ) -> Service:
     """Start `argv` in a new session with its output appended to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +165,12 @@ def spawn(
             preexec_fn=die_with_this_process(),  # noqa: PLW1509 - prctl only
         )
     service = Service(
-        name=name, process=process, log_path=log_path, address=address, scratch=scratch
+        name=name,
+        process=process,
+        log_path=log_path,
+        address=address,
+        scratch=scratch,
+        release=release,
     )
     with _LIVE_LOCK:
         _LIVE[process.pid] = service
@@ -199,12 +209,16 @@ def start_on_free_port(
     timeout: float,
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
+    release: Callable[[], None] | None = None,
 ) -> Service:
-    """Start a service on a fresh port, retrying when another process took the port first."""
+    """Start a service on a fresh port, retrying when another process took the port first.
+
+    `release` runs whenever an attempt's process is stopped, so `launch` sets up again
+    what it undoes."""
     for attempt in range(1, _PORT_RETRIES + 1):
         port = free_port()
         argv, address = launch(port)
-        service = spawn(name, argv, log_path, address, cwd=cwd, env=env)
+        service = spawn(name, argv, log_path, address, cwd=cwd, env=env, release=release)
         try:
             wait_ready(service, functools.partial(ready, port), timeout)
         except ServiceError as exc:

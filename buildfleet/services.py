@@ -22,6 +22,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
 
+from buildfleet.base_image import (
+    BASE_IMAGE_NAME,
+    DEFAULT_PATH_ENV,
+    buildah_storage,
+    push_base_image,
+    push_base_image_with_buildah,
+    push_base_image_with_docker,
+)
+from buildfleet.build_network import BuildNetwork
 from buildfleet.processes import (
     Service,
     ServiceError,
@@ -40,6 +49,7 @@ __all__ = [
     "DEFAULT_PATH_ENV",
     "Backend",
     "LocalFleetServices",
+    "RunNetwork",
     "Service",
     "ServiceError",
     "ToolMissing",
@@ -65,9 +75,6 @@ __all__ = [
     "wait_ready",
 ]
 
-BASE_IMAGE_NAME = "base/busybox"
-DEFAULT_PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
 
 def _redis_pong(port: int, password: str | None = None) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
@@ -89,6 +96,7 @@ def _resp(*words: str) -> bytes:
 
 
 Fsync = Literal["always", "everysec"]
+RunNetwork = Literal["host", "isolated"]
 
 
 def start_redis(
@@ -110,12 +118,18 @@ def start_redis(
     data.mkdir(parents=True, exist_ok=True)
     binary = find_tool("redis-server")
 
+    auth = data / "auth.conf"  # the password stays out of argv (and the log's first line)
+    if password is not None:
+        auth.touch(mode=0o600)
+        auth.chmod(0o600)
+        quoted = _redis_quote(password)
+        auth.write_text(f"requirepass {quoted}\nmasterauth {quoted}\n")
+
     def launch(chosen: int) -> tuple[list[str], str]:
-        argv = [binary, "--port", str(chosen), "--bind", "127.0.0.1", "--dir", str(data),
+        argv = [binary, *([str(auth)] if password is not None else []),
+                "--port", str(chosen), "--bind", "127.0.0.1", "--dir", str(data),
                 "--save", "", "--appendonly", "yes", "--appendfsync", appendfsync,
                 "--maxmemory-policy", "noeviction"]  # fmt: skip
-        if password is not None:
-            argv += ["--requirepass", password, "--masterauth", password]
         if replica_of is not None:
             argv += ["--replicaof", "127.0.0.1", str(replica_of)]
         if min_replicas_to_write:
@@ -133,6 +147,13 @@ def start_redis(
     service = spawn(name, argv, log, address)
     wait_ready(service, functools.partial(ready, port), timeout)
     return service
+
+
+def _redis_quote(value: str) -> str:
+    """`value` as a double-quoted string of redis.conf."""
+    if not value.isprintable():
+        raise ServiceError("a Redis password must be printable")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _redis_ready(port: int, password: str | None = None) -> bool:
@@ -224,9 +245,16 @@ def start_registry(
     return start_on_free_port(name, log, launch, ready, timeout=timeout)
 
 
-def buildkitd_config(registries: Sequence[str], otel_socket: Path) -> str:
-    """buildkitd.toml marking each registry (`host:port`) plain-HTTP and insecure."""
+def buildkitd_config(
+    registries: Sequence[str], otel_socket: Path, network: BuildNetwork | None = None
+) -> str:
+    """buildkitd.toml marking each registry (`host:port`) plain-HTTP and insecure; RUN
+    steps on `network`, or on the host's network."""
     lines = ["[otel]", f"  socketPath = {json.dumps(str(otel_socket))}", ""]
+    if network is None:
+        lines += ["[worker.oci]", '  networkMode = "host"', ""]
+    else:
+        lines += [network.buildkitd_toml()]
     for registry in registries:
         lines += [f"[registry.{json.dumps(registry)}]", "  http = true", "  insecure = true", ""]
     return "\n".join(lines)
@@ -265,25 +293,31 @@ def start_buildkitd(
     name: str = "buildkitd",
     timeout: float = 60.0,
     otlp_endpoint: str | None = None,
+    run_network: RunNetwork = "host",
 ) -> Service:
     """A buildkitd with the OCI (runc) worker; address `tcp://127.0.0.1:PORT`.
 
     Each call gets its own root under `workdir/name`, so several daemons can run side by
     side. The root must be on a filesystem that supports overlayfs (not tmpfs). With
     `otlp_endpoint` (OTLP/gRPC) it exports its own spans there, and those buildctl hands it.
+    `run_network="isolated"` gives RUN steps a bridge of their own that cannot reach this
+    host (buildfleet.build_network); "host" shares the host's network with them.
     """
     home = workdir / name
     root = home / "root"
     root.mkdir(parents=True, exist_ok=True)
     config = home / "buildkitd.toml"
-    config.write_text(buildkitd_config(registries, home / "otel-grpc.sock"))
     binary = find_tool("buildkitd")
     find_tool("runc")
+    network = BuildNetwork(home) if run_network == "isolated" else None
 
     def launch(port: int) -> tuple[list[str], str]:
+        if network is not None:
+            network.open()
+        config.write_text(buildkitd_config(registries, home / "otel-grpc.sock", network))
         addr = f"tcp://127.0.0.1:{port}"
         flags = ["--config", str(config), "--addr", addr, "--root", str(root),
-                 "--oci-worker-net=host", "--containerd-worker=false"]  # fmt: skip
+                 "--containerd-worker=false"]  # fmt: skip
         argv = [*_own_pid_namespace(), binary, *flags]
         return argv, addr
 
@@ -295,7 +329,8 @@ def start_buildkitd(
     if otlp_endpoint:
         env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_SERVICE_NAME": name}  # fmt: skip
-    return start_on_free_port(name, log, launch, ready, timeout=timeout, env=env)
+    release = network.close if network is not None else None
+    return start_on_free_port(name, log, launch, ready, timeout=timeout, env=env, release=release)
 
 
 def docker_ping(socket_path: Path) -> bool:
@@ -372,77 +407,6 @@ def start_git_daemon(root: Path, *, log_path: Path | None = None, timeout: float
     return start_on_free_port("git-daemon", log, launch, ready, timeout=timeout, cwd=root)
 
 
-def _busybox_rootfs(dest: Path) -> None:
-    """A minimal root filesystem: static busybox, one symlink per applet, /etc, /tmp."""
-    busybox = Path(find_tool("busybox")).resolve()
-    bin_dir = dest / "bin"
-    bin_dir.mkdir(parents=True)
-    shutil.copy2(busybox, bin_dir / "busybox")
-    (bin_dir / "busybox").chmod(0o755)
-    applets = subprocess.run(
-        [str(busybox), "--list"], capture_output=True, text=True, check=True
-    ).stdout.split()
-    for applet in applets:
-        if applet != "busybox" and "/" not in applet:
-            (bin_dir / applet).symlink_to("busybox")
-    for sub in ("etc", "root", "tmp", "usr/bin", "var/tmp"):
-        (dest / sub).mkdir(parents=True, exist_ok=True)
-    (dest / "tmp").chmod(0o1777)
-    (dest / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (dest / "etc" / "group").write_text("root:x:0:\n")
-
-
-def push_base_image(buildkitd_addr: str, registry: str, *, timeout: float = 300.0) -> str:
-    """Build `REGISTRY/base/busybox:latest` FROM scratch with busybox-static and push it."""
-    ref = f"{registry}/{BASE_IMAGE_NAME}:latest"
-    with tempfile.TemporaryDirectory(prefix="buildfleet-base-") as tmp:
-        context = Path(tmp)
-        _base_image_context(context)
-        argv = [find_tool("buildctl"), "--addr", buildkitd_addr, "build",
-                "--frontend", "dockerfile.v0", "--progress", "plain",
-                "--local", f"context={context}", "--local", f"dockerfile={context}",
-                "--output", f"type=image,name={ref},push=true,registry.insecure=true"]  # fmt: skip
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    if result.returncode != 0:
-        raise ServiceError(f"pushing {ref} failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return ref
-
-
-def _base_image_context(context: Path) -> None:
-    _busybox_rootfs(context / "rootfs")
-    (context / "Dockerfile").write_text(
-        f'FROM scratch\nCOPY rootfs/ /\nENV PATH={DEFAULT_PATH_ENV}\nCMD ["sh"]\n'
-    )
-
-
-def _run_tool(
-    argv: list[str], what: str, timeout: float, env: dict[str, str] | None = None
-) -> None:
-    result = subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, check=False, env=env
-    )
-    if result.returncode != 0:
-        raise ServiceError(f"{what} failed ({result.returncode}):\n{result.stderr[-4000:]}")
-
-
-def push_base_image_with_docker(docker_addr: str, registry: str, *, timeout: float = 300) -> str:
-    """The base image, built and pushed by a Docker daemon (the docker CLI, with the classic
-    builder: a newer CLI wants its buildx plugin for BuildKit, which Debian does not ship)."""
-    ref = f"{registry}/{BASE_IMAGE_NAME}:latest"
-    env = {**os.environ, "DOCKER_HOST": docker_addr, "DOCKER_BUILDKIT": "0"}
-    docker = find_tool("docker")
-    with tempfile.TemporaryDirectory(prefix="buildfleet-base-") as tmp:
-        _base_image_context(Path(tmp))
-        _run_tool([docker, "build", "-q", "-t", ref, tmp], f"building {ref}", timeout, env)
-    _run_tool([docker, "push", ref], f"pushing {ref}", timeout, env)
-    return ref
-
-
-def buildah_storage(workdir: Path) -> tuple[Path, Path]:
-    """Buildah's --root and --runroot for a local fleet or the tests."""
-    return workdir / "buildah" / "root", workdir / "buildah" / "run"
-
-
 def release_buildah_storage(workdir: Path) -> None:
     """Remove buildah's working containers and unmount what its storage left mounted (its
     overlay root is a mount of its own): nothing of it outlives a local fleet or a test run."""
@@ -459,18 +423,6 @@ def release_buildah_storage(workdir: Path) -> None:
         subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
-def push_base_image_with_buildah(workdir: Path, registry: str, *, timeout: float = 300) -> str:
-    """The base image, built and pushed by buildah (no daemon)."""
-    ref = f"{registry}/{BASE_IMAGE_NAME}:latest"
-    root, runroot = buildah_storage(workdir)
-    buildah = [find_tool("buildah"), "--root", str(root), "--runroot", str(runroot)]
-    with tempfile.TemporaryDirectory(prefix="buildfleet-base-") as tmp:
-        _base_image_context(Path(tmp))
-        _run_tool([*buildah, "build", "--isolation", "chroot", "-t", ref, tmp], ref, timeout)
-    _run_tool([*buildah, "push", "--tls-verify=false", ref, f"docker://{ref}"], ref, timeout)
-    return ref
-
-
 Backend = Literal["buildkit", "docker", "buildah"]
 
 
@@ -483,10 +435,9 @@ class LocalFleetServices:
     on exit, also on errors. Logs go to `workdir/logs/`; a temporary `workdir` is made (and
     removed) if none is given.
 
-    With `otlp_endpoint` (OTLP/gRPC), the daemons export their spans there.
-
-    Use as a context manager; everything stops in reverse order on exit, also on errors.
-    Logs go to `workdir/logs/`; a temporary `workdir` is made (and removed) if none is given.
+    With `otlp_endpoint` (OTLP/gRPC), the daemons export their spans there. With
+    `redis_password` Redis refuses clients that do not give it (`redis_url` holds no
+    password); `run_network` is that of the buildkitd daemons' RUN steps.
     """
 
     def __init__(
@@ -499,8 +450,12 @@ class LocalFleetServices:
         redis: bool = True,
         base_image: bool = True,
         otlp_endpoint: str | None = None,
+        redis_password: str | None = None,
+        run_network: RunNetwork = "host",
     ) -> None:
         self._own_workdir = workdir is None
+        self._redis_password = redis_password
+        self.run_network: RunNetwork = run_network
         self.otlp_endpoint = otlp_endpoint
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="buildfleet-services-"))
         self.backend = backend
@@ -533,7 +488,8 @@ class LocalFleetServices:
     def start(self) -> Self:
         try:
             if self._want_redis:
-                self.redis_url = self._track(start_redis(self.workdir)).address
+                redis = start_redis(self.workdir, password=self._redis_password)
+                self.redis_url = self._track(redis).address
             self.registry = self._track(start_registry(self.workdir)).address
             for _ in range(self.buildkitd_count):
                 self.add_buildkitd()
@@ -560,7 +516,13 @@ class LocalFleetServices:
         name = f"buildkitd-{len(self.buildkitd_addrs) + 1}"
         registries = [self.registry] if self.registry else []
         service = self._track(
-            start_buildkitd(self.workdir, registries, name=name, otlp_endpoint=self.otlp_endpoint)
+            start_buildkitd(
+                self.workdir,
+                registries,
+                name=name,
+                otlp_endpoint=self.otlp_endpoint,
+                run_network=self.run_network,
+            )
         )
         self.buildkitd_addrs.append(service.address)
         return service

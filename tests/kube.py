@@ -366,8 +366,9 @@ class KubeCluster:
             "wait", "--for=condition=Established", "--timeout=60s", f"crd/{crd['metadata']['name']}"
         )
 
-    def ensure_namespace(self, name: str) -> None:
-        self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    def ensure_namespace(self, name: str, labels: dict[str, str] | None = None) -> None:
+        metadata: dict[str, Any] = {"name": name, "labels": labels or {}}
+        self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": metadata})
 
     def _wait_node_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,11 +24,28 @@ import yaml  # type: ignore[import-untyped,unused-ignore]
 
 from buildfleet.config import FleetConfig, load_config
 from buildfleet.tools import tool_home
+from producer.contract import BuildRequest, GitSource
 from producer.gateway.settings import GatewaySettings
+from worker.backends.base import BuildJob
+from worker.backends.kaniko.manifest import build_job_manifest
+from worker.settings import KanikoSettings
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 NAMESPACE = "buildfleet"
+BUILD_NAMESPACE = "buildfleet-builds"
+"""The kaniko backend's: its Namespace, Role, RoleBinding and NetworkPolicy live there."""
+BUILD_NAMESPACE_OBJECTS = {
+    ("Role", "buildfleet-kaniko"),
+    ("RoleBinding", "buildfleet-kaniko"),
+    ("NetworkPolicy", "buildfleet-builds"),
+}
+BASELINE_CAPABILITIES = frozenset(
+    {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+     "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+)  # fmt: skip
+"""What Pod Security `baseline` lets a container add (kubernetes.io/docs/concepts/security/
+pod-security-standards)."""
 WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"})
 KEDA_GROUP = "keda.sh/"
 BUILDKITD = "buildkitd"
@@ -128,21 +146,49 @@ def test_every_yaml_file_under_deploy_parses() -> None:
                 assert {"apiVersion", "kind"} <= doc.keys(), f"{path}: not a Kubernetes object"
 
 
-def test_compose_runs_two_unprivileged_workers_and_privileges_only_buildkitd() -> None:
+def test_compose_runs_nothing_privileged_and_buildkitd_rootless(rendered: list[Manifest]) -> None:
     compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
     services: dict[str, Manifest] = compose["services"]
     assert {"redis", "registry", "buildkitd", "worker", "gateway"} <= services.keys()
     assert services["worker"]["deploy"]["replicas"] == 2
-    assert [n for n, s in services.items() if s.get("privileged")] == ["buildkitd"]
+    assert [n for n, s in services.items() if s.get("privileged")] == []
     for name in ("worker", "gateway"):
         service = services[name]
         assert service["cap_drop"] == ["ALL"]
         assert service["read_only"] is True
         assert service["user"].split(":")[0] == "10001"
+    buildkitd = services["buildkitd"]
+    [statefulset_buildkitd] = pod_spec(find(rendered, "StatefulSet", BUILDKITD))["containers"]
+    assert buildkitd["image"] == statefulset_buildkitd["image"]  # rootless, as in Kubernetes
+    assert buildkitd["image"].endswith("-rootless")
+    assert sorted(buildkitd["security_opt"]) == ["apparmor=unconfined", "seccomp=unconfined"]
+    assert "--oci-worker-no-process-sandbox" in buildkitd["command"]
+    assert "user" not in buildkitd, "the rootless image's own user (1000)"
     config = load_config(DEPLOY / "compose" / "buildfleet.toml", {})
     grace = services["worker"]["stop_grace_period"]
     assert grace.endswith("s")
     assert float(grace[:-1]) > config.worker.drain_grace_s + config.buildkit.cancel_grace_s
+
+
+def test_compose_redis_wants_a_password_that_buildkitd_cannot_reach_for() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+    services: dict[str, Manifest] = compose["services"]
+    redis = services["redis"]
+    script = redis["command"][-1]
+    assert 'requirepass "$$BUILDFLEET_REDIS_PASSWORD"' in script  # from redis.env, not argv
+    assert script.startswith("exec redis-server - ")
+    assert "REDISCLI_AUTH" in redis["healthcheck"]["test"][-1]
+    for name in ("redis", "worker", "gateway"):
+        assert {"path": "./redis.env", "required": True} in services[name]["env_file"], name
+    assert "BUILDFLEET_REDIS_PASSWORD" not in str(compose["x-buildfleet"].get("environment"))
+    config = load_config(DEPLOY / "compose" / "buildfleet.toml", {})
+    assert config.redis.password is None and "@" not in config.redis.url
+    # RUN steps share buildkitd's network: it must not be on Redis's.
+    assert not set(services["buildkitd"]["networks"]) & set(redis["networks"])
+    assert set(services["worker"]["networks"]) >= {
+        *redis["networks"],
+        *services["buildkitd"]["networks"],
+    }
 
 
 def test_grafana_dashboard_queries_buildfleet_metrics() -> None:
@@ -175,7 +221,9 @@ def test_kustomize_renders_the_whole_fleet(rendered: list[Manifest]) -> None:
     find(rendered, "Role", "buildfleet-tekton")  # and deploy/tekton
     for doc in rendered:
         if doc["kind"] != "Namespace":
-            assert doc["metadata"].get("namespace") == NAMESPACE, doc["metadata"]["name"]
+            key = (doc["kind"], doc["metadata"]["name"])
+            expected = BUILD_NAMESPACE if key in BUILD_NAMESPACE_OBJECTS else NAMESPACE
+            assert doc["metadata"].get("namespace") == expected, key
 
 
 def test_every_container_is_least_privilege(rendered: list[Manifest]) -> None:
@@ -327,6 +375,55 @@ def test_keda_scales_the_worker_on_the_queue(rendered: list[Manifest], tmp_path:
     assert scaled["spec"]["minReplicaCount"] >= 1, "a live worker reaps dead workers' leases"
 
 
+def test_kaniko_builds_run_in_a_baseline_namespace_of_their_own(
+    rendered: list[Manifest], tmp_path: Path
+) -> None:
+    namespace = find(rendered, "Namespace", BUILD_NAMESPACE)
+    labels = namespace["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "baseline"
+    assert "pod-security.kubernetes.io/enforce-version" not in labels  # the server's latest
+    worker = find(rendered, "Deployment", "buildfleet-worker")
+    config = fleet_config(rendered, tmp_path, pod_spec(worker)["containers"][0])
+    assert config.kaniko.namespace == BUILD_NAMESPACE
+    assert set(config.kaniko.capabilities) <= BASELINE_CAPABILITIES
+    # The workers' identity is in the fleet's namespace, its rights in the build namespace.
+    binding = find(rendered, "RoleBinding", "buildfleet-kaniko")
+    assert binding["metadata"]["namespace"] == BUILD_NAMESPACE
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "buildfleet-kaniko", "namespace": NAMESPACE}
+    ]
+    assert (
+        find(rendered, "ServiceAccount", "buildfleet-kaniko")["metadata"]["namespace"] == NAMESPACE
+    )
+    role = find(rendered, "Role", "buildfleet-kaniko")
+    granted = {(r, v) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]}
+    assert not {r for r, _ in granted} & {"secrets", "pods/exec", "pods/attach"}
+    assert ("pods", "create") not in granted
+
+
+def test_build_pods_reach_dns_the_registry_and_git_only(rendered: list[Manifest]) -> None:
+    policy = find(rendered, "NetworkPolicy", "buildfleet-builds")
+    spec = policy["spec"]
+    assert policy["metadata"]["namespace"] == BUILD_NAMESPACE
+    assert spec["podSelector"] == {}, "every pod of the build namespace"
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    assert spec["ingress"] == [], "no connection into a build pod"
+    [dns, *others] = spec["egress"]
+    [kube_dns] = dns["to"]
+    assert kube_dns["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+    assert kube_dns["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "kube-system"}
+    }
+    assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+    assert len(others) == 2, "the registry and the git hosts"
+    for rule in others:
+        assert rule["to"] and all(set(peer) == {"ipBlock"} for peer in rule["to"]), rule
+        for peer in rule["to"]:
+            cidr = peer["ipBlock"]["cidr"]
+            assert not cidr.endswith("/0"), f"egress to everywhere: {cidr}"
+        assert [(p["port"], p["protocol"]) for p in rule["ports"]] == [(443, "TCP")]
+
+
 # --- a real API server -------------------------------------------------------------------
 
 
@@ -350,8 +447,8 @@ def _dry_run(cluster: Cluster, docs: list[Manifest]) -> subprocess.CompletedProc
 
 
 def test_api_server_accepts_the_manifests(rendered: list[Manifest], kube_cluster: Cluster) -> None:
-    namespace = find(rendered, "Namespace", NAMESPACE)
-    kube_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(namespace))
+    namespaces = [find(rendered, "Namespace", name) for name in (NAMESPACE, BUILD_NAMESPACE)]
+    kube_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(namespaces))
     try:
         # KEDA's CRDs are not installed in the test cluster: its objects are left out here.
         docs = [d for d in rendered if not d["apiVersion"].startswith(KEDA_GROUP)]
@@ -361,7 +458,8 @@ def test_api_server_accepts_the_manifests(rendered: list[Manifest], kube_cluster
         for doc in docs:
             assert f"{doc['metadata']['name']} " in proc.stdout, proc.stdout
     finally:
-        kube_cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+        for name in (NAMESPACE, BUILD_NAMESPACE):
+            kube_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 def test_only_buildkitd_falls_short_of_pod_security_restricted(
@@ -424,3 +522,51 @@ def test_workers_are_probed_and_scraped_on_their_metrics_port(
     [rule] = policy["spec"]["ingress"]
     assert rule["ports"] == [{"port": port["containerPort"], "protocol": "TCP"}]
     assert "from" not in rule or rule["from"], "the metrics port only"
+
+
+def _kaniko_pod(namespace: str, **container_changes: Any) -> Manifest:
+    """The pod of a Kaniko build Job (worker/backends/kaniko/manifest.py, default settings)."""
+    request = BuildRequest(
+        source=GitSource(url="https://git.example.test/demo/app.git", ref="main"),
+        images=("registry.example.test/demo/app:1",),
+    )
+    job = build_job_manifest(BuildJob(request, 1), KanikoSettings(), namespace)
+    template = job["spec"]["template"]
+    [container] = template["spec"]["containers"]
+    container.update(container_changes)
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "kaniko-psa", "namespace": namespace, **template["metadata"]},
+        "spec": template["spec"],
+    }
+
+
+def test_the_build_namespace_admits_kaniko_pods_and_refuses_privileged_ones(
+    rendered: list[Manifest], kube_cluster: Cluster
+) -> None:
+    """The API server's Pod Security admission judges pods in a namespace labelled as
+    deploy/'s build namespace (a scratch name: an earlier test's may still be terminating)."""
+    namespace = json.loads(json.dumps(find(rendered, "Namespace", BUILD_NAMESPACE)))
+    scratch = f"bf-builds-{uuid.uuid4().hex[:8]}"
+    namespace["metadata"]["name"] = scratch
+    kube_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(namespace))
+    try:
+        proc = _dry_run(kube_cluster, [_kaniko_pod(scratch)])
+        assert proc.returncode == 0, proc.stderr
+        assert "PodSecurity" not in proc.stderr, proc.stderr
+        privileged = {"privileged": True, "allowPrivilegeEscalation": True}
+        host_path = [{"name": "host", "mountPath": "/host"}]
+        for changes in (
+            {"securityContext": privileged},
+            {"securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}},
+            {"volumeMounts": host_path},
+        ):
+            pod = _kaniko_pod(scratch, **changes)
+            if "volumeMounts" in changes:
+                pod["spec"]["volumes"] = [{"name": "host", "hostPath": {"path": "/"}}]
+            proc = _dry_run(kube_cluster, [pod])
+            assert proc.returncode != 0, f"admitted: {changes}"
+            assert 'violates PodSecurity "baseline:' in proc.stderr, proc.stderr
+    finally:
+        kube_cluster.kubectl("delete", "namespace", scratch, "--wait=false", check=False)

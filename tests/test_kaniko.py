@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import yaml  # type: ignore[import-untyped,unused-ignore]
 
 from producer.contract import BuildRequest, CachePolicy, GitSource, LocalSource, Step
 from worker.backends.base import BuildJob
@@ -473,10 +474,18 @@ def test_log_position_skips_replayed_lines() -> None:
 # --- against the real control plane -----------------------------------------------------
 
 
+BUILD_NAMESPACE = yaml.safe_load(
+    (Path(__file__).parent.parent / "deploy" / "kaniko" / "namespace.yaml").read_text()
+)
+
+
 @pytest.fixture
 def namespace(kube_cluster: KubeCluster) -> Iterator[str]:
+    """A namespace with the Pod Security labels of deploy/'s kaniko build namespace
+    (`baseline` enforced): every Job these tests run has its pods admitted under them."""
     name = f"t-{uuid.uuid4().hex[:8]}"
-    kube_cluster.ensure_namespace(name)
+    labels = BUILD_NAMESPACE["metadata"]["labels"]
+    kube_cluster.ensure_namespace(name, {k: v for k, v in labels.items() if "pod-security" in k})
     yield name
     kube_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
@@ -811,26 +820,35 @@ async def test_backend_works_with_only_the_deploy_role(
     kube_cluster: KubeCluster,
     tmp_path: Path,
 ) -> None:
-    ns = "buildfleet"  # the namespace deploy/kaniko/kustomization.yaml names
+    # The namespaces deploy/kaniko/ names: the workers' (its ServiceAccount) and the build
+    # namespace (its Role, where the Jobs go; it creates that one itself).
+    ns, builds = "buildfleet", BUILD_NAMESPACE["metadata"]["name"]
+    for name in (ns, builds):  # tests/test_deploy.py deletes them without waiting
+        kube_cluster.kubectl(
+            "wait", "--for=delete", f"namespace/{name}", "--timeout=120s", check=False
+        )
     kube_cluster.ensure_namespace(ns)
     kube_cluster.kubectl("apply", "-k", str(REPO / "deploy" / "kaniko"))
     sa = f"system:serviceaccount:{ns}:buildfleet-kaniko"
-    for verb, resource, allowed in (
-        ("create", "jobs.batch", "yes"),
-        ("delete", "jobs.batch", "yes"),
-        ("get", "pods --subresource=log", "yes"),  # "pods/log" would mean the pod "log"
-        ("create", "pods", "no"),
-        ("get", "secrets", "no"),
+    for verb, resource, where, allowed in (
+        ("create", "jobs.batch", builds, "yes"),
+        ("delete", "jobs.batch", builds, "yes"),
+        ("get", "pods --subresource=log", builds, "yes"),  # "pods/log" would mean pod "log"
+        ("create", "pods", builds, "no"),
+        ("get", "secrets", builds, "no"),
+        ("create", "jobs.batch", ns, "no"),  # only in the build namespace
     ):
         answer = kube_cluster.kubectl(
-            "auth", "can-i", verb, *resource.split(), "-n", ns, "--as", sa, check=False
+            "auth", "can-i", verb, *resource.split(), "-n", where, "--as", sa, check=False
         ).strip()
-        assert answer == allowed, (verb, resource, answer)
+        assert answer == allowed, (verb, resource, where, answer)
     sa_kubeconfig = kube_cluster.token_kubeconfig(
         ns, "buildfleet-kaniko", tmp_path / "sa.kubeconfig"
     )
     digest = "sha256:" + "f" * 64
-    backend = backend_for(sa_kubeconfig, ns, "success", pod_annotations={DIGEST_ANNOTATION: digest})
+    backend = backend_for(
+        sa_kubeconfig, builds, "success", pod_annotations={DIGEST_ANNOTATION: digest}
+    )
     sink = EventSink()
     request = make_request()
     try:
@@ -838,7 +856,7 @@ async def test_backend_works_with_only_the_deploy_role(
         cancelled = make_request()
         task = asyncio.create_task(backend.build(BuildJob(cancelled, 1), EventSink()))
         await asyncio.to_thread(
-            wait_for, "a Job to cancel", lambda: jobs_of(kube_cluster, ns, cancelled.id)
+            wait_for, "a Job to cancel", lambda: jobs_of(kube_cluster, builds, cancelled.id)
         )
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -847,11 +865,11 @@ async def test_backend_works_with_only_the_deploy_role(
         await backend.aclose()
     assert built.digest == digest
     assert "hello from kaniko" in sink.lines
-    assert jobs_of(kube_cluster, ns, cancelled.id) == []
+    assert jobs_of(kube_cluster, builds, cancelled.id) == []
 
     api = await KubeApi.connect(kubeconfig=str(sa_kubeconfig))
     try:
-        deleted = await reap_orphans(api, JOBS, ns, live_build_ids=set())
+        deleted = await reap_orphans(api, JOBS, builds, live_build_ids=set())
     finally:
         await api.aclose()
     assert job_name(request.id, 1) in deleted

@@ -132,6 +132,7 @@ def test_up_builds_through_its_gateway_and_ctrl_c_leaves_nothing_behind(
         cli_env = {
             **env,
             "BUILDFLEET_REDIS_URL": fleet["redis_url"],
+            "BUILDFLEET_REDIS_PASSWORD": Path(fleet["redis_password_file"]).read_text().strip(),
             "BUILDFLEET_TELEMETRY_TRACE_LINK": fleet["trace_link"],
         }
         shown = _cli(cli_env, "get", build_id)
