@@ -55,6 +55,11 @@ async def alternate(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument(
+        "--profile",
+        metavar="SVG",
+        help="record the worker with py-spy (flame graph to SVG; --format speedscope: .json)",
+    )
     args = parser.parse_args()
     with LocalFleetServices(buildkitd_count=1) as services:
         daemon = services.buildkitd_addrs[0]
@@ -75,8 +80,22 @@ def main() -> None:
             "BUILDFLEET_BUILDKIT_BUILDCTL": buildctl,
             "BUILDFLEET_BUILDKIT_DAEMONS": f'[{{"address": "{daemon}"}}]',
         }
+        command = [sys.executable, "-m", "buildfleet.cli", "worker"]
+        if args.profile:
+            spy = str(Path(sys.executable).with_name("py-spy"))
+            command = [
+                spy,
+                "record",
+                "--nonblocking",
+                "-r",
+                "250",
+                "-o",
+                args.profile,
+                "--",
+                *command,
+            ]
         worker = subprocess.Popen(
-            [sys.executable, "-m", "buildfleet.cli", "worker"],
+            command,
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -93,7 +112,10 @@ def main() -> None:
                 )
             )
         finally:
-            worker.terminate()
+            if args.profile:  # py-spy writes its profile when the worker it runs ends
+                subprocess.run(["pkill", "-TERM", "-P", str(worker.pid)], check=False)
+            else:
+                worker.terminate()
             worker.wait(timeout=60)
     direct_s, fleet_s = statistics.median(direct), statistics.median(fleet)
     print(f"warm-cache build pushed to a local registry, median of {args.runs} each, alternating")

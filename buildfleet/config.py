@@ -23,6 +23,7 @@ from worker.retry import RetrySettings
 from worker.settings import (
     BuildahSettings,
     BuildkitSettings,
+    CacheSettings,
     DockerSettings,
     KanikoSettings,
     SchedulingSettings,
@@ -58,6 +59,7 @@ class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     buildkit: BuildkitSettings = BuildkitSettings()
     simulate: SimulateSettings = SimulateSettings()
     scheduling: SchedulingSettings = SchedulingSettings()
+    cache: CacheSettings = CacheSettings()
     kaniko: KanikoSettings = msgspec.field(default_factory=KanikoSettings)
     docker: DockerSettings = DockerSettings()
     buildah: BuildahSettings = BuildahSettings()
@@ -74,6 +76,7 @@ class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             buildkit=self.buildkit,
             simulate=self.simulate,
             scheduling=self.scheduling,
+            cache=self.cache,
             kaniko=self.kaniko,
             docker=self.docker,
             buildah=self.buildah,

@@ -72,6 +72,25 @@ class BuildkitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return [self.buildctl, "--addr", address, *tls]
 
 
+_REPOSITORY_PREFIX: Final = (
+    r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*$"
+)
+"""A registry host (and port), then repository path components: where caches are named."""
+
+
+class CacheSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A registry cache per repository, so that a build that runs away from the daemon
+    holding its cache (spilled: that daemon was full) is warm too (worker/registry_cache.py).
+
+    With `registry` set (a repository prefix, `registry.example:5000/buildcache`), every
+    BuildKit build that names no cache of its own exports `mode=max` to
+    `PREFIX/REPO:REF` and imports that and `PREFIX/REPO:DEFAULT_BRANCH`.
+    """
+
+    registry: Annotated[str, msgspec.Meta(pattern=_REPOSITORY_PREFIX)] | None = None
+    default_branch: str = "main"
+
+
 class DockerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How the docker backend reaches its daemons through the Engine API.
 
@@ -305,6 +324,7 @@ class WorkerConfig:
     buildkit: BuildkitSettings
     simulate: SimulateSettings
     scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
     kaniko: KanikoSettings = field(default_factory=KanikoSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
     buildah: BuildahSettings = field(default_factory=BuildahSettings)

@@ -2,7 +2,9 @@
 
 The command is an argument list built from the request (never a shell string). buildctl's
 `--progress=rawjson` stderr becomes Step and Log events, `--metadata-file` gives the digest,
-and `TRACEPARENT` in its environment nests BuildKit's spans under the attempt's span.
+a request naming no cache of its own uses its repository's registry cache when one is
+configured (worker/registry_cache.py), and `TRACEPARENT` in its environment nests
+BuildKit's spans under the attempt's span.
 Cancelling the build sends SIGINT (buildctl then cancels the solve on the daemon) and
 SIGKILL after a grace period.
 """
@@ -23,8 +25,9 @@ from producer.contract import BuildRequest, GitSource, LocalSource
 from worker.backends.base import BuildJob, Built, ProgressSink
 from worker.errors import PermanentBuildError, TemporaryBuildError
 from worker.progress import ProgressParser
+from worker.registry_cache import with_registry_cache
 from worker.retry import classify
-from worker.settings import BuildkitSettings
+from worker.settings import BuildkitSettings, CacheSettings
 from worker.subprocesses import die_with_this_process
 from worker.telemetry import unsampled_traceparent
 
@@ -117,13 +120,20 @@ def _probe_env() -> dict[str, str]:
 class BuildkitBackend:
     name = "buildkit"
 
-    def __init__(self, settings: BuildkitSettings, *, tail_lines: int = 20) -> None:
+    def __init__(
+        self,
+        settings: BuildkitSettings,
+        cache: CacheSettings | None = None,
+        *,
+        tail_lines: int = 20,
+    ) -> None:
         self.settings = settings
+        self.cache = cache or CacheSettings()
         self.tail_lines = tail_lines
 
     async def build(self, job: BuildJob, progress: ProgressSink) -> Built:
         address = job.placement or self._default_address()
-        request = job.request
+        request = with_registry_cache(job.request, self.cache)
         _check_local_source(request)
         with tempfile.TemporaryDirectory(prefix="buildfleet-") as scratch:
             metadata = Path(scratch, "metadata.json")
