@@ -37,6 +37,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """On SIGTERM, how long in-flight builds may go on before they are re-queued."""
     log_cap_bytes: PositiveInt = 1 << 20
     """Log bytes kept per build attempt; past it one marker says how much was dropped."""
+    progress_interval_s: PositiveFloat = 0.25
+    """Step and Log events of a build go out at most this often (each vertex's latest
+    state, its log lines together), and all that is held before the build's end."""
     log_tail_lines: PositiveInt = DEFAULT_LOG_TAIL_LINES
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
     """Serve /metrics (Prometheus text), /healthz and /readyz on this port (0: any free
