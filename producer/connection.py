@@ -6,18 +6,31 @@ of hanging it), TCP keepalive and a health check of idle connections, and each o
 reach the primary through Redis Sentinel. With Sentinel, a connection that finds its server
 demoted (READONLY) drops itself and asks the sentinels again: a failover looks like a short
 outage to the code above, which retries (see producer/resilience.py).
+
+Every connection bounds a send by the socket timeout in the caller's task: redis-py does
+it with `asyncio.wait_for`, which on Python 3.11 runs each send in a task of its own (one
+task per command or pipeline, a large share of a busy worker's or gateway's CPU).
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.settings import RedisSettings, redact_url
 
@@ -60,7 +73,60 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     return SentinelTarget(tuple(sentinels), path[0], db, password or None)
 
 
-class FailoverAwareConnection(SentinelManagedConnection):
+class _SendInPlace(AbstractConnection):
+    """redis-py's send, bounded by `asyncio.timeout` instead of a task per send; its errors
+    as redis-py raises them."""
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        if not self.socket_timeout:
+            return await super().send_packed_command(command, check_health)
+        if not self.is_connected:
+            await self.connect()  # type: ignore[no-untyped-call]
+        elif check_health:
+            await self.check_health()  # type: ignore[no-untyped-call]
+        if isinstance(command, str):
+            command = command.encode()
+        if isinstance(command, bytes):
+            command = [command]
+        writer = self._writer
+        assert writer is not None  # connected above
+        try:
+            writer.writelines(command)
+            async with asyncio.timeout(self.socket_timeout):
+                await writer.drain()
+        except TimeoutError:
+            await self.disconnect(nowait=True)
+            raise RedisTimeoutError("Timeout writing to socket") from None
+        except OSError as exc:
+            await self.disconnect(nowait=True)
+            raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
+        except BaseException:
+            await self.disconnect(nowait=True)
+            raise
+
+
+class _TcpConnection(_SendInPlace, Connection):
+    pass
+
+
+class _TlsConnection(_SendInPlace, SSLConnection):
+    pass
+
+
+class _UnixConnection(_SendInPlace, UnixDomainSocketConnection):
+    pass
+
+
+_CONNECTION_CLASSES: Final[dict[str, type[AbstractConnection]]] = {
+    "redis": _TcpConnection,
+    "rediss": _TlsConnection,
+    "unix": _UnixConnection,
+}
+
+
+class FailoverAwareConnection(_SendInPlace, SentinelManagedConnection):
     """A connection to the primary Sentinel names, which asks Sentinel again as soon as its
     server says it is no longer a primary that can take writes: demoted (READONLY, as
     redis-py does), or cut off from its replicas (NOREPLICAS, what `min-replicas-to-write`
@@ -115,4 +181,7 @@ def connect(settings: RedisSettings, redis_class: type[_R]) -> _R:
         return cast(_R, primary)
     if settings.password is not None:
         options["password"] = settings.password
-    return cast(_R, redis_class.from_url(settings.url, **options))
+    client = redis_class.from_url(settings.url, **options)
+    # After from_url, which sets the class of unix:// and rediss:// URLs itself.
+    client.connection_pool.connection_class = _CONNECTION_CLASSES[urlsplit(settings.url).scheme]
+    return cast(_R, client)
