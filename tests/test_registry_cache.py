@@ -118,7 +118,7 @@ async def test_a_spilled_build_finds_its_slow_step_in_the_repository_cache(
         assert steps, "the RUN step was never reported"
         return all(step.cached for step in steps)
 
-    with_cache, without = BuildkitBackend(settings, cache), BuildkitBackend(settings)
+    with_cache, without = BuildkitBackend(settings, cache=cache), BuildkitBackend(settings)
     shared = request_for("shared")
     assert not await slow_step_cached(with_cache, shared, first)
     exported = registry_cache(shared, cache).export_ref

@@ -123,9 +123,9 @@ class BuildkitBackend:
     def __init__(
         self,
         settings: BuildkitSettings,
-        cache: CacheSettings | None = None,
         *,
         tail_lines: int = 20,
+        cache: CacheSettings | None = None,
     ) -> None:
         self.settings = settings
         self.cache = cache or CacheSettings()

@@ -19,7 +19,7 @@ def make_backend(config: WorkerConfig) -> Backend:
         case "buildkit":
             from worker.backends.buildkit import BuildkitBackend
 
-            return BuildkitBackend(config.buildkit, config.cache, tail_lines=tail_lines)
+            return BuildkitBackend(config.buildkit, tail_lines=tail_lines, cache=config.cache)
         case "docker":
             from worker.backends.docker import DockerBackend
 
