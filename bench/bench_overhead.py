@@ -31,11 +31,19 @@ def direct_build(buildctl: str, daemon: str, request: BuildRequest, scratch: Pat
     return time.perf_counter() - began
 
 
+PHASES: dict[str, list[float]] = {"pickup": [], "in the worker": [], "result to client": []}
+"""Where a fleet build's time goes: submitted to started (the queue), started to ended (the
+build, with Started and its progress), ended to the client holding the result."""
+
+
 async def fleet_build(fleet: BuildfleetClient, request: BuildRequest) -> float:
-    began = time.perf_counter()
+    began, submitted = time.perf_counter(), time.time()
     result = await fleet.wait(await fleet.submit(request))
-    elapsed = time.perf_counter() - began
+    elapsed, received = time.perf_counter() - began, time.time()
     assert result.ok, result
+    PHASES["pickup"].append(result.queue_wait_s)
+    PHASES["in the worker"].append(result.finished_at - submitted - result.queue_wait_s)
+    PHASES["result to client"].append(received - result.finished_at)
     return elapsed
 
 
@@ -55,6 +63,11 @@ async def alternate(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument(
+        "--profile",
+        metavar="PATH",
+        help="record the worker with py-spy: a flame graph (.svg) or collapsed stacks (.txt)",
+    )
     args = parser.parse_args()
     with LocalFleetServices(buildkitd_count=1) as services:
         daemon = services.buildkitd_addrs[0]
@@ -75,8 +88,14 @@ def main() -> None:
             "BUILDFLEET_BUILDKIT_BUILDCTL": buildctl,
             "BUILDFLEET_BUILDKIT_DAEMONS": f'[{{"address": "{daemon}"}}]',
         }
+        command = [sys.executable, "-m", "buildfleet.cli", "worker"]
+        if args.profile:
+            spy = str(Path(sys.executable).with_name("py-spy"))
+            form = "raw" if args.profile.endswith(".txt") else "flamegraph"
+            command = [spy, "record", "--nonblocking", "-r", "250", "--format", form,
+                       "-o", args.profile, "--", *command]  # fmt: skip
         worker = subprocess.Popen(
-            [sys.executable, "-m", "buildfleet.cli", "worker"],
+            command,
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -93,7 +112,10 @@ def main() -> None:
                 )
             )
         finally:
-            worker.terminate()
+            if args.profile:  # py-spy writes its profile when the worker it runs ends
+                subprocess.run(["pkill", "-TERM", "-P", str(worker.pid)], check=False)
+            else:
+                worker.terminate()
             worker.wait(timeout=60)
     direct_s, fleet_s = statistics.median(direct), statistics.median(fleet)
     print(f"warm-cache build pushed to a local registry, median of {args.runs} each, alternating")
@@ -102,6 +124,11 @@ def main() -> None:
         f"through buildfleet: {fleet_s * 1000:7.1f} ms  (submit to result, via Redis and a worker)"
     )
     print(f"ratio: {fleet_s / direct_s:.3f}  (goal <= 1.10)")
+    print(
+        "fleet build, medians: "
+        + ", ".join(f"{name} {statistics.median(s) * 1000:.1f} ms" for name, s in PHASES.items())
+    )
+    print(f"machine load average {os.getloadavg()[0]:.1f} (2 cores, shared)")
     print(f"reproduce: .venv/bin/python bench/bench_overhead.py --runs {args.runs}")
 
 

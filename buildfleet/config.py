@@ -23,6 +23,7 @@ from worker.retry import RetrySettings
 from worker.settings import (
     BuildahSettings,
     BuildkitSettings,
+    CacheSettings,
     DockerSettings,
     JibSettings,
     KanikoSettings,
@@ -48,6 +49,7 @@ class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     buildkit: BuildkitSettings = BuildkitSettings()
     simulate: SimulateSettings = SimulateSettings()
     scheduling: SchedulingSettings = SchedulingSettings()
+    cache: CacheSettings = CacheSettings()
     kaniko: KanikoSettings = msgspec.field(default_factory=KanikoSettings)
     docker: DockerSettings = DockerSettings()
     buildah: BuildahSettings = BuildahSettings()
@@ -65,6 +67,7 @@ class FleetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             buildkit=self.buildkit,
             simulate=self.simulate,
             scheduling=self.scheduling,
+            cache=self.cache,
             kaniko=self.kaniko,
             docker=self.docker,
             buildah=self.buildah,

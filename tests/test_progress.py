@@ -4,7 +4,7 @@ import base64
 import json
 
 from producer.contract import Log, Step
-from worker.progress import LogBudget, ProgressParser
+from worker.progress import LogBudget, ProgressBuffer, ProgressParser
 
 RUN = "sha256:" + "a" * 64
 FROM = "sha256:" + "b" * 64
@@ -106,3 +106,49 @@ def test_the_log_budget_truncates_once_with_a_marker() -> None:
     assert marker is not None and "truncated" in marker.text
     assert budget.admit(Log(build_id="b", text="more")) is None
     assert budget.dropped == 14
+
+
+def _step(vertex: str, **fields: object) -> Step:
+    fields = {"name": f"step {vertex}", **fields}
+    return Step(build_id="b", attempt=1, at=0.0, vertex=vertex, **fields)  # type: ignore[arg-type]
+
+
+def test_a_step_that_started_and_completed_between_two_flushes_goes_out_once() -> None:
+    buffer = ProgressBuffer()
+    buffer.add(_step("a", started=1.0))
+    buffer.add(_step("b", started=1.0))
+    buffer.add(_step("a", started=1.0, completed=2.0))
+    assert buffer.flush() == [_step("a", started=1.0, completed=2.0), _step("b", started=1.0)]
+    assert not buffer
+    assert buffer.flush() == []
+
+
+def test_a_step_whose_state_did_not_change_is_not_published_again() -> None:
+    buffer = ProgressBuffer()
+    buffer.add(_step("push", started=1.0))
+    buffer.flush()
+    buffer.add(_step("push", name="pushing layers", started=1.5))  # progress only
+    assert buffer.flush() == []
+    buffer.add(_step("push", started=1.0, completed=3.0))
+    buffer.add(_step("bad", started=1.0, completed=2.0, error="exit code 1"))
+    assert [(s.vertex, s.completed) for s in buffer.flush() if isinstance(s, Step)] == [
+        ("push", 3.0),
+        ("bad", 2.0),
+    ]
+
+
+def test_log_lines_of_one_vertex_and_stream_go_out_as_one_log_in_order() -> None:
+    buffer = ProgressBuffer()
+    for text, vertex, stream in [
+        ("a1\n", "a", 1),
+        ("e\n", "a", 2),
+        ("a2\n", "a", 1),
+        ("b\n", "b", 1),
+    ]:
+        buffer.add(Log(build_id="b", attempt=1, vertex=vertex, stream=stream, text=text))  # type: ignore[arg-type]
+    logs = buffer.flush()
+    assert [(log.vertex, log.stream, log.text) for log in logs if isinstance(log, Log)] == [
+        ("a", 1, "a1\na2\n"),
+        ("a", 2, "e\n"),
+        ("b", 1, "b\n"),
+    ]

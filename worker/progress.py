@@ -173,3 +173,51 @@ class LogBudget:
             text="[buildfleet: log truncated: the per-build log cap was reached; "
             "further output is dropped]\n",
         )
+
+
+def _state(step: Step) -> tuple[bool, bool, bool, str | None]:
+    """What a watcher sees of a step: cached, started, completed, failed."""
+    return step.cached, step.started is not None, step.completed is not None, step.error
+
+
+class ProgressBuffer:
+    """Progress of one attempt, held between two flushes (at most one per interval: the
+    runner flushes on a timer, and before the attempt's end).
+
+    A flush carries, in order of first arrival, the latest Step of each vertex whose state
+    (cached, started, completed, failed) changed since the last flush (a step that started
+    and completed in between goes out once, completed, with both times), and each
+    vertex's log lines of one stream as one Log. A warm build of a few hundred
+    milliseconds publishes its progress in one batch, with its terminal event.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[tuple[str, str | None, int], Step | Log] = {}
+        self._published: dict[str, tuple[bool, bool, bool, str | None]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def add(self, event: Step | Log) -> None:
+        match event:
+            case Step(vertex=vertex):
+                self._pending["step", vertex, 0] = event
+            case Log(vertex=vertex, stream=stream, text=text):
+                key = ("log", vertex, stream)
+                held = self._pending.get(key)
+                if isinstance(held, Log):
+                    event = msgspec.structs.replace(held, text=held.text + text)
+                self._pending[key] = event
+
+    def flush(self) -> list[Step | Log]:
+        """The events to publish now, and forget them."""
+        events: list[Step | Log] = []
+        for event in self._pending.values():
+            if isinstance(event, Step):
+                state = _state(event)
+                if self._published.get(event.vertex) == state:
+                    continue  # only its progress moved: nothing a watcher would see
+                self._published[event.vertex] = state
+            events.append(event)
+        self._pending.clear()
+        return events

@@ -59,7 +59,7 @@ from worker.backends.base import Backend, BuildJob, Built
 from worker.backends.capabilities import recipe_refusal
 from worker.capacity import Capacity, Held
 from worker.errors import BuildError, PermanentBuildError, TemporaryBuildError
-from worker.progress import LogBudget
+from worker.progress import LogBudget, ProgressBuffer
 from worker.retry import RetrySettings, decide
 from worker.scheduling import Placement, Placer
 from worker.settings import SchedulingSettings, WorkerSettings
@@ -247,17 +247,7 @@ class BuildRunner:
         # Every backend refuses what it cannot build from, before it waits for a slot.
         if (reason := recipe_refusal(request, self.backend.name)) is not None:
             raise PermanentBuildError(reason, error_class="unsupported")
-        budget = LogBudget(self.settings.log_cap_bytes)
-
-        async def progress(event: Step | Log) -> None:
-            if isinstance(event, Log):
-                if (admitted := budget.admit(event)) is not None:
-                    self.store.publish_soon(admitted, token)
-            else:
-                self.store.publish_soon(event, token)
-                if current.trace is not None:
-                    self.telemetry.step(current.trace, event)
-
+        progress = _Progress(self, current)
         if current.placement.daemon is None and token is not None:
             waiting_since = time.monotonic()
             placement = await self.placer.wait(
@@ -276,7 +266,10 @@ class BuildRunner:
         with self.telemetry.holding_slot(
             current.placement.daemon, current.trace, current.capacity_wait_s
         ):
-            return await self.backend.build(job, progress)
+            try:
+                return await self.backend.build(job, progress)
+            finally:
+                progress.close()  # what is held goes out before the attempt's end
 
     def _timeout(self, request: BuildRequest) -> float:
         """The build's deadline: its own or the default, never past the fleet's maximum."""
@@ -424,6 +417,43 @@ class BuildRunner:
             lambda: self.store.publish(event, dead_letter=DeadLetterEntry(raw)),
             f"dead-lettering {build_id}",
         )
+
+
+class _Progress:
+    """The progress sink of one attempt: Log events within the build's log budget, Step
+    and Log events held in a ProgressBuffer and published at most once per
+    `progress_interval_s` (a timer, not the next event, sends what is held), and at the
+    end. Best effort, never awaited: a slow Redis does not slow the build."""
+
+    def __init__(self, runner: BuildRunner, current: _Attempt) -> None:
+        self.runner = runner
+        self.current = current
+        self.budget = LogBudget(runner.settings.log_cap_bytes)
+        self.buffer = ProgressBuffer()
+        self.timer: asyncio.TimerHandle | None = None
+
+    async def __call__(self, event: Step | Log) -> None:
+        if isinstance(event, Log):
+            if (admitted := self.budget.admit(event)) is None:
+                return
+            event = admitted
+        self.buffer.add(event)
+        if self.timer is None:
+            interval = self.runner.settings.progress_interval_s
+            self.timer = asyncio.get_running_loop().call_later(interval, self.flush)
+
+    def flush(self) -> None:
+        self.timer = None
+        runner, trace, token = self.runner, self.current.trace, self.current.token
+        for event in self.buffer.flush():
+            runner.store.publish_soon(event, token)
+            if trace is not None and isinstance(event, Step):
+                runner.telemetry.step(trace, event)
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.flush()
 
 
 def _task_is_cancelling() -> bool:

@@ -61,6 +61,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """On SIGTERM, how long in-flight builds may go on before they are re-queued."""
     log_cap_bytes: PositiveInt = 1 << 20
     """Log bytes kept per build attempt; past it one marker says how much was dropped."""
+    progress_interval_s: PositiveFloat = 0.25
+    """Step and Log events of a build go out at most this often (each vertex's latest
+    state, its log lines together), and all that is held before the build's end."""
     log_tail_lines: PositiveInt = DEFAULT_LOG_TAIL_LINES
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
     """Serve /metrics (Prometheus text), /healthz and /readyz on this port (0: any free
@@ -102,6 +105,25 @@ class BuildkitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """buildctl and its connection flags, ready for a subcommand."""
         tls = ["--tlsdir", self.tls_dir] if self.tls_dir else []
         return [self.buildctl, "--addr", address, *tls]
+
+
+_REPOSITORY_PREFIX: Final = (
+    r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*$"
+)
+"""A registry host (and port), then repository path components: where caches are named."""
+
+
+class CacheSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A registry cache per repository, so that a build that runs away from the daemon
+    holding its cache (spilled: that daemon was full) is warm too (worker/registry_cache.py).
+
+    With `registry` set (a repository prefix, `registry.example:5000/buildcache`), every
+    BuildKit build that names no cache of its own exports `mode=max` to
+    `PREFIX/REPO:REF` and imports that and `PREFIX/REPO:DEFAULT_BRANCH`.
+    """
+
+    registry: Annotated[str, msgspec.Meta(pattern=_REPOSITORY_PREFIX)] | None = None
+    default_branch: str = "main"
 
 
 class DockerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -416,6 +438,7 @@ class WorkerConfig:
     buildkit: BuildkitSettings
     simulate: SimulateSettings
     scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
     kaniko: KanikoSettings = field(default_factory=KanikoSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
     buildah: BuildahSettings = field(default_factory=BuildahSettings)

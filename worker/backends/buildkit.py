@@ -2,7 +2,9 @@
 
 The command is an argument list built from the request (never a shell string). buildctl's
 `--progress=rawjson` stderr becomes Step and Log events, `--metadata-file` gives the digest,
-and `TRACEPARENT` in its environment nests BuildKit's spans under the attempt's span.
+a request naming no cache of its own uses its repository's registry cache when one is
+configured (worker/registry_cache.py), and `TRACEPARENT` in its environment nests
+BuildKit's spans under the attempt's span.
 Cancelling the build sends SIGINT (buildctl then cancels the solve on the daemon) and
 SIGKILL after a grace period.
 """
@@ -26,8 +28,9 @@ from worker.backends.capabilities import ensure_capable
 from worker.backends.secrets import buildctl_flags, sources_for
 from worker.errors import PermanentBuildError, TemporaryBuildError
 from worker.progress import ProgressParser
+from worker.registry_cache import with_registry_cache
 from worker.retry import classify
-from worker.settings import BuildkitSettings, SecretSource
+from worker.settings import BuildkitSettings, CacheSettings, SecretSource
 from worker.subprocesses import die_with_this_process
 from worker.telemetry import unsampled_traceparent
 
@@ -133,14 +136,16 @@ class BuildkitBackend:
         *,
         tail_lines: int = 20,
         secrets: Sequence[SecretSource] = (),
+        cache: CacheSettings | None = None,
     ) -> None:
         self.settings = settings
+        self.cache = cache or CacheSettings()
         self.tail_lines = tail_lines
         self.secrets = tuple(secrets)
 
     async def build(self, job: BuildJob, progress: ProgressSink) -> Built:
         address = job.placement or self._default_address()
-        request = job.request
+        request = with_registry_cache(job.request, self.cache)
         ensure_capable(request, self.name)
         _check_local_source(request)
         secrets = sources_for(request, self.secrets)

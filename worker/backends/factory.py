@@ -20,7 +20,9 @@ def make_backend(config: WorkerConfig) -> Backend:
         case "buildkit":
             from worker.backends.buildkit import BuildkitBackend
 
-            return BuildkitBackend(config.buildkit, tail_lines=tail_lines, secrets=secrets)
+            return BuildkitBackend(
+                config.buildkit, tail_lines=tail_lines, secrets=secrets, cache=config.cache
+            )
         case "docker":
             from worker.backends.docker import DockerBackend
 
