@@ -267,7 +267,7 @@ def test_buildah_commands_are_argument_lists() -> None:
 
 
 def test_buildah_step_lines_with_and_without_stages() -> None:
-    steps = NumberedSteps("b1", 1, BUILDAH_STEP)
+    steps = NumberedSteps("b1", 1, pattern=BUILDAH_STEP)
     first = steps.feed("[1/2] STEP 1/3: FROM base AS build\n", 1.0)
     assert [e.name for e in first if isinstance(e, Step)] == ["stage 1/2 [1/3] FROM base AS build"]
     steps.feed("compiling\n", 1.5)

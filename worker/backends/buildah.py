@@ -128,7 +128,9 @@ class BuildahBackend:
         secrets = sources_for(request, self.secrets)
         await self._check_remote_cache(request)
         with tempfile.TemporaryDirectory(prefix="buildfleet-buildah-") as scratch:
-            steps = NumberedSteps(request.id, job.attempt, BUILDAH_STEP, tail_lines=self.tail_lines)
+            steps = NumberedSteps(
+                request.id, job.attempt, tail_lines=self.tail_lines, pattern=BUILDAH_STEP
+            )
             argv = build_argv(self.settings, request, Path(scratch, "iid"), secrets)
             output: list[str] = []
             returncode = await self._run(argv, steps, output, progress, cwd=scratch)
@@ -170,7 +172,7 @@ class BuildahBackend:
         self, image: str, digestfile: Path, job: BuildJob, progress: ProgressSink
     ) -> str:
         output: list[str] = []
-        steps = NumberedSteps(job.request.id, job.attempt, BUILDAH_STEP)
+        steps = NumberedSteps(job.request.id, job.attempt, pattern=BUILDAH_STEP)
         returncode = await self._run(
             push_argv(self.settings, image, digestfile), steps, output, progress
         )

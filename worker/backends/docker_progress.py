@@ -85,7 +85,7 @@ class BuildStream:
     def __post_init__(self) -> None:
         self.trace = ProgressParser(self.build_id, self.attempt, tail_lines=self.tail_lines)
         self.classic = NumberedSteps(
-            self.build_id, self.attempt, CLASSIC_STEP, tail_lines=self.tail_lines
+            self.build_id, self.attempt, tail_lines=self.tail_lines, pattern=CLASSIC_STEP
         )
 
     def feed(self, message: StreamMessage, now: float | None = None) -> list[Step | Log]:

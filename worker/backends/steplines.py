@@ -30,12 +30,12 @@ _CACHED: Final = re.compile(r"^(-->|\s*--->) Using cache\b")
 
 
 @dataclass
-class NumberedSteps:
-    """Feed it the builder's output line by line (newline included); it answers with events."""
+class TextSteps:
+    """What every plain-text step parser keeps: the running step, its output's last lines,
+    and the step that failed; subclasses say in `feed` which lines start a step."""
 
     build_id: str
     attempt: int
-    pattern: re.Pattern[str]
     tail_lines: int = 20
     current: Step | None = None
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
@@ -47,29 +47,23 @@ class NumberedSteps:
     def __post_init__(self) -> None:
         self.tail = deque(maxlen=self.tail_lines)
 
-    def feed(self, line: str, now: float) -> list[Step | Log]:
-        match = self.pattern.match(line.rstrip("\r\n"))
-        if match is None:
-            if _CACHED.match(line) and self.current is not None:
-                self.current = msgspec.structs.replace(self.current, cached=True)
-            if line.strip() and not BUILDER_CHATTER.match(line):
-                self.tail.append(line.rstrip())
-            return [
-                Log(
-                    build_id=self.build_id,
-                    attempt=self.attempt,
-                    vertex=self.current.vertex if self.current else None,
-                    text=line,
-                )
-            ]
+    def output(self, text: str, tail: str | None) -> list[Step | Log]:
+        """A line of the current step's output, and what of it belongs in a failure's tail
+        (None for the builder's own chatter)."""
+        if tail is not None:
+            self.tail.append(tail)
+        vertex = self.current.vertex if self.current else None
+        return [Log(build_id=self.build_id, attempt=self.attempt, vertex=vertex, text=text)]
+
+    def start(self, name: str, now: float) -> list[Step | Log]:
+        """A new step begins: the current one ends."""
         events: list[Step | Log] = list(self.finish(now))
-        stage, number, total, instruction = match.groups()
         self.steps += 1
         self.current = Step(
             build_id=self.build_id,
             attempt=self.attempt,
             vertex=f"step-{self.steps}",
-            name=f"{f'stage {stage} ' if stage else ''}[{number}/{total}] {instruction}",
+            name=name,
             started=now,
         )
         self.tail.clear()
@@ -85,3 +79,22 @@ class NumberedSteps:
         if error is not None:
             self.failed = ended
         return [ended]
+
+
+@dataclass
+class NumberedSteps(TextSteps):
+    """Feed it the builder's output line by line (newline included); it answers with events."""
+
+    pattern: re.Pattern[str] = BUILDAH_STEP
+
+    def feed(self, line: str, now: float) -> list[Step | Log]:
+        match = self.pattern.match(line.rstrip("\r\n"))
+        if match is None:
+            if _CACHED.match(line) and self.current is not None:
+                self.current = msgspec.structs.replace(self.current, cached=True)
+            kept = line.strip() and not BUILDER_CHATTER.match(line)
+            return self.output(line, line.rstrip() if kept else None)
+        stage, number, total, instruction = match.groups()
+        return self.start(
+            f"{f'stage {stage} ' if stage else ''}[{number}/{total}] {instruction}", now
+        )

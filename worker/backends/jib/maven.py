@@ -15,15 +15,13 @@ its Log events. A failure is Maven's `[ERROR] Failed to execute goal ...` paragr
 from __future__ import annotations
 
 import re
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-import msgspec
-
 from producer import reference
 from producer.contract import BuildRequest, JibRecipe, Log, Step
+from worker.backends.steplines import TextSteps
 from worker.settings import JibSettings
 
 GOAL_LINE: Final = re.compile(
@@ -126,21 +124,11 @@ def clean(line: str) -> str:
 
 
 @dataclass
-class MavenSteps:
+class MavenSteps(TextSteps):
     """Feed it Maven's output line by line; it answers with Step and Log events."""
 
-    build_id: str
-    attempt: int
-    tail_lines: int = 20
-    current: Step | None = None
-    steps: int = 0
-    tail: deque[str] = field(default_factory=deque)
-    """The last lines of the current step's output: a failed step's log tail."""
     errors: list[str] = field(default_factory=list)
     """Maven's `[ERROR]` lines, the failure's paragraph among them."""
-
-    def __post_init__(self) -> None:
-        self.tail = deque(maxlen=self.tail_lines)
 
     def feed(self, raw: str, now: float) -> list[Step | Log]:
         line = clean(raw)
@@ -149,30 +137,9 @@ class MavenSteps:
             if line.startswith(_ERROR):
                 self.errors.append(line.removeprefix(_ERROR))
                 del self.errors[:-200]
-            if line.strip() and not _CHATTER.match(line):
-                self.tail.append(line)
-            vertex = self.current.vertex if self.current else None
-            return [Log(build_id=self.build_id, attempt=self.attempt, vertex=vertex, text=raw)]
-        events: list[Step | Log] = list(self.finish(now))
-        self.steps += 1
-        self.current = Step(
-            build_id=self.build_id,
-            attempt=self.attempt,
-            vertex=f"step-{self.steps}",
-            name=f"{match['plugin']}:{match['goal']} @ {match['project']}",
-            started=now,
-        )
-        self.tail.clear()
-        events.append(self.current)
-        return events
-
-    def finish(self, now: float, error: str | None = None) -> list[Step]:
-        """End the current step (failed with `error`, if given)."""
-        if self.current is None:
-            return []
-        ended = msgspec.structs.replace(self.current, completed=now, error=error)
-        self.current = None
-        return [ended]
+            kept = line.strip() and not _CHATTER.match(line)
+            return self.output(raw, line if kept else None)
+        return self.start(f"{match['plugin']}:{match['goal']} @ {match['project']}", now)
 
     def failure(self) -> str | None:
         """Maven's reason for failing: the `Failed to execute goal` line and the error lines
