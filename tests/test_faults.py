@@ -22,13 +22,16 @@ from producer.contract import (
     ContractError,
     LocalSource,
     Retrying,
+    Started,
     is_terminal,
 )
-from producer.keys import CANCEL_CHANNEL, DEFAULT_QUEUE, job_key
+from producer.keys import CANCEL_CHANNEL, DEFAULT_QUEUE, in_progress_key, job_key, lease_key
 from producer.settings import QueueSettings
-from producer.store import BuildStore
+from producer.store import Begun, BuildStore
+from producer.workers import WorkerBeat
 from worker.backends.journal import overlapping_runs, peak_concurrency, read_journal
-from worker.recovery import Watchdog
+from worker.capacity import Capacity
+from worker.recovery import Reaper, Watchdog
 from worker.retry import RetrySettings
 from worker.settings import SchedulingSettings, SimulateSettings
 
@@ -178,6 +181,51 @@ async def test_a_worker_paused_past_its_lease_stops_its_build_and_changes_nothin
 
 async def _started_twice(redis: aioredis.Redis, build_id: str) -> bool:
     return len(await started_by(redis, build_id)) >= 2
+
+
+class _Heard:
+    """A heartbeat listener that notes what it hears."""
+
+    def __init__(self) -> None:
+        self.taken_over: list[tuple[str, str]] = []
+
+    def lost(self, build_id: str, why: str) -> None:
+        self.taken_over.append((build_id, why))
+
+    def cancel(self, build_id: str, reason: str) -> bool:
+        return False
+
+
+async def test_a_reaped_attempt_cannot_renew_its_lapsed_lease_and_build_on(
+    redis: aioredis.Redis, fleet: BuildfleetClient, tmp_path: Path
+) -> None:
+    """A worker cut off past its lease (paused, or Redis away) whose build the reaper
+    handed on, and whose heartbeat comes back before another worker starts the build,
+    hears that it lost the build: it does not re-create the lease and build on beside
+    the re-run (the soak saw exactly that once, as an overlap and a daemon over capacity)."""
+    request = simulated(tmp_path)
+    await fleet.submit(request)
+    settings = SchedulingSettings(lease_ttl_s=0.2, slot_ttl_s=0.2, reap_interval_s=0.1)
+    await redis.set(in_progress_key(request.id), b"worker-a", px=60_000)  # arq's claim
+    begun = await BuildStore(redis, QueueSettings()).start(
+        Started(build_id=request.id, attempt=1, worker="worker-a"),
+        "interactive",
+        lease_s=settings.lease_ttl_s,
+    )
+    assert isinstance(begun, Begun)
+    capacity = Capacity(redis, settings, worker="worker-a")
+    capacity.hold(begun.token)
+    reaper = Reaper(redis, settings, claim_ttl_s=60.0)
+    await until(reaper.gate.open)
+
+    async def reaped() -> list[str]:
+        return await reaper.scan()
+
+    await until(reaped)  # the lease lapsed: seen leaseless twice, then handed on
+    heard = _Heard()
+    await capacity.renew(heard, WorkerBeat(name="worker-a", at=time.time()))
+    assert heard.taken_over == [(request.id, "another attempt took over its lease")]
+    assert not await redis.exists(lease_key(request.id))
 
 
 async def test_a_sentinel_failover_while_builds_run_loses_nothing(tmp_path: Path) -> None:

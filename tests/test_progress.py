@@ -4,7 +4,7 @@ import base64
 import json
 
 from producer.contract import Log, Step
-from worker.progress import LogBudget, ProgressBuffer, ProgressParser
+from worker.progress import TRUNCATION_MARKER, LogBudget, ProgressBuffer, ProgressParser
 
 RUN = "sha256:" + "a" * 64
 FROM = "sha256:" + "b" * 64
@@ -151,4 +151,15 @@ def test_log_lines_of_one_vertex_and_stream_go_out_as_one_log_in_order() -> None
         ("a", 1, "a1\na2\n"),
         ("a", 2, "e\n"),
         ("b", 1, "b\n"),
+    ]
+
+
+def test_the_truncation_marker_is_a_log_of_its_own_after_what_was_admitted() -> None:
+    budget, buffer = LogBudget(cap_bytes=8), ProgressBuffer()
+    for text in ("line-1\n", "line-2\n", "line-3\n"):  # builders without vertices: all None
+        if (admitted := budget.admit(Log(build_id="b", attempt=1, text=text))) is not None:
+            buffer.add(admitted)
+    assert [log.text for log in buffer.flush() if isinstance(log, Log)] == [
+        "line-1\n",
+        TRUNCATION_MARKER,
     ]

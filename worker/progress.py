@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Final
 
 import msgspec
 
@@ -152,6 +153,11 @@ class ProgressParser:
         return tuple(self._tails.get(vertex, ()))
 
 
+TRUNCATION_MARKER: Final = (
+    "[buildfleet: log truncated: the per-build log cap was reached; further output is dropped]\n"
+)
+
+
 class LogBudget:
     """Caps the log bytes one build attempt publishes, with one visible truncation marker."""
 
@@ -168,11 +174,7 @@ class LogBudget:
         self.dropped += size
         if not first_drop:
             return None
-        return msgspec.structs.replace(
-            log,
-            text="[buildfleet: log truncated: the per-build log cap was reached; "
-            "further output is dropped]\n",
-        )
+        return msgspec.structs.replace(log, text=TRUNCATION_MARKER)
 
 
 def _state(step: Step) -> tuple[bool, bool, bool, str | None]:
@@ -187,7 +189,8 @@ class ProgressBuffer:
     A flush carries, in order of first arrival, the latest Step of each vertex whose state
     (cached, started, completed, failed) changed since the last flush (a step that started
     and completed in between goes out once, completed, with both times), and each
-    vertex's log lines of one stream as one Log. A warm build of a few hundred
+    vertex's log lines of one stream as one Log (the truncation marker stays a Log of its
+    own, so a watcher finds it at the start of one). A warm build of a few hundred
     milliseconds publishes its progress in one batch, with its terminal event.
     """
 
@@ -202,6 +205,8 @@ class ProgressBuffer:
         match event:
             case Step(vertex=vertex):
                 self._pending["step", vertex, 0] = event
+            case Log(text=text) if text == TRUNCATION_MARKER:
+                self._pending["truncated", None, 0] = event
             case Log(vertex=vertex, stream=stream, text=text):
                 key = ("log", vertex, stream)
                 held = self._pending.get(key)

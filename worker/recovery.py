@@ -3,10 +3,11 @@
 The reaper: arq keeps a claim `arq:in-progress:{id}` on a running job until its timeout,
 which for a build is an hour. A build whose claim is still there but whose lease is gone
 lost its worker (SIGKILL, OOM, a host gone); the reaper deletes the claim, and any worker
-runs the job again within seconds. A claim without a lease is normal for the moment
-between arq taking a job and the attempt starting, so a build is reaped only when its
-claim is older than a lease period and it was seen leaseless on two scans at least
-`reap_interval_s` apart.
+runs the job again within seconds. Reaping fences the attempt (a new lease generation), so
+a holder that was only cut off cannot renew and build on beside the re-run. A claim
+without a lease is normal for the moment between arq taking a job and the attempt
+starting, so a build is reaped only when its claim is older than a lease period and it was
+seen leaseless on two scans at least `reap_interval_s` apart.
 
 The watchdog: a build that has not ended but has neither a job, a place in the queue nor
 a lease lost its job (arq dropped it after a failure the worker could not record, such as
@@ -29,7 +30,13 @@ from typing import Final
 from redis.asyncio import Redis
 
 from producer import lua
-from producer.keys import ACTIVE_BUILDS, ARQ_IN_PROGRESS_PREFIX, in_progress_key, lease_key
+from producer.keys import (
+    ACTIVE_BUILDS,
+    ARQ_IN_PROGRESS_PREFIX,
+    build_key,
+    in_progress_key,
+    lease_key,
+)
 from producer.resilience import RedisHealth, persistently
 from producer.store import BuildStore
 from worker.settings import SchedulingSettings
@@ -125,7 +132,7 @@ class Reaper:
         reaped = []
         args = [int(self.claim_ttl_s * 1000), int(self.settings.lease_ttl_s * 1000)]
         for build_id in self._suspects.confirm(leaseless):
-            keys = [in_progress_key(build_id), lease_key(build_id)]
+            keys = [in_progress_key(build_id), lease_key(build_id), build_key(build_id)]
             if await lua.run(self.redis, lua.REAP, keys, args):
                 reaped.append(build_id)
         return reaped

@@ -212,10 +212,25 @@ def openapi_document(settings: GatewaySettings, queue: QueueSettings) -> dict[st
     trace = components["TraceContext"]["properties"]
     trace["traceparent"]["anyOf"][0]["pattern"] = policy.TRACEPARENT_PATTERN
     trace["tracestate"]["anyOf"][0]["maxLength"] = policy.TRACESTATE_MAX
-    # What msgspec cannot say by itself: pushing needs an image name; a secret is named once.
+    # What msgspec cannot say by itself: pushing needs an image name; a secret is named once;
+    # a recipe (it builds no Dockerfile) leaves the Dockerfile's fields at their defaults.
     properties["secrets"]["uniqueItems"] = True
-    request["if"] = {"properties": {"push": {"const": True}}}
-    request["then"] = {"required": ["images"], "properties": {"images": {"minItems": 1}}}
+    request["allOf"] = [
+        {
+            "if": {"properties": {"push": {"const": True}}},
+            "then": {"required": ["images"], "properties": {"images": {"minItems": 1}}},
+        },
+        {
+            "if": {"required": ["recipe"], "properties": {"recipe": {"type": "object"}}},
+            "then": {
+                "properties": {
+                    "dockerfile": {"const": "Dockerfile"},
+                    "target": {"type": "null"},
+                    "build_args": {"maxProperties": 0},
+                }
+            },
+        },
+    ]
     components["Error"] = {
         "type": "object",
         "required": ["error"],
