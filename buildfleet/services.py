@@ -176,11 +176,14 @@ def start_sentinel(
     password: str | None = None,
     timeout: float = 15.0,
 ) -> Service:
-    """redis-sentinel watching the primary on `primary_port` (quorum 1, down after 1 s);
-    address `127.0.0.1:PORT`. Use the URL `redis+sentinel://127.0.0.1:PORT/SERVICE/0`."""
+    """A Sentinel watching the primary on `primary_port` (quorum 1, down after 1 s);
+    address `127.0.0.1:PORT`. Use the URL `redis+sentinel://127.0.0.1:PORT/SERVICE/0`.
+
+    It is redis-server in sentinel mode (`--sentinel`), which is what `redis-sentinel` is:
+    Debian ships that name in a package of its own, and redis-server is installed anyway."""
     home = workdir / "sentinel"
     home.mkdir(parents=True, exist_ok=True)
-    binary = find_tool("redis-sentinel")
+    binary = find_tool("redis-server")
 
     def launch(port: int) -> tuple[list[str], str]:
         config = home / f"sentinel-{port}.conf"
@@ -192,7 +195,7 @@ def start_sentinel(
             f"sentinel parallel-syncs {service} 1\n"
             + (f"sentinel auth-pass {service} {password}\n" if password else "")
         )
-        return [binary, str(config)], f"127.0.0.1:{port}"
+        return [binary, str(config), "--sentinel"], f"127.0.0.1:{port}"
 
     log = workdir / "logs" / "sentinel.log"
     return start_on_free_port("sentinel", log, launch, _redis_pong, timeout=timeout)

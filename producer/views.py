@@ -92,6 +92,10 @@ def summarize(
     runs now (an ended build's result says where it ran)."""
     request, result = state.request, state.result
     submitted = request.submitted_at if request else 0.0
+    if started_at is not None:
+        # The start is recorded to the millisecond (and a client may stamp its submission
+        # on a clock of its own): a build never shows as started before it was submitted.
+        started_at = max(started_at, submitted)
     finished = result.finished_at if result and result.finished_at else None
     if state.status in TERMINAL_STATUSES:
         end, start = finished or now, submitted
