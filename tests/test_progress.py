@@ -116,9 +116,9 @@ def _step(vertex: str, **fields: object) -> Step:
 def test_a_step_that_started_and_completed_between_two_flushes_goes_out_once() -> None:
     buffer = ProgressBuffer()
     buffer.add(_step("a", started=1.0))
-    buffer.add(_step("b", started=1.0))
+    buffer.add(_step("b", started=1.5))
     buffer.add(_step("a", started=1.0, completed=2.0))
-    assert buffer.flush() == [_step("a", started=1.0, completed=2.0), _step("b", started=1.0)]
+    assert buffer.flush() == [_step("b", started=1.5), _step("a", started=1.0, completed=2.0)]
     assert not buffer
     assert buffer.flush() == []
 
@@ -162,4 +162,21 @@ def test_the_truncation_marker_is_a_log_of_its_own_after_what_was_admitted() -> 
     assert [log.text for log in buffer.flush() if isinstance(log, Log)] == [
         "line-1\n",
         TRUNCATION_MARKER,
+    ]
+
+
+def test_steps_go_out_in_the_order_they_ran_not_the_order_buildkit_listed_them() -> None:
+    buffer = ProgressBuffer()
+    for vertex in ("run", "copy", "from"):  # BuildKit's first status: every vertex, unstarted
+        buffer.add(_step(vertex))
+    buffer.add(_step("from", started=1.0, completed=1.1))
+    buffer.add(_step("copy", started=1.1, completed=1.2))
+    buffer.add(_step("run", started=1.2))
+    buffer.add(Log(build_id="b", attempt=1, vertex="run", text="hello\n"))
+    buffer.add(_step("run", started=1.2, completed=1.5))
+    assert [(e.vertex, type(e).__name__) for e in buffer.flush()] == [
+        ("from", "Step"),
+        ("copy", "Step"),
+        ("run", "Log"),
+        ("run", "Step"),
     ]

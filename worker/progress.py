@@ -186,12 +186,13 @@ class ProgressBuffer:
     """Progress of one attempt, held between two flushes (at most one per interval: the
     runner flushes on a timer, and before the attempt's end).
 
-    A flush carries, in order of first arrival, the latest Step of each vertex whose state
-    (cached, started, completed, failed) changed since the last flush (a step that started
-    and completed in between goes out once, completed, with both times), and each
-    vertex's log lines of one stream as one Log (the truncation marker stays a Log of its
-    own, so a watcher finds it at the start of one). A warm build of a few hundred
-    milliseconds publishes its progress in one batch, with its terminal event.
+    A flush carries the latest Step of each vertex whose state (cached, started, completed,
+    failed) changed since the last flush, in the order of their latest updates (BuildKit
+    lists every vertex up front, not in the order they run; a step that started and
+    completed in between goes out once, completed, with both times), and, where its first
+    line arrived, each vertex's log lines of one stream as one Log (the truncation marker
+    stays a Log of its own, so a watcher finds it at the start of one). A warm build of a
+    few hundred milliseconds publishes its progress in one batch, with its terminal event.
     """
 
     def __init__(self) -> None:
@@ -204,6 +205,7 @@ class ProgressBuffer:
     def add(self, event: Step | Log) -> None:
         match event:
             case Step(vertex=vertex):
+                self._pending.pop(("step", vertex, 0), None)  # it moves to the end
                 self._pending["step", vertex, 0] = event
             case Log(text=text) if text == TRUNCATION_MARKER:
                 self._pending["truncated", None, 0] = event
