@@ -13,10 +13,10 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import bcrypt
 import msgspec
 import pytest
 from test_secrets import ArgvWatch
@@ -26,10 +26,6 @@ from producer.client import BuildfleetClient
 from producer.contract import BuildRequest, Failed, LocalSource, Succeeded
 
 from fleet import worker_config, worker_in_task
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import crypt  # glibc's bcrypt ($2b$), what the registry's htpasswd takes; Python 3.11
 
 pytestmark = pytest.mark.timeout(300)
 USER = "pusher"
@@ -48,7 +44,7 @@ class AuthRegistry:
 def auth_registry(services_dir: Path, registry: str) -> Iterator[AuthRegistry]:
     password = secrets.token_hex(16)
     htpasswd = services_dir / "auth-registry.htpasswd"
-    hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))  # bcrypt, as it wants
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()  # all it takes
     htpasswd.write_text(f"{USER}:{hashed}\n")
     served = services.start_registry(services_dir, name="auth-registry", htpasswd=htpasswd)
     try:
