@@ -268,8 +268,9 @@ class BuildfleetClient:
             if not response:
                 # Checked again after every quiet read: a build lost with its stream (a
                 # Redis failover can lose the last writes) ends the wait instead of hanging it.
+                exists = functools.partial(self.redis.exists, key)
                 with unavailable("watch"):
-                    found = await self.redis.exists(key)
+                    found = await self._patiently(exists, "watching a build")
                 if not found:
                     raise BuildNotFound(build_id)
             read = functools.partial(self.redis.xread, {key: last_id}, block=_BLOCK_MS, count=500)

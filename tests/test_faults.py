@@ -304,6 +304,27 @@ async def _primary_moved(sentinel: aioredis.Redis, old_port: int) -> bool:
     return int(port) != old_port
 
 
+async def test_a_wait_rides_out_redis_going_away_in_the_middle_of_its_existence_check(
+    own_redis: OwnRedis, tmp_path: Path
+) -> None:
+    """Redis goes away while a wait's first read (does the build exist?) is in flight, as
+    a failover's CLIENT KILL or a crash does it: the wait retries once Redis is back
+    instead of failing with FleetUnavailable."""
+    request = simulated(tmp_path)
+    async with BuildfleetClient.from_url(own_redis.url) as fleet:
+        async with worker_in_task(worker_config(own_redis.url, backend="simulate")):
+            await fleet.wait(await fleet.submit(request))
+        await asyncio.sleep(1.5)  # on disk (appendfsync everysec)
+        async with aioredis.Redis.from_url(own_redis.url) as admin:
+            await admin.execute_command("CLIENT", "PAUSE", "10000", "ALL")
+        waits = [asyncio.create_task(fleet.wait(request.id)) for _ in range(4)]
+        await asyncio.sleep(0.3)  # each is now waiting for its EXISTS on the paused server
+        assert not any(wait.done() for wait in waits)
+        await own_redis.restart(down_s=0.5, kill=True)
+        results = await asyncio.gather(*waits)
+    assert all(result.ok for result in results)
+
+
 async def test_a_build_whose_job_was_lost_is_requeued_and_then_built(
     redis: aioredis.Redis, fleet: BuildfleetClient, redis_url: str, tmp_path: Path
 ) -> None:
