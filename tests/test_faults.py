@@ -217,11 +217,7 @@ async def test_a_reaped_attempt_cannot_renew_its_lapsed_lease_and_build_on(
     capacity.hold(begun.token)
     reaper = Reaper(redis, settings, claim_ttl_s=60.0)
     await until(reaper.gate.open)
-
-    async def reaped() -> list[str]:
-        return await reaper.scan()
-
-    await until(reaped)  # the lease lapsed: seen leaseless twice, then handed on
+    await until(reaper.scan)  # the lease lapsed: seen leaseless twice, then handed on
     heard = _Heard()
     await capacity.renew(heard, WorkerBeat(name="worker-a", at=time.time()))
     assert heard.taken_over == [(request.id, "another attempt took over its lease")]
