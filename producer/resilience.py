@@ -22,6 +22,7 @@ from redis.exceptions import (
     ReadOnlyError,
     ResponseError,
     TryAgainError,
+    WatchError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -49,6 +50,9 @@ def is_transient(exc: BaseException) -> bool:
     """Whether `exc` means "Redis is away or refusing for now; try again"."""
     if isinstance(exc, TRANSIENT_ERRORS):
         return True
+    if isinstance(exc, WatchError) and exc.__context__ is not None:
+        # redis-py re-raises a connection lost under WATCH as a WatchError (arq's claim)
+        return is_transient(exc.__context__)
     if isinstance(exc, ResponseError):
         head = str(exc)[:160]
         return any(head.startswith(code) or f" {code}" in head for code in _TRANSIENT_REPLIES)

@@ -1,5 +1,6 @@
 """Connections to Redis: a server that accepts and then stops answering (a half-open
-connection, a hung peer) fails the command within the socket timeout instead of hanging it."""
+connection, a hung peer) fails the command within the socket timeout instead of hanging it;
+a connection lost in the middle of a transaction reads as Redis going away."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
 from producer.connection import connect
+from producer.resilience import is_transient
 from producer.settings import RedisSettings
 
 
@@ -32,3 +35,35 @@ async def test_a_server_that_stops_answering_fails_the_command_with_a_timeout(si
     finally:
         await client.aclose()
         server.close()
+
+
+async def test_a_connection_lost_under_watch_counts_as_redis_going_away(
+    redis: Redis, redis_url: str
+) -> None:
+    """redis-py reports a connection dropped under WATCH (arq claiming a job) as a
+    WatchError; the worker's poll loop must treat it as an outage, not as a bug."""
+    client = connect(RedisSettings(url=redis_url), Redis)
+    try:
+        async with client.pipeline(transaction=True) as pipe:
+            await pipe.watch("claimed")
+            await redis.client_kill_filter(_type="normal", skipme=True)
+            with pytest.raises(WatchError) as lost:
+                await pipe.exists("claimed")
+        assert is_transient(lost.value)
+    finally:
+        await client.aclose()
+
+
+async def test_a_watched_key_that_changed_is_not_an_outage(redis: Redis, redis_url: str) -> None:
+    client = connect(RedisSettings(url=redis_url), Redis)
+    try:
+        async with client.pipeline(transaction=True) as pipe:
+            await pipe.watch("claimed")
+            await redis.set("claimed", b"elsewhere")
+            pipe.multi()
+            pipe.set("claimed", b"here")
+            with pytest.raises(WatchError) as conflict:
+                await pipe.execute()
+        assert not is_transient(conflict.value)
+    finally:
+        await client.aclose()
