@@ -14,9 +14,11 @@ trace context carried on the request); under it the worker adds:
 
 Steps are merged per vertex while the attempt runs (BuildKit re-sends a vertex, and may
 reopen one, e.g. "exporting to image" before and after the push) and become spans once, when
-the attempt ends. Metrics count builds by outcome and record where time went. Exporters
-follow the standard `OTEL_*` variables (`configure_from_environment`); without them the
-API's no-op providers make all of this free.
+the attempt ends. Spans go through `worker.spans` (what the SDK's span costs a busy worker
+is why). Metrics count builds by outcome and record where time went; counts are kept here
+and read when metrics are collected, so the hot path only adds to a Counter. Exporters
+follow the standard `OTEL_*` variables (`configure_from_environment`, which must run before
+a `Telemetry` is made); without them the API's no-op providers make all of this free.
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ from typing import Final
 import msgspec
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from producer.contract import BuildRequest, BuildResult, Step, TraceContext
+from worker.spans import OpenSpan, SpanRecorder
 
 _propagator: Final = TraceContextTextMapPropagator()
+_SCOPE: Final = "buildfleet.worker"
 _SECONDS: Final = "s"
 _NS: Final = 1_000_000_000
 SECONDS_BUCKETS: Final = (
@@ -79,10 +83,13 @@ class AttemptTrace:
     """The span of one attempt: its context for child spans, its traceparent for buildctl,
     and the steps seen so far (merged per vertex, emitted when the attempt ends)."""
 
-    span: Span
+    span: OpenSpan
     context: Context
-    traceparent: str | None
     steps: dict[str, Step] = field(default_factory=dict)
+
+    @property
+    def traceparent(self) -> str | None:
+        return self.span.traceparent
 
 
 def _merge(previous: Step | None, step: Step) -> Step:
@@ -105,8 +112,10 @@ class Telemetry:
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
-        self.tracer = trace.get_tracer("buildfleet.worker", tracer_provider=tracer_provider)
-        meter = metrics.get_meter("buildfleet.worker", meter_provider=meter_provider)
+        self.spans = SpanRecorder(
+            trace.get_tracer(_SCOPE, tracer_provider=tracer_provider), scope=_SCOPE
+        )
+        meter = metrics.get_meter(_SCOPE, meter_provider=meter_provider)
 
         def seconds(name: str, description: str) -> metrics.Histogram:
             return meter.create_histogram(
@@ -116,8 +125,17 @@ class Telemetry:
                 explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
             )
 
-        self.builds = meter.create_counter(
-            "buildfleet_builds", description="Builds that ended, by status and error class"
+        self.ended_builds: Counter[tuple[str, str]] = Counter()
+        """Builds that ended, per (status, error class)."""
+        meter.create_observable_counter(
+            "buildfleet_builds",
+            callbacks=[self._observe_builds],
+            description="Builds that ended, by status and error class",
+        )
+        meter.create_observable_counter(
+            "buildfleet_build_failures",
+            callbacks=[self._observe_failures],
+            description="Builds that did not succeed, by class",
         )
         self.queue_wait = seconds("buildfleet_build_queue_wait", "Submit to start")
         self.capacity_wait = seconds("buildfleet_build_capacity_wait", "Waiting for a slot")
@@ -126,11 +144,6 @@ class Telemetry:
         self.retries = meter.create_counter(
             "buildfleet_build_retries", description="Attempts that failed and were retried"
         )
-        self.failures = meter.create_counter(
-            "buildfleet_build_failures", description="Builds that did not succeed, by class"
-        )
-        # Gauges are read when metrics are collected, not written per build: the hot path
-        # only counts.
         self.in_flight: Counter[str] = Counter()
         """Builds holding a slot, per daemon ("" without capacity accounting)."""
         meter.create_observable_gauge(
@@ -145,41 +158,52 @@ class Telemetry:
             description="Builds in the queue (waiting, running or waiting to retry)",
         )
 
+    def _observe_builds(self, _options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        return [
+            metrics.Observation(n, {"status": status, "error_class": error_class})
+            for (status, error_class), n in self.ended_builds.items()
+        ]
+
+    def _observe_failures(self, _options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        return [
+            metrics.Observation(n, {"error_class": error_class, "kind": status})
+            for (status, error_class), n in self.ended_builds.items()
+            if status != "succeeded"
+        ]
+
     def _observe_in_flight(self, _options: metrics.CallbackOptions) -> list[metrics.Observation]:
         return [metrics.Observation(n, {"daemon": d}) for d, n in self.in_flight.items()]
 
     @contextmanager
     def attempt(self, request: BuildRequest, attempt: int, worker: str) -> Iterator[AttemptTrace]:
         parent = _parent_context(request)
+        now = time.time_ns()
         if attempt == 1 and request.submitted_at:
-            self.tracer.start_span(
+            self.spans.record(
                 "queue wait",
-                context=parent,
-                start_time=int(request.submitted_at * _NS),
-                attributes={"buildfleet.build_id": request.id},
-            ).end()
-        # Not made the current span: its children are given its context explicitly, which
-        # spares the dispatch path a context switch in and out per build.
-        span = self.tracer.start_span(
+                parent,
+                {"buildfleet.build_id": request.id},
+                start_ns=int(request.submitted_at * _NS),
+                end_ns=now,
+            )
+        span = self.spans.start(
             "build attempt",
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            attributes={
+            parent,
+            {
                 "buildfleet.build_id": request.id,
                 "buildfleet.attempt": attempt,
                 "buildfleet.worker": worker,
                 "buildfleet.priority": request.priority,
             },
+            kind=SpanKind.CONSUMER,
+            start_ns=now,
         )
-        context = trace.set_span_in_context(span)
-        outgoing: dict[str, str] = {}
-        _propagator.inject(outgoing, context=context)
-        traced = AttemptTrace(span, context, outgoing.get("traceparent"))
+        traced = AttemptTrace(span, span.as_parent)
         try:
             yield traced
         finally:
             self._emit_steps(traced)
-            span.end()
+            self.spans.end(span)
 
     def step(self, attempt: AttemptTrace, step: Step) -> None:
         """Note a step's progress; it becomes a span when the attempt ends."""
@@ -190,17 +214,20 @@ class Telemetry:
             if step.started is None:
                 continue  # never ran: BuildKit skipped it, or the attempt stopped first
             completed = step.completed if step.completed is not None else time.time()
-            span = self.tracer.start_span(
-                step.name,
-                context=attempt.context,
-                start_time=int(step.started * _NS),
-                attributes={"buildfleet.step": step.vertex, "buildfleet.cached": step.cached},
-            )
             if step.error:
-                span.set_status(Status(StatusCode.ERROR, step.error))
+                status = Status(StatusCode.ERROR, step.error)
             elif step.completed is None:
-                span.set_status(Status(StatusCode.ERROR, "did not complete"))
-            span.end(end_time=int(completed * _NS))
+                status = Status(StatusCode.ERROR, "did not complete")
+            else:
+                status = Status()
+            self.spans.record(
+                step.name,
+                attempt.context,
+                {"buildfleet.step": step.vertex, "buildfleet.cached": step.cached},
+                start_ns=int(step.started * _NS),
+                end_ns=int(completed * _NS),
+                status=status,
+            )
             self.step_duration.record(
                 max(0.0, completed - step.started), {"cached": str(step.cached).lower()}
             )
@@ -214,12 +241,13 @@ class Telemetry:
         worker has no capacity accounting): no span."""
         if attempt is not None and daemon:
             now = time.time_ns()
-            self.tracer.start_span(
+            self.spans.record(
                 "capacity wait",
-                context=attempt.context,
-                start_time=now - int(waited_s * _NS),
-                attributes={"buildfleet.daemon": daemon},
-            ).end(end_time=now)
+                attempt.context,
+                {"buildfleet.daemon": daemon},
+                start_ns=now - int(waited_s * _NS),
+                end_ns=now,
+            )
         self.in_flight[daemon or ""] += 1
         try:
             yield
@@ -227,25 +255,23 @@ class Telemetry:
             self.in_flight[daemon or ""] -= 1
 
     def retried(self, attempt: AttemptTrace, error_class: str) -> None:
-        attempt.span.add_event("retry", {"buildfleet.error_class": error_class})
-        attempt.span.set_attribute("buildfleet.error_class", error_class)
-        attempt.span.set_status(Status(StatusCode.ERROR, f"retrying: {error_class}"))
+        span = attempt.span
+        span.add_event("retry", {"buildfleet.error_class": error_class})
+        span.attributes["buildfleet.error_class"] = error_class
+        span.status = Status(StatusCode.ERROR, f"retrying: {error_class}")
         self.retries.add(1, {"error_class": error_class})
 
     def ended(self, attempt: AttemptTrace, result: BuildResult) -> None:
         span = attempt.span
-        span.set_attribute("buildfleet.status", result.status)
+        span.attributes["buildfleet.status"] = result.status
         if result.daemon:
-            span.set_attribute("buildfleet.daemon", result.daemon)
+            span.attributes["buildfleet.daemon"] = result.daemon
         if result.digest:
-            span.set_attribute("buildfleet.digest", result.digest)
+            span.attributes["buildfleet.digest"] = result.digest
         if not result.ok:
-            span.set_attribute("buildfleet.error_class", result.error_class or "")
-            span.set_status(Status(StatusCode.ERROR, result.error or result.status))
-        labels = {"status": result.status, "error_class": result.error_class or ""}
-        self.builds.add(1, labels)
-        if not result.ok:
-            self.failures.add(1, {"error_class": result.error_class or "", "kind": result.status})
+            span.attributes["buildfleet.error_class"] = result.error_class or ""
+            span.status = Status(StatusCode.ERROR, result.error or result.status)
+        self.ended_builds[result.status, result.error_class or ""] += 1
         self.queue_wait.record(result.queue_wait_s)
         if result.daemon:  # no slots leased, no capacity wait to speak of
             self.capacity_wait.record(result.capacity_wait_s, {"daemon": result.daemon})
