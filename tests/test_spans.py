@@ -3,6 +3,9 @@ the SDK's own spans would have been, sampling included."""
 
 from __future__ import annotations
 
+import re
+
+import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
@@ -83,3 +86,29 @@ def test_without_the_sdk_there_is_no_trace_and_no_traceparent() -> None:
     telemetry = Telemetry(trace.NoOpTracerProvider(), MeterProvider())
     with telemetry.attempt(_request("01"), 1, "w1") as attempt:
         assert attempt.traceparent is None
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "not a traceparent",
+        f"00-{PRODUCER_TRACE}-{PRODUCER_SPAN}-01\nTRACEPARENT=injected",
+        f"ff-{PRODUCER_TRACE}-{PRODUCER_SPAN}-01",  # version ff is forbidden
+        f"00-{'0' * 32}-{PRODUCER_SPAN}-01",  # an all-zero trace id is invalid
+        "00-" + "a" * 5000,
+    ],
+)
+def test_a_hostile_traceparent_starts_a_fresh_trace_and_never_reaches_buildctl(
+    hostile: str,
+) -> None:
+    telemetry, spans = _traced()
+    request = BuildRequest(
+        source=LocalSource(path="/src"), push=False, trace=TraceContext(traceparent=hostile)
+    )
+    with telemetry.attempt(request, 1, "w1") as attempt:
+        traceparent = attempt.traceparent
+    assert traceparent is not None
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", traceparent)
+    assert PRODUCER_TRACE not in traceparent
+    [attempt_span] = spans.get_finished_spans()
+    assert attempt_span.parent is None  # a root: nothing of the request's context was taken
