@@ -32,7 +32,7 @@ from worker.backends.steplines import BUILDAH_STEP, NumberedSteps
 from worker.errors import BuildError, PermanentBuildError, TemporaryBuildError
 from worker.retry import classify
 from worker.settings import BuildahSettings, SecretSource
-from worker.subprocesses import die_with_this_process
+from worker.subprocesses import spawn
 
 _LINE_LIMIT: Final = 16 << 20
 _ERROR_PREFIX: Final = "Error: "
@@ -194,14 +194,13 @@ class BuildahBackend:
         `cwd` is an empty scratch directory: buildah resolves a relative --file against its
         working directory before the context, and the worker's own must never be read."""
         try:
-            process = await asyncio.create_subprocess_exec(
+            process = await spawn(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 limit=_LINE_LIMIT,
                 start_new_session=True,
-                preexec_fn=die_with_this_process(),
                 cwd=cwd,
             )
         except OSError as exc:
@@ -297,7 +296,7 @@ def _failure(
 
 
 async def _output(argv: list[str]) -> str:
-    process = await asyncio.create_subprocess_exec(
+    process = await spawn(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,

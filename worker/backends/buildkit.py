@@ -31,7 +31,7 @@ from worker.progress import ProgressParser
 from worker.registry_cache import with_registry_cache
 from worker.retry import classify
 from worker.settings import BuildkitSettings, CacheSettings, SecretSource
-from worker.subprocesses import die_with_this_process
+from worker.subprocesses import spawn
 from worker.telemetry import unsampled_traceparent
 
 _STDERR_LINE_LIMIT: Final = 16 << 20
@@ -180,14 +180,13 @@ class BuildkitBackend:
         if traceparent:
             env["TRACEPARENT"] = traceparent
         try:
-            process = await asyncio.create_subprocess_exec(
+            process = await spawn(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 limit=_STDERR_LINE_LIMIT,
-                preexec_fn=die_with_this_process(),
             )
         except OSError as exc:
             raise PermanentBuildError(

@@ -39,7 +39,7 @@ from worker.backends.jib.workspace import checkout
 from worker.errors import BuildError, PermanentBuildError, TemporaryBuildError
 from worker.retry import classify
 from worker.settings import JibSettings
-from worker.subprocesses import die_with_this_process
+from worker.subprocesses import spawn
 
 _LINE_LIMIT: Final = 16 << 20
 
@@ -102,7 +102,7 @@ class JibBackend:
         if self.settings.java_home:
             env["JAVA_HOME"] = self.settings.java_home
         try:
-            process = await asyncio.create_subprocess_exec(
+            process = await spawn(
                 *argv,
                 cwd=cwd,
                 env=env,
@@ -111,7 +111,6 @@ class JibBackend:
                 stderr=asyncio.subprocess.STDOUT,
                 limit=_LINE_LIMIT,
                 start_new_session=True,
-                preexec_fn=die_with_this_process(),
             )
         except OSError as exc:
             raise PermanentBuildError(

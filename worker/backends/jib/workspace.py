@@ -19,7 +19,7 @@ from typing import Final
 from producer.contract import BuildRequest, GitSource, JibRecipe, LocalSource
 from worker.errors import PermanentBuildError
 from worker.retry import classify
-from worker.subprocesses import die_with_this_process
+from worker.subprocesses import spawn
 
 _GIT_ENV: Final = {
     "GIT_TERMINAL_PROMPT": "0",
@@ -75,7 +75,7 @@ async def _fetch(git: str, url: str, revision: str, tree: Path, *, full: bool) -
 
 async def _git(git: str, cwd: Path, *args: str) -> None:
     try:
-        process = await asyncio.create_subprocess_exec(
+        process = await spawn(
             git, *args,
             cwd=cwd,
             stdin=asyncio.subprocess.DEVNULL,
@@ -83,7 +83,6 @@ async def _git(git: str, cwd: Path, *args: str) -> None:
             stderr=asyncio.subprocess.STDOUT,
             env={**os.environ, **_GIT_ENV},
             start_new_session=True,
-            preexec_fn=die_with_this_process(),
         )  # fmt: skip
     except OSError as exc:
         raise PermanentBuildError(f"cannot run {git!r}: {exc}", error_class="config") from exc
