@@ -18,6 +18,7 @@ EVENTS_STREAM: Final = "buildfleet:events"
 """Every build's events, capped (`queue.events_maxlen`): what `buildfleet events` tails."""
 CANCEL_CHANNEL: Final = "buildfleet:cancel"
 """Pub/sub: a cancel for a running build, heard by the worker running it."""
+_QUEUED: Final = "buildfleet:queued:"
 DEAD_LETTER_STREAM: Final = "buildfleet:dead-letters"
 """The full requests of dead-lettered builds, for inspection and replay."""
 ACTIVE_BUILDS: Final = "buildfleet:active"
@@ -53,6 +54,12 @@ ARQ_IN_PROGRESS_PREFIX: Final = "arq:in-progress:"
 ARQ_RETRY_PREFIX: Final = "arq:retry:"
 ARQ_RESULT_PREFIX: Final = "arq:result:"
 ARQ_HEALTH_CHECK_SUFFIX: Final = ":health-check"
+
+
+def queued_channel(queue: str) -> str:
+    """Pub/sub: builds were queued; the queue's idle workers poll at once instead of at
+    their next poll."""
+    return f"{_QUEUED}{queue}"
 
 
 def build_key(build_id: str) -> str:

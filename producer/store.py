@@ -57,6 +57,7 @@ from producer.keys import (
     events_key,
     job_key,
     lease_key,
+    queued_channel,
     tenant_recent_key,
     waiting_key,
 )
@@ -178,7 +179,8 @@ class BuildStore:
         now = time.time()
         now_ms = int(now * 1000)
         calls: list[ScriptCall] = []
-        for request in requests:
+        last = len(requests) - 1
+        for index, request in enumerate(requests):
             stamped = request if request.submitted_at else _with_submitted_at(request, now)
             request_json = encode(stamped)
             queued = Queued(build_id=request.id, at=now, priority=request.priority)
@@ -191,6 +193,7 @@ class BuildStore:
                 ACTIVE_BUILDS,
                 waiting_key(request.priority),
                 tenant_recent_key(request.tenant),
+                queued_channel(self.queue.name),
             ]
             args: list[Arg] = [
                 request.id,
@@ -203,6 +206,7 @@ class BuildStore:
                 self.queue.events_maxlen,
                 int(stamped.submitted_at * 1000),
                 RECENT_BUILDS_KEPT,
+                int(index == last),
             ]
             calls.append((lua.SUBMIT, keys, args))
         created = await lua.run_all(self.redis, calls)

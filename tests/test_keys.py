@@ -20,6 +20,7 @@ def test_every_fleet_key_lives_under_the_fleet_prefix() -> None:
         keys.DEFAULT_QUEUE,
         keys.EVENTS_STREAM,
         keys.CANCEL_CHANNEL,
+        keys.queued_channel(keys.DEFAULT_QUEUE),
         keys.DEAD_LETTER_STREAM,
         keys.build_key("b"),
         keys.events_key("b"),

@@ -2,7 +2,10 @@
 
 arq is configured for this fleet: msgpack envelopes instead of pickle, no arq results (the
 build store keeps ours), a short poll delay, our own attempt counting, and on SIGTERM a
-drain (`job_completion_wait`) after which unfinished builds go back to the queue.
+drain (`job_completion_wait`) after which unfinished builds go back to the queue. Two
+changes to arq's loop cut the time a build waits in the queue: a worker polls at once when
+a producer says builds were queued (pub/sub; the poll delay stays the guarantee), and it
+claims every job a poll found in one Lua call.
 
 Redis may go away at any moment (a restart, a failover, OOM, a cut cable): every loop of
 the worker (arq's poll, the heartbeat, the reaper and the watchdog, the cancel listener)
@@ -22,12 +25,13 @@ from typing import Any, Final
 
 from arq import Worker
 from arq.connections import ArqRedis
+from arq.utils import timestamp_ms
 from arq.worker import func
 
-from producer import jobcodec
+from producer import jobcodec, lua
 from producer.backoff import full_jitter
 from producer.connection import connect
-from producer.keys import CANCEL_CHANNEL
+from producer.keys import CANCEL_CHANNEL, in_progress_key, queued_channel
 from producer.resilience import (
     BACKOFF_BASE_S,
     BACKOFF_CAP_S,
@@ -58,7 +62,7 @@ _ARQ_MAX_TRIES: Final = 1_000_000
 _ARQ_TIMEOUT_SLACK_S: Final = 3600.0
 _ORPHAN_SWEEP_S: Final = 60.0
 _QUEUE_SAMPLE_S: Final = 5.0
-_CANCEL_POLL_S: Final = 1.0
+_LISTEN_POLL_S: Final = 1.0
 
 
 class FleetWorker(Worker):
@@ -68,6 +72,8 @@ class FleetWorker(Worker):
         super().__init__(*args, **kwargs)
         self.runner = runner
         self.health = health
+        self.queued = asyncio.Event()
+        """Set when a producer says builds were queued: poll now."""
         self._failures = 0
 
     async def main(self) -> None:
@@ -79,7 +85,14 @@ class FleetWorker(Worker):
             if self.burst and await self._queue_drained():
                 await asyncio.gather(*self.tasks.values())
                 return
-            await asyncio.sleep(self.poll_delay_s)
+            await self._nap()
+
+    async def _nap(self) -> None:
+        """Until the next poll: the poll delay, or less when builds are queued."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.poll_delay_s):
+                await self.queued.wait()
+        self.queued.clear()
 
     async def _queue_drained(self) -> bool:
         return bool(self.health.reachable and await self.pool.zcard(self.queue_name) == 0)
@@ -98,6 +111,27 @@ class FleetWorker(Worker):
         else:
             self._failures = 0
             self.health.succeeded()
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq's start_jobs, its claims on the jobs there is room for made in one Lua call
+        (producer/lua/claim.lua) instead of a WATCH transaction a job."""
+        room = self.max_jobs - self.job_counter
+        # A poll finds running jobs too: arq takes a job off the queue when it ends.
+        ids = [job_id for job_id in map(bytes.decode, job_ids) if job_id not in self.tasks]
+        if room <= 0 or not ids:
+            return
+        claimed = await lua.run(
+            self.pool,
+            lua.CLAIM,
+            [self.queue_name, *map(in_progress_key, ids)],
+            [timestamp_ms(), int(self.in_progress_timeout_s * 1000), room, *ids],
+        )
+        for job_id, score in zip(claimed[::2], claimed[1::2], strict=True):
+            await self.sem.acquire()  # there is room: counted above
+            self.job_counter += 1
+            task = self.loop.create_task(self.run_job(job_id.decode(), int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id.decode()] = task
 
     async def finish_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
         """arq's bookkeeping of an ended job; none for an attempt that lost its lease (the
@@ -156,23 +190,29 @@ async def _reap_orphan_jobs(
         await persistently(sweep, health=health, doing="sweeping orphaned Jobs")
 
 
-async def _listen_for_cancels(redis: ArqRedis, runner: BuildRunner, health: RedisHealth) -> None:
-    """Cancel requests for running builds arrive on a pub/sub channel. The subscription is
-    made again after Redis comes back; a notice sent meanwhile reaches the worker through
-    its heartbeat (the record keeps every cancel request)."""
+async def _listen(redis: ArqRedis, worker: FleetWorker, health: RedisHealth) -> None:
+    """Two pub/sub channels: cancel requests for running builds, and producers saying that
+    builds were queued. The subscription is made again after Redis comes back; a cancel
+    sent meanwhile reaches the worker through its heartbeat (the record keeps every cancel
+    request), a queued build through the next poll."""
+    queued = queued_channel(worker.queue_name).encode()
 
     async def listen() -> None:
         async with redis.pubsub() as pubsub:
-            await pubsub.subscribe(CANCEL_CHANNEL)
+            await pubsub.subscribe(CANCEL_CHANNEL, queued)
             health.succeeded()
             while True:
                 message = await pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=_CANCEL_POLL_S
+                    ignore_subscribe_messages=True, timeout=_LISTEN_POLL_S
                 )
-                if message is not None and (notice := decode_notice(message["data"])):
-                    runner.cancel(notice.build_id, notice.reason)
+                if message is None:
+                    continue
+                if message["channel"] == queued:
+                    worker.queued.set()
+                elif notice := decode_notice(message["data"]):
+                    worker.runner.cancel(notice.build_id, notice.reason)
 
-    await persistently(listen, health=health, doing="listening for cancels")
+    await persistently(listen, health=health, doing="listening for cancels and queued builds")
 
 
 def _describe(config: WorkerConfig, runner: BuildRunner, health: DaemonHealth) -> WorkerBeat:
@@ -256,7 +296,7 @@ async def running_worker(
     )
     chores: list[Coroutine[Any, Any, None]] = [
         _sample_queue_depth(redis, config.queue.name, telemetry, health),
-        _listen_for_cancels(redis, runner, health),
+        _listen(redis, worker, health),
         capacity.heartbeat(runner, lambda: _describe(config, runner, daemons)),
         # arq's claims live `in_progress_timeout_s`: how the reaper tells a claim's age.
         Reaper(

@@ -67,6 +67,7 @@ RENEW: Final = _script("renew")
 REAP: Final = _script("reap")
 REQUEUE: Final = _script("requeue")
 ORPHANS: Final = _script("orphans")
+CLAIM: Final = _script("claim")
 
 
 async def run_scripts(redis: Redis, calls: Sequence[ScriptCall]) -> list[Any]:

@@ -1,0 +1,107 @@
+"""The worker's loop against real Redis: claims of polled jobs made in one Lua call, and a
+worker told of queued builds polling at once instead of at its next poll."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from producer import lua
+from producer.client import BuildfleetClient
+from producer.contract import BuildRequest, LocalSource
+from producer.keys import DEFAULT_QUEUE, in_progress_key, queued_channel
+
+from fleet import worker_config, worker_in_task
+
+pytestmark = pytest.mark.timeout(120)
+
+_CLAIM_TTL_MS = 60_000
+
+
+async def claim(redis: aioredis.Redis, queue: str, *ids: str, room: int = 1000) -> dict[str, int]:
+    """The jobs CLAIM took, by id, with their scores."""
+    keys = [queue, *map(in_progress_key, ids)]
+    now_ms = int(time.time() * 1000)
+    claimed = await lua.run(redis, lua.CLAIM, keys, [now_ms, _CLAIM_TTL_MS, room, *ids])
+    return {
+        job.decode(): int(float(score))
+        for job, score in zip(claimed[::2], claimed[1::2], strict=True)
+    }
+
+
+async def test_a_claim_takes_only_due_queued_jobs_no_one_holds(redis: aioredis.Redis) -> None:
+    queue = "buildfleet:test-claims"
+    now_ms = int(time.time() * 1000)
+    await redis.zadd(queue, {"due": now_ms - 1, "held": now_ms - 1, "later": now_ms + 60_000})
+    await redis.set(in_progress_key("held"), b"another worker", px=_CLAIM_TTL_MS)
+
+    taken = await claim(redis, queue, "due", "held", "later", "gone")
+
+    assert taken == {"due": now_ms - 1}
+    assert await redis.get(in_progress_key("held")) == b"another worker"  # left alone
+    assert await redis.pttl(in_progress_key("due")) > 0  # arq's claim, with its expiry
+    assert await redis.exists(in_progress_key("later"), in_progress_key("gone")) == 0
+
+
+async def test_a_claim_stops_when_the_worker_is_full(redis: aioredis.Redis) -> None:
+    queue = "buildfleet:test-claims-room"
+    now_ms = int(time.time() * 1000)
+    await redis.zadd(queue, {"running": now_ms - 3, "first": now_ms - 2, "second": now_ms - 1})
+    await redis.set(in_progress_key("running"), b"1", px=_CLAIM_TTL_MS)
+
+    taken = await claim(redis, queue, "running", "first", "second", room=1)
+
+    assert taken == {"first": now_ms - 2}  # past the held job, up to the room there is
+    assert await redis.exists(in_progress_key("second")) == 0
+
+
+async def test_two_workers_claiming_the_same_poll_split_it_and_never_share_a_job(
+    redis: aioredis.Redis,
+) -> None:
+    queue = "buildfleet:test-claims-race"
+    ids = [f"job-{n}" for n in range(200)]
+    await redis.zadd(queue, dict.fromkeys(ids, int(time.time() * 1000) - 1))
+
+    first, second = await asyncio.gather(claim(redis, queue, *ids), claim(redis, queue, *ids))
+
+    assert first.keys().isdisjoint(second.keys())
+    assert first.keys() | second.keys() == set(ids)
+
+
+async def test_an_idle_worker_starts_a_submitted_build_without_waiting_for_its_poll(
+    fleet: BuildfleetClient, redis: aioredis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    config = worker_config(redis_url, backend="simulate")
+    # Ten minutes between polls: only the queued notice can start the build in time.
+    config = dataclasses.replace(
+        config, worker=msgspec.structs.replace(config.worker, poll_delay_s=600.0)
+    )
+    channel = queued_channel(DEFAULT_QUEUE)
+    async with worker_in_task(config):
+        while (await redis.pubsub_numsub(channel))[0][1] == 0:  # the worker is listening
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # ...and napping after its first poll
+        request = BuildRequest(source=LocalSource(path=str(tmp_path)), push=False)
+        await fleet.submit(request)
+        result = await fleet.wait(request.id)
+    assert result.status == "succeeded"
+
+
+async def test_a_batch_of_submissions_wakes_the_workers_once(
+    fleet: BuildfleetClient, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    requests = [
+        BuildRequest(source=LocalSource(path=str(tmp_path / str(n))), push=False) for n in range(5)
+    ]
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(queued_channel(DEFAULT_QUEUE))
+        await fleet.submit_many(requests)
+        messages = [await pubsub.get_message(timeout=1.0) for _ in range(3)]
+    notices = [m for m in messages if m is not None and m["type"] == "message"]
+    assert len(notices) == 1
