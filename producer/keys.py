@@ -142,3 +142,7 @@ def job_key(build_id: str) -> str:
 
 def in_progress_key(build_id: str) -> str:
     return f"{ARQ_IN_PROGRESS_PREFIX}{build_id}"
+
+
+def retry_key(build_id: str) -> str:
+    return f"{ARQ_RETRY_PREFIX}{build_id}"

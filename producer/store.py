@@ -55,9 +55,11 @@ from producer.keys import (
     EVENTS_STREAM,
     build_key,
     events_key,
+    in_progress_key,
     job_key,
     lease_key,
     queued_channel,
+    retry_key,
     tenant_recent_key,
     waiting_key,
 )
@@ -156,6 +158,8 @@ class BuildStore:
         self._publishes: Coalescer[ScriptCall, PublishOutcome] = Coalescer(
             self._publish_batch, serial=True
         )
+        # The attempts a worker starts in one event-loop turn share a round trip.
+        self._starts: Coalescer[ScriptCall, list[int]] = Coalescer(self._start_batch)
 
     # --- producers -------------------------------------------------------------------
 
@@ -316,7 +320,7 @@ class BuildStore:
             now_ms + int(slot_ttl_s * 1000),
             *(limit for _, limit in slots),
         ]
-        reply = cast(list[int], await lua.run(self.redis, lua.START, keys, args))
+        reply = await self._starts((lua.START, keys, args))
         if reply[0] != 1:
             return PublishOutcome(int(reply[0]))
         token = AttemptToken(started.build_id, started.attempt, int(reply[1]))
@@ -332,7 +336,8 @@ class BuildStore:
     ) -> PublishOutcome:
         """Append an event to the build's stream and the fleet's; a terminal event moves
         the build to its status and result, drops `token`'s lease, frees its slot in the
-        slot set `slot`, and keeps `dead_letter`.
+        slot set `slot`, keeps `dead_letter`, and finishes the build's arq job (what
+        arq's `finish_job` does: the worker running it need not).
 
         Publishes issued while a round trip is under way go together in the next one, in
         order: a worker running many builds pays one round trip per batch, not per event.
@@ -362,6 +367,10 @@ class BuildStore:
             slot or "",
             DEAD_LETTER_STREAM,
             *_WAITING_KEYS,
+            self.queue.name,
+            job_key(event.build_id),
+            in_progress_key(event.build_id),
+            retry_key(event.build_id),
         ]
         args: list[Arg] = [
             event.build_id,
@@ -399,6 +408,9 @@ class BuildStore:
             reply if isinstance(reply, Exception) else PublishOutcome(int(reply))
             for reply in replies
         ]
+
+    async def _start_batch(self, calls: list[ScriptCall]) -> list[list[int] | Exception]:
+        return cast(list[list[int] | Exception], await lua.run_scripts(self.redis, calls))
 
     async def reschedule(
         self,

@@ -1,5 +1,6 @@
-"""The worker's loop against real Redis: claims of polled jobs made in one Lua call, and a
-worker told of queued builds polling at once instead of at its next poll."""
+"""The worker's loop against real Redis: claims of polled jobs made in one Lua call, a
+worker told of queued builds polling at once instead of at its next poll, and a build's
+terminal event finishing its arq job in the same call."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import redis.asyncio as aioredis
 
 from producer import lua
 from producer.client import BuildfleetClient
-from producer.contract import BuildRequest, LocalSource
-from producer.keys import DEFAULT_QUEUE, in_progress_key, queued_channel
+from producer.contract import BuildRequest, BuildResult, LocalSource, Log, Started, Succeeded
+from producer.keys import DEFAULT_QUEUE, in_progress_key, job_key, queued_channel, retry_key
 
 from fleet import worker_config, worker_in_task
 
@@ -105,3 +106,24 @@ async def test_a_batch_of_submissions_wakes_the_workers_once(
         messages = [await pubsub.get_message(timeout=1.0) for _ in range(3)]
     notices = [m for m in messages if m is not None and m["type"] == "message"]
     assert len(notices) == 1
+
+
+async def test_a_build_s_terminal_event_finishes_its_arq_job_in_the_same_call(
+    fleet: BuildfleetClient, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    request = BuildRequest(source=LocalSource(path=str(tmp_path)), push=False)
+    await fleet.submit(request)
+    arq_job = [job_key(request.id), in_progress_key(request.id), retry_key(request.id)]
+    await redis.set(in_progress_key(request.id), b"1")  # as a worker's claim and try count
+    await redis.set(retry_key(request.id), b"1")
+    await fleet.store.start(Started(build_id=request.id, worker="w"), "interactive", lease_s=30)
+    await fleet.store.publish(Log(build_id=request.id, text="building"))
+    assert await redis.exists(*arq_job) == 3  # progress leaves the job to its worker
+    assert await redis.zscore(DEFAULT_QUEUE, request.id) is not None
+
+    await fleet.store.publish(
+        Succeeded(build_id=request.id, result=BuildResult(build_id=request.id, status="succeeded"))
+    )
+
+    assert await redis.exists(*arq_job) == 0
+    assert await redis.zscore(DEFAULT_QUEUE, request.id) is None

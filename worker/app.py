@@ -135,17 +135,24 @@ class FleetWorker(Worker):
 
     async def finish_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
         """arq's bookkeeping of an ended job; none for an attempt that lost its lease (the
-        attempt that took over owns the job now, its claim included)."""
-        if job_id in self.runner.fenced_jobs:
-            self.runner.fenced_jobs.discard(job_id)
+        attempt that took over owns the job now, its claim included), nor for a job its
+        build's terminal event finished (producer/lua/publish.lua)."""
+        if self._left_alone(job_id):
             return
         await super().finish_job(job_id, *args, **kwargs)
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
-        if job_id in self.runner.fenced_jobs:
-            self.runner.fenced_jobs.discard(job_id)
+        if self._left_alone(job_id):
             return
         await super().finish_failed_job(job_id, result_data)
+
+    def _left_alone(self, job_id: str) -> bool:
+        fenced, settled = self.runner.fenced_jobs, self.runner.settled_jobs
+        if job_id in fenced or job_id in settled:
+            fenced.discard(job_id)
+            settled.discard(job_id)
+            return True
+        return False
 
 
 def make_placer(config: WorkerConfig, capacity: Capacity, health: DaemonHealth) -> Placer:

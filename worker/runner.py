@@ -115,6 +115,8 @@ class BuildRunner:
     health: RedisHealth = field(default_factory=RedisHealth)
     fenced_jobs: set[str] = field(default_factory=set)
     """Jobs whose attempt lost its lease: arq must leave them to the attempt that took over."""
+    settled_jobs: set[str] = field(default_factory=set)
+    """Jobs that their build's terminal event finished already: arq has nothing to do."""
     _attempts: dict[str, _Attempt] = field(default_factory=dict)
 
     @property
@@ -365,6 +367,7 @@ class BuildRunner:
         )
         match outcome:
             case PublishOutcome.PUBLISHED:
+                self.settled_jobs.add(result.build_id)
                 logger.info(
                     "build %s %s after %d attempt(s)", result.build_id, status, result.attempts
                 )
@@ -413,10 +416,12 @@ class BuildRunner:
             finished_at=time.time(),
         )
         event = DeadLettered(build_id=build_id, result=result, reason=reason)
-        await self._surely(
+        outcome = await self._surely(
             lambda: self.store.publish(event, dead_letter=DeadLetterEntry(raw)),
             f"dead-lettering {build_id}",
         )
+        if outcome is PublishOutcome.PUBLISHED:
+            self.settled_jobs.add(build_id)
 
 
 class _Progress:
