@@ -403,7 +403,8 @@ class BuildStore:
         return [item for pair in fields.items() for item in pair]
 
     async def _publish_batch(self, calls: list[ScriptCall]) -> list[PublishOutcome | Exception]:
-        replies = await lua.run_scripts(self.redis, calls)
+        # Together: a watcher wakes once to a build's last progress and its end.
+        replies = await lua.run_scripts(self.redis, calls, together=True)
         return [
             reply if isinstance(reply, Exception) else PublishOutcome(int(reply))
             for reply in replies

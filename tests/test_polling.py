@@ -1,6 +1,7 @@
 """The worker's loop against real Redis: claims of polled jobs made in one Lua call, a
-worker told of queued builds polling at once instead of at its next poll, and a build's
-terminal event finishing its arq job in the same call."""
+worker told of queued builds polling at once instead of at its next poll, a build's
+terminal event finishing its arq job in the same call, and a watcher woken once by a
+build's last progress and its end."""
 
 from __future__ import annotations
 
@@ -15,8 +16,24 @@ import redis.asyncio as aioredis
 
 from producer import lua
 from producer.client import BuildfleetClient
-from producer.contract import BuildRequest, BuildResult, LocalSource, Log, Started, Succeeded
-from producer.keys import DEFAULT_QUEUE, in_progress_key, job_key, queued_channel, retry_key
+from producer.contract import (
+    BuildRequest,
+    BuildResult,
+    LocalSource,
+    Log,
+    Started,
+    Succeeded,
+    decode_event,
+)
+from producer.keys import (
+    DEFAULT_QUEUE,
+    EVENT_FIELD,
+    events_key,
+    in_progress_key,
+    job_key,
+    queued_channel,
+    retry_key,
+)
 
 from fleet import worker_config, worker_in_task
 
@@ -127,3 +144,23 @@ async def test_a_build_s_terminal_event_finishes_its_arq_job_in_the_same_call(
 
     assert await redis.exists(*arq_job) == 0
     assert await redis.zscore(DEFAULT_QUEUE, request.id) is None
+
+
+async def test_a_watcher_wakes_once_to_a_build_s_last_progress_and_its_end(
+    fleet: BuildfleetClient, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    request = BuildRequest(source=LocalSource(path=str(tmp_path)), push=False)
+    await fleet.submit(request)
+    await fleet.store.start(Started(build_id=request.id, worker="w"), "interactive", lease_s=30)
+    stream = events_key(request.id)
+    [[_, seen]] = await redis.xread({stream: "0-0"})
+    watcher = asyncio.create_task(redis.xread({stream: seen[-1][0]}, block=10_000))
+    await asyncio.sleep(0.2)  # blocked on the stream
+
+    result = BuildResult(build_id=request.id, status="succeeded")
+    fleet.store.publish_soon(Log(build_id=request.id, text="last line"))
+    await fleet.store.publish(Succeeded(build_id=request.id, result=result))
+
+    [[_, woken_with]] = await watcher
+    events = [decode_event(fields[EVENT_FIELD]) for _, fields in woken_with]
+    assert [type(event) for event in events] == [Log, Succeeded]

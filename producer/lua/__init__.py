@@ -70,16 +70,19 @@ ORPHANS: Final = _script("orphans")
 CLAIM: Final = _script("claim")
 
 
-async def run_scripts(redis: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
+async def run_scripts(
+    redis: Redis, calls: Sequence[ScriptCall], *, together: bool = False
+) -> list[Any]:
     """The reply of each call, in order; a call that failed has its exception as its reply
     (the caller decides whether one failure fails them all). Redis being unreachable
-    raises."""
-    replies = await _evalsha(redis, calls)
+    raises. `together`: the calls run as one transaction, so that a reader blocked on
+    what they write wakes once, to all of it."""
+    replies = await _evalsha(redis, calls, together)
     missing = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
     if missing:
         for script in {calls[index][0].sha: calls[index][0] for index in missing}.values():
             await redis.script_load(script.script)
-        again = await _evalsha(redis, [calls[index] for index in missing])
+        again = await _evalsha(redis, [calls[index] for index in missing], together)
         for index, reply in zip(missing, again, strict=True):
             replies[index] = reply
     return replies
@@ -99,8 +102,8 @@ async def run(redis: Redis, script: Runnable, keys: Sequence[str], args: Sequenc
     return reply
 
 
-async def _evalsha(redis: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
-    async with redis.pipeline(transaction=False) as pipe:
+async def _evalsha(redis: Redis, calls: Sequence[ScriptCall], together: bool) -> list[Any]:
+    async with redis.pipeline(transaction=together) as pipe:
         for script, keys, args in calls:
             pipe.evalsha(script.sha, len(keys), *keys, *args)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
