@@ -26,6 +26,7 @@ from producer.contract import (
     decode_event,
 )
 from producer.keys import (
+    ARQ_IN_PROGRESS_PREFIX,
     DEFAULT_QUEUE,
     EVENT_FIELD,
     events_key,
@@ -42,11 +43,13 @@ pytestmark = pytest.mark.timeout(120)
 _CLAIM_TTL_MS = 60_000
 
 
-async def claim(redis: aioredis.Redis, queue: str, *ids: str, room: int = 1000) -> dict[str, int]:
-    """The jobs CLAIM took, by id, with their scores."""
-    keys = [queue, *map(in_progress_key, ids)]
+async def claim(
+    redis: aioredis.Redis, queue: str, *, room: int = 1000, scan: int = 1000
+) -> dict[str, int]:
+    """The jobs a poll with `room` places claimed, by id, with their scores."""
     now_ms = int(time.time() * 1000)
-    claimed = await lua.run(redis, lua.CLAIM, keys, [now_ms, _CLAIM_TTL_MS, room, *ids])
+    args = [now_ms, _CLAIM_TTL_MS, room, scan, ARQ_IN_PROGRESS_PREFIX]
+    claimed = await lua.run(redis, lua.CLAIM, [queue], args)
     return {
         job.decode(): int(float(score))
         for job, score in zip(claimed[::2], claimed[1::2], strict=True)
@@ -59,12 +62,12 @@ async def test_a_claim_takes_only_due_queued_jobs_no_one_holds(redis: aioredis.R
     await redis.zadd(queue, {"due": now_ms - 1, "held": now_ms - 1, "later": now_ms + 60_000})
     await redis.set(in_progress_key("held"), b"another worker", px=_CLAIM_TTL_MS)
 
-    taken = await claim(redis, queue, "due", "held", "later", "gone")
+    taken = await claim(redis, queue)
 
     assert taken == {"due": now_ms - 1}
     assert await redis.get(in_progress_key("held")) == b"another worker"  # left alone
     assert await redis.pttl(in_progress_key("due")) > 0  # arq's claim, with its expiry
-    assert await redis.exists(in_progress_key("later"), in_progress_key("gone")) == 0
+    assert await redis.exists(in_progress_key("later")) == 0
 
 
 async def test_a_claim_stops_when_the_worker_is_full(redis: aioredis.Redis) -> None:
@@ -73,10 +76,11 @@ async def test_a_claim_stops_when_the_worker_is_full(redis: aioredis.Redis) -> N
     await redis.zadd(queue, {"running": now_ms - 3, "first": now_ms - 2, "second": now_ms - 1})
     await redis.set(in_progress_key("running"), b"1", px=_CLAIM_TTL_MS)
 
-    taken = await claim(redis, queue, "running", "first", "second", room=1)
+    taken = await claim(redis, queue, room=1)
 
     assert taken == {"first": now_ms - 2}  # past the held job, up to the room there is
     assert await redis.exists(in_progress_key("second")) == 0
+    assert await claim(redis, queue, scan=2) == {}  # no deeper than the scan
 
 
 async def test_two_workers_claiming_the_same_poll_split_it_and_never_share_a_job(
@@ -86,7 +90,7 @@ async def test_two_workers_claiming_the_same_poll_split_it_and_never_share_a_job
     ids = [f"job-{n}" for n in range(200)]
     await redis.zadd(queue, dict.fromkeys(ids, int(time.time() * 1000) - 1))
 
-    first, second = await asyncio.gather(claim(redis, queue, *ids), claim(redis, queue, *ids))
+    first, second = await asyncio.gather(claim(redis, queue), claim(redis, queue, room=150))
 
     assert first.keys().isdisjoint(second.keys())
     assert first.keys() | second.keys() == set(ids)

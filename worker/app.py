@@ -4,8 +4,8 @@ arq is configured for this fleet: msgpack envelopes instead of pickle, no arq re
 build store keeps ours), a short poll delay, our own attempt counting, and on SIGTERM a
 drain (`job_completion_wait`) after which unfinished builds go back to the queue. Two
 changes to arq's loop cut the time a build waits in the queue: a worker polls at once when
-a producer says builds were queued (pub/sub; the poll delay stays the guarantee), and it
-claims every job a poll found in one Lua call.
+a producer says builds were queued (pub/sub; the poll delay stays the guarantee), and a
+poll reads the queue and claims the jobs it has room for in one Lua call.
 
 Redis may go away at any moment (a restart, a failover, OOM, a cut cable): every loop of
 the worker (arq's poll, the heartbeat, the reaper and the watchdog, the cancel listener)
@@ -31,7 +31,7 @@ from arq.worker import func
 from producer import jobcodec, lua
 from producer.backoff import full_jitter
 from producer.connection import connect
-from producer.keys import CANCEL_CHANNEL, in_progress_key, queued_channel
+from producer.keys import ARQ_IN_PROGRESS_PREFIX, CANCEL_CHANNEL, queued_channel
 from producer.resilience import (
     BACKOFF_BASE_S,
     BACKOFF_CAP_S,
@@ -99,7 +99,7 @@ class FleetWorker(Worker):
 
     async def _poll_iteration(self) -> None:
         try:
-            await super()._poll_iteration()
+            await self._poll()
         except Exception as exc:
             raise_if_cancelling()
             self._failures += 1
@@ -112,26 +112,40 @@ class FleetWorker(Worker):
             self._failures = 0
             self.health.succeeded()
 
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """arq's start_jobs, its claims on the jobs there is room for made in one Lua call
-        (producer/lua/claim.lua) instead of a WATCH transaction a job."""
-        room = self.max_jobs - self.job_counter
-        # A poll finds running jobs too: arq takes a job off the queue when it ends.
-        ids = [job_id for job_id in map(bytes.decode, job_ids) if job_id not in self.tasks]
-        if room <= 0 or not ids:
-            return
-        claimed = await lua.run(
-            self.pool,
-            lua.CLAIM,
-            [self.queue_name, *map(in_progress_key, ids)],
-            [timestamp_ms(), int(self.in_progress_timeout_s * 1000), room, *ids],
-        )
-        for job_id, score in zip(claimed[::2], claimed[1::2], strict=True):
-            await self.sem.acquire()  # there is room: counted above
-            self.job_counter += 1
-            task = self.loop.create_task(self.run_job(job_id.decode(), int(float(score))))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job_id.decode()] = task
+    async def _poll(self) -> None:
+        """arq's poll iteration, its read of the queue and its claims on the jobs there is
+        room for made in one Lua call (producer/lua/claim.lua)."""
+        if (room := self.max_jobs - self.job_counter) > 0:
+            claimed = await lua.run(
+                self.pool,
+                lua.CLAIM,
+                [self.queue_name],
+                [
+                    timestamp_ms(),
+                    int(self.in_progress_timeout_s * 1000),
+                    room,
+                    self.queue_read_limit,
+                    ARQ_IN_PROGRESS_PREFIX,
+                ],
+            )
+            for job_id, score in zip(claimed[::2], claimed[1::2], strict=True):
+                self._start(job_id.decode(), int(float(score)))
+        for job_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[job_id]
+                task.result()  # as arq does: an error in run_job is not swallowed
+        await self.heart_beat()
+
+    def _start(self, job_id: str, score: int) -> None:
+        """Run a claimed job, counted against `max_jobs` until it ends (`job_counter`
+        alone: arq's semaphore belongs to its own start_jobs, which this loop replaces)."""
+        self.job_counter += 1
+        task = self.loop.create_task(self.run_job(job_id, score))
+        task.add_done_callback(self._ended)
+        self.tasks[job_id] = task
+
+    def _ended(self, _: asyncio.Task[None]) -> None:
+        self.job_counter -= 1
 
     async def finish_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
         """arq's bookkeeping of an ended job; none for an attempt that lost its lease (the

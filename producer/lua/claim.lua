@@ -1,22 +1,21 @@
--- arq's claim on the jobs one poll found, all in one call (arq makes four round trips a
--- job): a job is claimed when it is still in the queue, due (scored at most `now_ms`) and
--- held by no worker, until `room` jobs are claimed. The claim is arq's own in-progress
--- key, so arq's workers and these claims exclude each other.
--- KEYS: queue, then each job's in-progress key. ARGV: now_ms, claim_ttl_ms, room, then
--- the job ids in the order the poll found them.
+-- arq's poll and its claims in one call (arq reads the queue in one round trip, then
+-- claims each job in four): up to `room` jobs of the queue, in its order, that are due
+-- (scored at most `now_ms`) and held by no worker, looking at most `scan` jobs deep (a
+-- job stays in the queue while it runs). The claim is arq's own in-progress key, so arq's
+-- workers and these claims exclude each other.
+-- KEYS: queue. ARGV: now_ms, claim_ttl_ms, room, scan, the in-progress key prefix.
 -- Returns {id, score, id, score, ...} of the jobs claimed.
 local queue = KEYS[1]
-local now_ms, claim_ttl_ms, room = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local now_ms, claim_ttl_ms, room, scan, claim_prefix =
+  ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 
+local due = redis.call('ZRANGEBYSCORE', queue, '-inf', now_ms, 'WITHSCORES', 'LIMIT', 0, scan)
 local claimed = {}
-for i = 4, #ARGV do
+for i = 1, #due, 2 do
   if #claimed >= 2 * room then break end
-  local job_id, claim = ARGV[i], KEYS[i - 2]
-  local score = redis.call('ZSCORE', queue, job_id)
-  if score and tonumber(score) <= now_ms
-    and redis.call('SET', claim, '1', 'NX', 'PX', claim_ttl_ms) then
-    claimed[#claimed + 1] = job_id
-    claimed[#claimed + 1] = score
+  if redis.call('SET', claim_prefix .. due[i], '1', 'NX', 'PX', claim_ttl_ms) then
+    claimed[#claimed + 1] = due[i]
+    claimed[#claimed + 1] = due[i + 1]
   end
 end
 return claimed
