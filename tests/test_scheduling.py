@@ -194,17 +194,23 @@ async def test_sigterm_drains_finishing_builds_and_requeues_the_rest_without_an_
     config = worker_config(redis_url, backend="simulate", concurrency=2, drain_grace_s=4.0)
     short = simulated(tmp_path, **{"simulate.duration_s": "0.5"})
     long = simulated(tmp_path, **{"simulate.duration_s": "8"})
+    late = simulated(tmp_path)
     with worker_processes(config, count=1, logs=tmp_path) as [draining]:
         await fleet.submit_many([short, long])
         await _wait_until_running_on(redis, draining.pid)
         while (await fleet.get(long.id)).status != "running":
             await asyncio.sleep(0.05)
         draining.send_signal(signal.SIGTERM)
+        while "allow_pick_jobs" not in (tmp_path / "worker-0.log").read_text():
+            await asyncio.sleep(0.05)  # the worker has heard it
+        await fleet.submit(late)  # there is room, but a draining worker takes nothing new
         assert draining.wait(timeout=30) == 0
     assert (await fleet.get(short.id)).status == "succeeded"
     assert (await fleet.get(long.id)).status == "running"  # handed back, not ended
+    assert (await fleet.get(late.id)).status == "queued"
     with worker_processes(config, count=1, logs=tmp_path):
         result = await fleet.wait(long.id)
+        assert (await fleet.wait(late.id)).status == "succeeded"
     assert result.status == "succeeded"
     events = [event async for event in fleet.watch(long.id)]
     assert [e.attempt for e in events if isinstance(e, Started)] == [1, 1]  # no attempt spent

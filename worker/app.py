@@ -115,7 +115,8 @@ class FleetWorker(Worker):
     async def _poll(self) -> None:
         """arq's poll iteration, its read of the queue and its claims on the jobs there is
         room for made in one Lua call (producer/lua/claim.lua)."""
-        if (room := self.max_jobs - self.job_counter) > 0:
+        room = self.max_jobs - self.job_counter
+        if self.allow_pick_jobs and room > 0:  # not when draining: arq's signal handler
             claimed = await lua.run(
                 self.pool,
                 lua.CLAIM,
