@@ -141,6 +141,14 @@ class Submission:
 
 
 @dataclass(frozen=True, slots=True)
+class Submitting:
+    """The KEYS and ARGV that enqueue some builds (`submit_builds` in lua/common.lua)."""
+
+    keys: list[str]
+    args: list[Arg]
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetterEntry:
     """A dead letter to keep with a terminal DeadLettered event (the request as queued, or
     the unreadable bytes that were)."""
@@ -170,10 +178,23 @@ class BuildStore:
         return now_ms
 
     async def submit_many(self, requests: Sequence[BuildRequest]) -> list[Submission]:
-        """Enqueue every request in one round trip; an id that exists already is left as is.
+        """Enqueue every request in one Lua call; an id that exists already is left as is.
 
         A request asking for a timeout beyond the fleet's maximum is refused (ContractError)
         before anything is written."""
+        if not requests:
+            return []
+        submitting = self.submitting(requests)
+        created = await lua.run(self.redis, lua.SUBMIT, submitting.keys, submitting.args)
+        return [
+            Submission(request.id, bool(flag))
+            for request, flag in zip(requests, cast(list[int], created), strict=True)
+        ]
+
+    def submitting(self, requests: Sequence[BuildRequest]) -> Submitting:
+        """What `submit_builds` (lua/common.lua) takes to enqueue `requests`, for
+        submit.lua and for scripts that enqueue builds as one of their steps. Raises
+        ContractError for a timeout beyond the fleet's maximum."""
         for request in requests:
             if request.timeout_s is not None and request.timeout_s > self.queue.max_timeout_s:
                 raise ContractError(
@@ -182,42 +203,33 @@ class BuildStore:
                 )
         now = time.time()
         now_ms = int(now * 1000)
-        calls: list[ScriptCall] = []
-        last = len(requests) - 1
-        for index, request in enumerate(requests):
+        keys = [EVENTS_STREAM, self.queue.name, ACTIVE_BUILDS, queued_channel(self.queue.name)]
+        args: list[Arg] = [
+            PENDING_TTL_S * 1000,
+            PENDING_TTL_S,
+            self.queue.events_maxlen,
+            RECENT_BUILDS_KEPT,
+        ]
+        for request in requests:
             stamped = request if request.submitted_at else _with_submitted_at(request, now)
             request_json = encode(stamped)
             queued = Queued(build_id=request.id, at=now, priority=request.priority)
-            keys = [
+            keys += [
                 build_key(request.id),
                 events_key(request.id),
-                EVENTS_STREAM,
                 job_key(request.id),
-                self.queue.name,
-                ACTIVE_BUILDS,
                 waiting_key(request.priority),
                 tenant_recent_key(request.tenant),
-                queued_channel(self.queue.name),
             ]
-            args: list[Arg] = [
+            args += [
                 request.id,
                 request_json,
                 encode(queued),
-                jobcodec.build_envelope(request_json, now_ms),
+                *jobcodec.envelope_around(request_json, now_ms),
                 self.score_ms(request, now_ms),
-                PENDING_TTL_S * 1000,
-                PENDING_TTL_S,
-                self.queue.events_maxlen,
                 int(stamped.submitted_at * 1000),
-                RECENT_BUILDS_KEPT,
-                int(index == last),
             ]
-            calls.append((lua.SUBMIT, keys, args))
-        created = await lua.run_all(self.redis, calls)
-        return [
-            Submission(request.id, bool(flag))
-            for request, flag in zip(requests, created, strict=True)
-        ]
+        return Submitting(keys, args)
 
     async def cancel(self, build_id: str, reason: str) -> CancelOutcome:
         [outcome] = await self.cancel_many([(build_id, reason)])
@@ -227,34 +239,38 @@ class BuildStore:
         self, cancels: Sequence[tuple[str, str]], *, only_queued: bool = False
     ) -> list[CancelOutcome]:
         """Cancel (build id, reason) pairs in one round trip. With `only_queued`, a build
-        that has started is left running (CancelOutcome.LEFT_RUNNING)."""
+        that is running is left running (CancelOutcome.LEFT_RUNNING)."""
         calls: list[ScriptCall] = []
         for build_id, reason in cancels:
-            result = BuildResult(
-                build_id=build_id, status="cancelled", error=reason, finished_at=time.time()
-            )
-            event = Cancelled(build_id=build_id, result=result, reason=reason)
-            keys = [
-                build_key(build_id),
-                events_key(build_id),
-                EVENTS_STREAM,
-                self.queue.name,
-                job_key(build_id),
-                CANCEL_CHANNEL,
-                ACTIVE_BUILDS,
-                *_WAITING_KEYS,
-            ]
-            args: list[Arg] = [
-                build_id,
-                encode(event),
-                encode(result),
-                self.queue.result_ttl_s,
-                self.queue.events_maxlen,
-                encode(CancelNotice(build_id=build_id, reason=reason)),
-                "1" if only_queued else "",
-            ]
-            calls.append((lua.CANCEL, keys, args))
+            keys, args = self.cancelling(build_id, reason)
+            calls.append((lua.CANCEL, keys, [*args, "1" if only_queued else ""]))
         return [CancelOutcome(_text(reply)) for reply in await lua.run_all(self.redis, calls)]
+
+    def cancelling(self, build_id: str, reason: str) -> tuple[list[str], list[Arg]]:
+        """The KEYS and ARGV of `cancel_build` (lua/common.lua) but its last, only_queued."""
+        result = BuildResult(
+            build_id=build_id, status="cancelled", error=reason, finished_at=time.time()
+        )
+        event = Cancelled(build_id=build_id, result=result, reason=reason)
+        keys = [
+            build_key(build_id),
+            events_key(build_id),
+            EVENTS_STREAM,
+            self.queue.name,
+            job_key(build_id),
+            CANCEL_CHANNEL,
+            ACTIVE_BUILDS,
+            *_WAITING_KEYS,
+        ]
+        args: list[Arg] = [
+            build_id,
+            encode(event),
+            encode(result),
+            self.queue.result_ttl_s,
+            self.queue.events_maxlen,
+            encode(CancelNotice(build_id=build_id, reason=reason)),
+        ]
+        return keys, args
 
     async def cancel_requests(self, build_ids: Sequence[str]) -> list[CancelNotice]:
         """The cancels recorded for these builds."""

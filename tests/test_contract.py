@@ -84,6 +84,16 @@ def test_the_cache_key_is_the_repository_and_dockerfile() -> None:
     assert a.cache_key == b.cache_key != c.cache_key
 
 
+@pytest.mark.parametrize("label", ["", "x" * 300, "y" * 70_000])  # each msgpack length size
+def test_a_job_envelope_around_its_request_is_the_envelope(label: str) -> None:
+    request = BuildRequest(
+        source=GitSource(url="git://h/r.git"), images=("r/x:1",), labels={"l": label}
+    )
+    request_json = encode(request)
+    head, tail = jobcodec.envelope_around(request_json, 7)
+    assert head + request_json + tail == jobcodec.build_envelope(request_json, 7)
+
+
 def test_the_job_envelope_is_msgpack_and_garbage_still_reaches_the_worker() -> None:
     request = BuildRequest(source=GitSource(url="git://h/r.git"), images=("r/x:1",))
     envelope = jobcodec.deserialize(jobcodec.build_envelope(encode(request), 0, attempt=3))

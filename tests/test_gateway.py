@@ -415,6 +415,25 @@ async def test_a_newer_push_supersedes_the_queued_build_of_the_same_ref_and_imag
     assert await queued(redis) == 3
 
 
+async def evalsha_calls(redis: aioredis.Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_a_push_enqueues_and_cancels_the_build_it_supersedes_in_one_redis_call(
+    http: TestClient[web.Request, web.Application], fleet: BuildfleetClient, redis: aioredis.Redis
+) -> None:
+    _, first = await post_github(http, github_push("acme/api", after=sha_for("one")))
+    before = await evalsha_calls(redis)
+    status, second = await post_github(http, github_push("acme/api", after=sha_for("two")))
+    assert status == 202
+    assert await evalsha_calls(redis) - before == 1  # claim, enqueue and supersede at once
+    assert [b.get("superseded") for b in second["builds"]] == [b["id"] for b in first["builds"]]
+    for build in first["builds"]:
+        assert (await fleet.get(build["id"])).status == "cancelled"
+    assert await queued(redis) == 2
+
+
 async def test_concurrent_pushes_to_one_ref_leave_exactly_one_queued_build_per_image(
     http: TestClient[web.Request, web.Application], fleet: BuildfleetClient, redis: aioredis.Redis
 ) -> None:

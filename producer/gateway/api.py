@@ -70,22 +70,21 @@ async def submit(gateway: Gateway, request: web.Request) -> web.Response:
     if isinstance(admission, Refused):
         return refused(gateway.metrics, admission, settings.retry_after_s)
     started = time.perf_counter()
-    [submission] = await gateway.submit([build])
-    if not submission.created:
+    enqueued = await gateway.ledger.enqueue([build], [None])
+    [created] = enqueued.created
+    if not created:
         existing = await gateway.client.get(build.id)
         if existing.request is None or existing.request.tenant != build.tenant:
             return error(409, f"build id {build.id!r} is taken; leave `id` out for a fresh one")
-    answer: dict[str, Any] = {"id": build.id, "created": submission.created}
-    if submission.created:
-        replaced = await gateway.ledger.swap_latest([build], [None])
-        superseded, cancelled = await gateway.ledger.cancel_replaced(replaced)
-        gateway.metrics.superseded.inc(amount=cancelled)
+    answer: dict[str, Any] = {"id": build.id, "created": created}
+    if created:
+        gateway.metrics.superseded.inc(amount=len(enqueued.superseded))
         gateway.metrics.builds.inc("api")
-        if superseded:
-            answer["superseded"] = superseded[0].old_id
+        if enqueued.superseded:
+            answer["superseded"] = enqueued.superseded[0].old_id
     gateway.metrics.enqueue.observe(time.perf_counter() - started)
     location = {"Location": f"/v1/builds/{build.id}"}
-    return reply(202 if submission.created else 200, answer, location)
+    return reply(202 if created else 200, answer, location)
 
 
 async def get(gateway: Gateway, request: web.Request) -> web.Response:

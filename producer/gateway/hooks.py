@@ -7,14 +7,13 @@ The order of the checks is the point:
 4. the ledger, in one round trip: a repeated delivery answers what it made (200); a push of
    a commit already built for its ref, or one the ref has moved past, builds nothing (409);
    admission (the queue's depth, the tenant's cap) may refuse it (429 with Retry-After,
-   nothing recorded, so the forge's redelivery can still build);
-5. enqueue, then supersede the older builds of the same ref and image.
+   nothing recorded, so the forge's redelivery can still build); else its builds are
+   enqueued and supersede the older builds of the same ref and image in that same trip.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -23,7 +22,6 @@ from typing import Any, Final
 from aiohttp import web
 
 from producer.contract import BuildRequest
-from producer.errors import FleetUnavailable
 from producer.gateway import rules
 from producer.gateway.admission import Caps, Refused
 from producer.gateway.http import error, read_body, refused, reply, too_many
@@ -31,7 +29,6 @@ from producer.gateway.ledger import (
     Claimed,
     Duplicate,
     PushRecord,
-    Replaced,
     Resubmit,
     Stale,
     Superseded,
@@ -103,7 +100,6 @@ async def _push(
         push_history_key(forge, push.repo, push.ref), push.sha if remembered else "", push.before
     )
     duplicate = False
-    replaced: list[Replaced] | None = None
     caps = Caps(settings.max_queue_depth_interactive, tenant, settings.tenant_cap(tenant))
     claim = await gateway.ledger.claim(
         forge, delivery.delivery_id, record, requests, running_too=running_too, caps=caps
@@ -121,22 +117,13 @@ async def _push(
             return refused(metrics, refusal, settings.retry_after_s)
         case Resubmit(requests=again):
             requests, duplicate = again, True
-        case Claimed(replaced=swapped):
-            replaced = swapped
-    superseded: list[Superseded] = []
+            enqueued = await gateway.ledger.enqueue(requests, running_too)
+        case Claimed(enqueued=enqueued):
+            pass
+    superseded: Sequence[Superseded] = ()
     if requests:
-        try:
-            await gateway.submit(requests)
-        except FleetUnavailable:
-            if not duplicate:
-                with contextlib.suppress(FleetUnavailable):
-                    await gateway.ledger.release(forge, delivery.delivery_id, record)
-            raise
-        overtaken: Sequence[BuildRequest] = requests
-        if replaced is None:
-            replaced, overtaken = await gateway.ledger.swap_latest(requests, running_too), ()
-        superseded, cancelled = await gateway.ledger.cancel_replaced(replaced, overtaken)
-        metrics.superseded.inc(amount=cancelled)
+        superseded = enqueued.superseded
+        metrics.superseded.inc(amount=len(superseded))
         metrics.builds.inc("webhook", amount=len(requests))
     metrics.enqueue.observe(time.perf_counter() - started)
     metrics.webhooks.inc(forge, "push" if requests else "no_build")

@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 
-from producer.batching import Coalescer, regroup
 from producer.client import BuildfleetClient
-from producer.contract import BuildRequest, BuildState
+from producer.contract import BuildState
 from producer.errors import BuildNotFound
 from producer.gateway.admission import Admissions
 from producer.gateway.auth import Tokens, request_policy
@@ -20,7 +19,6 @@ from producer.gateway.settings import GatewaySettings, TokenSettings
 from producer.gateway.streams import EventHub
 from producer.policy import RequestPolicy
 from producer.settings import TelemetrySettings
-from producer.store import Submission
 
 
 class Gateway:
@@ -58,13 +56,6 @@ class Gateway:
         self.api_rate = RateLimiter(limits.requests_per_s, limits.burst)
         self.hook_rate = RateLimiter(limits.webhooks_per_s, limits.webhook_burst)
         self.streams = Slots(limits.streams_per_token, limits.streams)
-        self._submits: Coalescer[list[BuildRequest], list[Submission]] = Coalescer(
-            self._submit_batch
-        )
-
-    async def submit(self, requests: list[BuildRequest]) -> list[Submission]:
-        """Enqueue, batched with the other submissions of this event-loop turn."""
-        return await self._submits(requests)
 
     async def visible_state(self, build_id: str, token: TokenSettings) -> BuildState:
         """The build's state if `token` may see it (its tenant's); else BuildNotFound, as
@@ -77,7 +68,3 @@ class Gateway:
     async def aclose(self) -> None:
         self.stopping.set()
         await self.hub.aclose()
-
-    async def _submit_batch(self, batches: list[list[BuildRequest]]) -> list[list[Submission]]:
-        submissions = await self.client.submit_many([r for batch in batches for r in batch])
-        return regroup(submissions, batches)

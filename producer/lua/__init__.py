@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Final, Protocol
 
@@ -40,10 +40,11 @@ ScriptCall = tuple[Runnable, Sequence[str], Sequence[Any]]
 class Script:
     name: str
     script: str
+    sha: str = field(init=False)
 
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.script.encode()).hexdigest()  # noqa: S324 - Redis's script id
+    def __post_init__(self) -> None:
+        sha = hashlib.sha1(self.script.encode()).hexdigest()  # noqa: S324 - Redis's script id
+        object.__setattr__(self, "sha", sha)  # once: every call names its script by it
 
 
 def _read(name: str) -> str:
@@ -53,8 +54,13 @@ def _read(name: str) -> str:
 _COMMON: Final = _read("common")
 
 
+def with_common(name: str, body: str) -> Script:
+    """A script made elsewhere that uses the helpers of `common.lua`."""
+    return Script(name, f"{_COMMON}\n{body}")
+
+
 def _script(name: str) -> Script:
-    return Script(name, f"{_COMMON}\n{_read(name)}")
+    return with_common(name, _read(name))
 
 
 SUBMIT: Final = _script("submit")

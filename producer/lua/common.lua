@@ -27,3 +27,87 @@ end
 local function keep_dead_letter(stream, maxlen, fields)
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(fields))
 end
+
+-- `template` with every `{name}` in it replaced by `value` (key names and encoded events
+-- made for a build id known only here; an id never holds a brace).
+local function fill(template, name, value)
+  local out, at, mark = {}, 1, '{' .. name .. '}'
+  while true do
+    local from, to = string.find(template, mark, at, true)
+    if not from then break end
+    out[#out + 1] = string.sub(template, at, from - 1)
+    out[#out + 1] = value
+    at = to + 1
+  end
+  out[#out + 1] = string.sub(template, at)
+  return table.concat(out)
+end
+
+-- New builds: each one's record, its Queued event, its arq job and its place in the queue,
+-- in the index of builds that have not ended, in the set of builds waiting at its priority
+-- and in its tenant's capped index of recent builds. An id that exists already is left as
+-- it is. The queue's workers are told on its channel that builds were queued.
+-- keys (from k): fleet events, queue, index of live builds, queued channel, then per build:
+-- record, events, job, waiting set, tenant's recent builds.
+-- args (from a): job TTL (ms), record TTL (s), events maxlen, recent builds kept, then per
+-- build: id, request, Queued event, job envelope around the request (head, tail), score,
+-- submitted (ms). Returns per build 1 when it was created, else 0.
+local function submit_builds(keys, k, args, a, count)
+  local fleet_events, queue, active, queued_channel = keys[k], keys[k + 1], keys[k + 2], keys[k + 3]
+  local job_ttl_ms, record_ttl, maxlen, recent_kept =
+    args[a], args[a + 1], args[a + 2], tonumber(args[a + 3])
+  local created = {}
+  for i = 1, count do
+    local ki, ai = k + 4 + 5 * (i - 1), a + 4 + 7 * (i - 1)
+    local record, build_events, job, waiting, recent =
+      keys[ki], keys[ki + 1], keys[ki + 2], keys[ki + 3], keys[ki + 4]
+    local build_id, request, queued, head, tail, score, submitted_ms =
+      args[ai], args[ai + 1], args[ai + 2], args[ai + 3], args[ai + 4], args[ai + 5],
+      args[ai + 6]
+    created[i] = 0
+    if redis.call('EXISTS', record) == 0 then
+      redis.call('HSET', record, 'request', request, 'status', 'queued', 'attempt', '1')
+      redis.call('EXPIRE', record, record_ttl)
+      append(build_events, fleet_events, maxlen, queued)
+      redis.call('EXPIRE', build_events, record_ttl)
+      redis.call('SET', job, head .. request .. tail, 'PX', job_ttl_ms)
+      redis.call('ZADD', queue, score, build_id)
+      redis.call('ZADD', active, score, build_id)
+      redis.call('ZADD', waiting, score, build_id)
+      redis.call('ZADD', recent, submitted_ms, build_id)
+      redis.call('ZREMRANGEBYRANK', recent, 0, -1 - recent_kept)
+      redis.call('EXPIRE', recent, record_ttl)
+      created[i] = 1
+    end
+  end
+  if count > 0 then redis.call('PUBLISH', queued_channel, '') end
+  return created
+end
+
+-- Cancel a build. One still waiting in the queue ends here with its Cancelled event; a
+-- running one is flagged and its worker told on the cancel channel (or, with only_queued,
+-- left alone; one a worker has taken but not started yet is flagged all the same, so that
+-- it never starts). Returns what happened: cancelled, signalled, left_running, ended, unknown.
+local function cancel_build(record, build_events, fleet_events, queue, job, channel, active,
+                            interactive, batch, build_id, event, result, ended_ttl, maxlen,
+                            notice, only_queued)
+  local status = redis.call('HGET', record, 'status')
+  if not status then return 'unknown' end
+  if terminal[status] then return 'ended' end
+  local waiting = status == 'queued' or status == 'retrying'
+  if waiting and redis.call('ZREM', queue, build_id) == 1 then
+    redis.call('DEL', job)
+    redis.call('ZREM', active, build_id)
+    redis.call('ZREM', interactive, build_id)
+    redis.call('ZREM', batch, build_id)
+    redis.call('HSET', record, 'status', 'cancelled', 'result', result)
+    append(build_events, fleet_events, maxlen, event)
+    redis.call('EXPIRE', record, ended_ttl)
+    redis.call('EXPIRE', build_events, ended_ttl)
+    return 'cancelled'
+  end
+  if only_queued and status == 'running' then return 'left_running' end
+  redis.call('HSET', record, 'cancel', notice)
+  redis.call('PUBLISH', channel, notice)
+  return 'signalled'
+end
