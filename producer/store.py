@@ -184,15 +184,28 @@ class BuildStore:
         before anything is written."""
         if not requests:
             return []
-        submitting = self.submitting(requests)
-        created = await lua.run(self.redis, lua.SUBMIT, submitting.keys, submitting.args)
+        shared, builds = self.submit_shared(), self.submitting(requests)
+        keys, args = shared.keys + builds.keys, shared.args + builds.args
+        created = await lua.run(self.redis, lua.SUBMIT, keys, args)
         return [
             Submission(request.id, bool(flag))
             for request, flag in zip(requests, cast(list[int], created), strict=True)
         ]
 
+    def submit_shared(self) -> Submitting:
+        """What submit.lua takes before its builds: the fleet-wide keys (the queued channel
+        last) and settings that `submit_builds` (lua/common.lua) shares among them."""
+        keys = [EVENTS_STREAM, self.queue.name, ACTIVE_BUILDS, queued_channel(self.queue.name)]
+        args: list[Arg] = [
+            PENDING_TTL_S * 1000,
+            PENDING_TTL_S,
+            self.queue.events_maxlen,
+            RECENT_BUILDS_KEPT,
+        ]
+        return Submitting(keys, args)
+
     def submitting(self, requests: Sequence[BuildRequest]) -> Submitting:
-        """What `submit_builds` (lua/common.lua) takes to enqueue `requests`, for
+        """The keys and arguments of each build for `submit_builds` (lua/common.lua), for
         submit.lua and for scripts that enqueue builds as one of their steps. Raises
         ContractError for a timeout beyond the fleet's maximum."""
         for request in requests:
@@ -203,13 +216,8 @@ class BuildStore:
                 )
         now = time.time()
         now_ms = int(now * 1000)
-        keys = [EVENTS_STREAM, self.queue.name, ACTIVE_BUILDS, queued_channel(self.queue.name)]
-        args: list[Arg] = [
-            PENDING_TTL_S * 1000,
-            PENDING_TTL_S,
-            self.queue.events_maxlen,
-            RECENT_BUILDS_KEPT,
-        ]
+        keys: list[str] = []
+        args: list[Arg] = []
         for request in requests:
             stamped = request if request.submitted_at else _with_submitted_at(request, now)
             request_json = encode(stamped)

@@ -5,7 +5,8 @@ decide what to answer.
 Invariants:
 - A delivery id is claimed once (`buildfleet:delivery:{forge}:{id}` holds the build ids it
   made). A repeat is `Duplicate`, or `Resubmit` when its first arrival recorded ids it never
-  enqueued (Redis went away in between), so a redelivery finishes the job.
+  enqueued (a gateway of an earlier version claimed, then lost Redis before enqueuing), so
+  a redelivery finishes the job.
 - A ref's push history remembers the commits its pushes built, and the ones they moved the
   ref away from. A new delivery of a push to one of them is `Stale` and builds nothing: a
   replayed push (a fresh delivery id on captured bytes) or one that arrives after a newer
@@ -15,10 +16,12 @@ Invariants:
   that has not started (or, if so configured, even if it has): no newer push can come in
   between, so the older build is always the one cancelled. A build whose id existed
   already (a resubmission) records and cancels nothing.
-- A new delivery takes one Lua call (producer.lua.common's `submit_builds` and
-  `cancel_build` inside the ledger's script): claimed, recorded in the push history,
-  admitted, enqueued and superseding, or none of it.
-- Concurrent calls made in the same event-loop turn share one round trip (producer.batching).
+- A new delivery is claimed, recorded in its ref's push history, admitted, enqueued and
+  superseding in one atomic Lua call (the ledger's script, with `submit_builds` and
+  `cancel_build` of producer/lua/common.lua). The deliveries of one
+  event-loop turn go in one call of that script, one round trip (producer.batching);
+  what they share (settings, fleet-wide keys, the Cancelled event made for any id) is
+  sent once.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import msgspec
 from redis.asyncio import Redis
@@ -50,47 +53,48 @@ from producer.keys import (
     supersede_record_key,
     tenant_queued_key,
 )
-from producer.lua import ScriptCall, run_scripts, with_common
+from producer.lua import Arg, run_all, with_common
 from producer.store import BuildStore, CancelOutcome
 
 _CANCELLED: Final = (CancelOutcome.CANCELLED.value, CancelOutcome.SIGNALLED.value)
 
-# A delivery's builds in one call: with `fresh` ('1', a new delivery), first admit them
-# (producer.gateway.admission) and record the delivery and its commit in the ref's push
-# history; then enqueue them (submit_builds), record each one created as the latest of its
-# supersede key and cancel the build it replaces (cancel_build): a queued one, a running
-# one too where asked. Returns {0, recorded ids} for a repeated delivery, {2, 'b' or 'r'}
-# for a commit already built ('b') or moved past ('r'), {3, bound, count, limit} when
-# admission refuses (nothing changed in these three cases), else {1, created, old id,
-# outcome, created, old id, outcome, ...} per build ('' and '' where nothing was
-# replaced). History values are a mark and the push's number; only the newest `keep`
-# pushes are kept.
+# The deliveries of a batch in one call, each in turn: with `fresh` ('1', a new delivery),
+# first admit its builds (producer.gateway.admission) and record the delivery and its commit
+# in the ref's push history; then enqueue them (submit_builds), record each one created as
+# the latest of its supersede key and cancel the build it replaces (cancel_build): a queued
+# one, a running one too where asked. The queue's workers are told once.
+# Per delivery: {0, recorded ids} for a repeated delivery, {2, 'b' or 'r'} for a commit
+# already built ('b') or moved past ('r'), {3, bound, count, limit} when admission refuses
+# (nothing changed in these three cases), else {1, created, old id, outcome, created, ...}
+# per build ('' and '' where nothing was replaced). History values are a mark and the
+# push's number; only the newest `keep` pushes are kept.
 _DELIVER: Final = (
     ADMIT_FUNCTION
     + """
-local delivery, history, queue, tenant_set = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local build_ids, delivery_ttl = ARGV[1], ARGV[2]   -- ids as JSON
-local record_ttl, build_prefix = ARGV[3], ARGV[4]
-local sha, before, history_ttl, keep = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
-local now, depth_limit, grace = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
-local set_ttl, tenant_cap, fresh = ARGV[12], tonumber(ARGV[13]), ARGV[14] == '1'
--- ARGV from 15: cancel_build's 9 keys and 6 arguments, made for '{old}' replaced by
--- '{new}'; then submit_builds' arguments. KEYS from 5: submit_builds' keys, then a
--- supersede record per build ('' for none). Then ARGV: per build, '1' when a running build
--- it replaces is cancelled too.
-local cancel_at, submit_key, submit_arg = 15, 5, 30
-local ids = cjson.decode(build_ids)
-local count = #ids
-local first_record, first_running = submit_key + 4 + 5 * count, submit_arg + 4 + 7 * count
+-- KEYS: fleet events, queue, index of live builds, queued channel, then per delivery:
+-- delivery, push history, tenant's set, five per build (submit_builds), then a supersede
+-- record per build ('' for none).
+-- ARGV: submit_builds' four settings, delivery TTL, record TTL, build-key prefix, history
+-- TTL, pushes kept, now (ms), grace, set TTL, then cancel_build's 9 keys and 6 arguments
+-- made for '{old}' replaced by '{new}'; then per delivery: build count, fresh, ids as JSON,
+-- sha, before, depth limit, tenant cap ('' none), seven per build (submit_builds), then per
+-- build '1' when a running build it replaces is cancelled too.
+local fleet_events, queue, active, queued_channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local shared = {fleet_events, queue, active, ARGV[1], ARGV[2], ARGV[3], ARGV[4]}
+local delivery_ttl, record_ttl, build_prefix = ARGV[5], ARGV[6], ARGV[7]
+local history_ttl, keep, now = ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10])
+local grace, set_ttl = tonumber(ARGV[11]), ARGV[12]
+local cancel_at = 13
 
-local function claim()
+local function claim(delivery, history, tenant_set, ids, build_ids, sha, before, depth_limit,
+                     tenant_cap)
   local previous = redis.call('GET', delivery)
   if previous then return {0, previous} end
   if sha ~= '' then
     local seen = redis.call('HGET', history, sha)
     if seen then return {2, string.sub(seen, 1, 1)} end
   end
-  if count > 0 then
+  if #ids > 0 then
     local bounds = {}
     if tenant_cap then bounds[1] = {'tenant', tenant_set, tenant_cap} end
     local refused = admit(queue, depth_limit, bounds, ids, now, grace, build_prefix, set_ttl)
@@ -124,22 +128,40 @@ local function supersede(record, new, running_too)
   return old, cancel_build(unpack(call))
 end
 
-if fresh then
-  local answer = claim()
-  if answer then return answer end
-end
-local created = submit_builds(KEYS, submit_key, ARGV, submit_arg, count)
-local out = {1}
-for i = 1, count do
-  local record, old, outcome = KEYS[first_record + i - 1], '', ''
-  if created[i] == 1 and record ~= '' then
-    old, outcome = supersede(record, ids[i], ARGV[first_running + i - 1] == '1')
+-- One delivery whose keys start at k and arguments at a: its reply, and where the next
+-- delivery's keys and arguments start.
+local function deliver(k, a)
+  local count, fresh, build_ids = tonumber(ARGV[a]), ARGV[a + 1] == '1', ARGV[a + 2]
+  local first_record, first_running = k + 3 + 5 * count, a + 7 + 7 * count
+  local ids = cjson.decode(build_ids)
+  if fresh then
+    local answer = claim(KEYS[k], KEYS[k + 1], KEYS[k + 2], ids, build_ids, ARGV[a + 3],
+                         ARGV[a + 4], tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]))
+    if answer then return answer, first_record + count, first_running + count end
   end
-  out[#out + 1] = created[i]
-  out[#out + 1] = old
-  out[#out + 1] = outcome
+  local created = submit_builds(shared, KEYS, k + 3, ARGV, a + 7, count)
+  local out = {1}
+  for i = 1, count do
+    local record, old, outcome = KEYS[first_record + i - 1], '', ''
+    if created[i] == 1 and record ~= '' then
+      old, outcome = supersede(record, ids[i], ARGV[first_running + i - 1] == '1')
+    end
+    out[#out + 1] = created[i]
+    out[#out + 1] = old
+    out[#out + 1] = outcome
+  end
+  return out, first_record + count, first_running + count
 end
-return out
+
+local replies, k, a, queued = {}, 5, cancel_at + 15, false
+while a <= #ARGV do
+  local reply
+  reply, k, a = deliver(k, a)
+  replies[#replies + 1] = reply
+  queued = queued or (reply[1] == 1 and #reply > 1)
+end
+if queued then redis.call('PUBLISH', queued_channel, '') end
+return replies
 """
 )
 
@@ -206,8 +228,12 @@ class PushRecord:
     before: str
 
 
-_NO_PUSH: Final = PushRecord("", "", "")
-_NO_CAPS: Final = Caps(0, "", None)
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    """One delivery's keys and arguments in a batch's call of the deliver script."""
+
+    keys: list[str]
+    args: list[Arg]
 
 
 class Ledger:
@@ -230,7 +256,7 @@ class Ledger:
         self.history_ttl_s = history_ttl_s
         self.history_kept = history_kept
         self._deliver = with_common("deliver", _DELIVER)
-        self._calls: Coalescer[ScriptCall, list[Any]] = Coalescer(self._run_batch)
+        self._frames: Coalescer[_Frame, list[Any]] = Coalescer(self._run_batch)
 
     # --- deliveries ----------------------------------------------------------------------
 
@@ -249,8 +275,20 @@ class Ledger:
         what it made; for a commit already built or moved past, Stale; Refused when
         admission says no (nothing recorded in these three cases). Raises ContractError
         (nothing recorded) for a request the fleet refuses."""
-        call = self._call(delivery_key(forge, delivery_id), push, caps, requests, running_too)
-        reply = await self._calls(call)
+        frame = self._frame(
+            [delivery_key(forge, delivery_id), push.history_key, tenant_queued_key(caps.tenant)],
+            [
+                "1",
+                _json.encode([r.id for r in requests]),
+                push.sha,
+                push.before,
+                caps.depth,
+                "" if caps.tenant_cap is None else caps.tenant_cap,
+            ],
+            requests,
+            running_too,
+        )
+        reply = await self._frames(frame)
         match int(reply[0]):
             case 1:
                 return Claimed(_enqueued(requests, reply[1:]))
@@ -272,8 +310,9 @@ class Ledger:
     ) -> Enqueued:
         """Enqueue builds (no delivery to claim: a resubmission, an API request) and let each
         one created supersede the older build of its key, in one round trip."""
-        call = self._call("", _NO_PUSH, _NO_CAPS, requests, running_too, fresh=False)
-        return _enqueued(requests, (await self._calls(call))[1:])
+        ids = _json.encode([r.id for r in requests])
+        frame = self._frame(["", "", ""], ["", ids, "", "", 0, ""], requests, running_too)
+        return _enqueued(requests, (await self._frames(frame))[1:])
 
     async def _all_exist(self, build_ids: Sequence[str]) -> bool:
         if not build_ids:
@@ -282,49 +321,26 @@ class Ledger:
             count = await self.redis.exists(*(build_key(i) for i in build_ids))
         return int(count) == len(build_ids)
 
-    def _call(
+    def _frame(
         self,
-        delivery: str,
-        push: PushRecord,
-        caps: Caps,
+        keys: list[str],
+        args: list[Arg],
         requests: Sequence[BuildRequest],
         running_too: Sequence[bool | None],
-        *,
-        fresh: bool = True,
-    ) -> ScriptCall:
-        """The deliver script's call (its layout is stated at its top)."""
-        submitting = self.store.submitting(requests)
-        keys = [
-            delivery,
-            push.history_key,
-            self.queue,
-            tenant_queued_key(caps.tenant) if fresh else "",
-            *submitting.keys,
-            *(self._record(r) for r in requests),
-        ]
-        cancel_keys, cancel_args = self.store.cancelling("{old}", "superseded by {new}")
+    ) -> _Frame:
+        """A delivery's frame: its own keys and arguments (delivery, push history, tenant's
+        set; fresh, ids, sha, before, depth, tenant cap), then its builds'."""
+        builds = self.store.submitting(requests)
         default = self.supersede.cancel_running
-        args = [
-            _json.encode([r.id for r in requests]),
-            self.delivery_ttl_s,
-            self.supersede.record_ttl_s,
-            BUILD_PREFIX,
-            push.sha,
-            push.before,
-            self.history_ttl_s,
-            self.history_kept,
-            int(time.time() * 1000),
-            caps.depth,
-            GRACE_MS,
-            SET_TTL_S,
-            "" if caps.tenant_cap is None else caps.tenant_cap,
-            "1" if fresh else "",
-            *cancel_keys,
-            *cancel_args,
-            *submitting.args,
-            *("1" if (default if c is None else c) else "" for c in running_too),
-        ]
-        return (self._deliver, keys, args)
+        return _Frame(
+            [*keys, *builds.keys, *(self._record(r) for r in requests)],
+            [
+                len(requests),
+                *args,
+                *builds.args,
+                *("1" if (default if c is None else c) else "" for c in running_too),
+            ],
+        )
 
     def _record(self, request: BuildRequest) -> str:
         """The record of the latest build of the request's supersede key ('' for none)."""
@@ -332,9 +348,31 @@ class Ledger:
             return ""
         return supersede_record_key(request.tenant, request.supersede_key)
 
-    async def _run_batch(self, calls: list[ScriptCall]) -> list[Any]:
+    async def _run_batch(self, frames: list[_Frame]) -> list[list[Any]]:
+        """The frames of a batch in one call of the deliver script (its layout is stated at
+        its top): what they share goes once."""
+        shared = self.store.submit_shared()
+        cancel_keys, cancel_args = self.store.cancelling("{old}", "superseded by {new}")
+        keys = list(shared.keys)
+        args: list[Arg] = [
+            *shared.args,
+            self.delivery_ttl_s,
+            self.supersede.record_ttl_s,
+            BUILD_PREFIX,
+            self.history_ttl_s,
+            self.history_kept,
+            int(time.time() * 1000),
+            GRACE_MS,
+            SET_TTL_S,
+            *cancel_keys,
+            *cancel_args,
+        ]
+        for frame in frames:
+            keys += frame.keys
+            args += frame.args
         with unavailable("record the builds"):
-            return await run_scripts(self.redis, calls)
+            [replies] = await run_all(self.redis, [(self._deliver, keys, args)])
+        return cast(list[list[Any]], replies)
 
 
 def _enqueued(requests: Sequence[BuildRequest], reply: Sequence[Any]) -> Enqueued:

@@ -46,19 +46,19 @@ end
 -- New builds: each one's record, its Queued event, its arq job and its place in the queue,
 -- in the index of builds that have not ended, in the set of builds waiting at its priority
 -- and in its tenant's capped index of recent builds. An id that exists already is left as
--- it is. The queue's workers are told on its channel that builds were queued.
--- keys (from k): fleet events, queue, index of live builds, queued channel, then per build:
--- record, events, job, waiting set, tenant's recent builds.
--- args (from a): job TTL (ms), record TTL (s), events maxlen, recent builds kept, then per
--- build: id, request, Queued event, job envelope around the request (head, tail), score,
--- submitted (ms). Returns per build 1 when it was created, else 0.
-local function submit_builds(keys, k, args, a, count)
-  local fleet_events, queue, active, queued_channel = keys[k], keys[k + 1], keys[k + 2], keys[k + 3]
+-- it is. (The caller tells the queue's workers, once.)
+-- shared: fleet events, queue, index of live builds, job TTL (ms), record TTL (s), events
+-- maxlen, recent builds kept. keys (from k), per build: record, events, job, waiting set,
+-- tenant's recent builds. args (from a), per build: id, request, Queued event, job envelope
+-- around the request (head, tail), score, submitted (ms).
+-- Returns per build 1 when it was created, else 0.
+local function submit_builds(shared, keys, k, args, a, count)
+  local fleet_events, queue, active = shared[1], shared[2], shared[3]
   local job_ttl_ms, record_ttl, maxlen, recent_kept =
-    args[a], args[a + 1], args[a + 2], tonumber(args[a + 3])
+    shared[4], shared[5], shared[6], tonumber(shared[7])
   local created = {}
   for i = 1, count do
-    local ki, ai = k + 4 + 5 * (i - 1), a + 4 + 7 * (i - 1)
+    local ki, ai = k + 5 * (i - 1), a + 7 * (i - 1)
     local record, build_events, job, waiting, recent =
       keys[ki], keys[ki + 1], keys[ki + 2], keys[ki + 3], keys[ki + 4]
     local build_id, request, queued, head, tail, score, submitted_ms =
@@ -80,7 +80,6 @@ local function submit_builds(keys, k, args, a, count)
       created[i] = 1
     end
   end
-  if count > 0 then redis.call('PUBLISH', queued_channel, '') end
   return created
 end
 
