@@ -48,7 +48,6 @@ from producer.gateway.admission import (
 from producer.gateway.settings import SupersedeSettings
 from producer.keys import (
     BUILD_PREFIX,
-    build_key,
     delivery_key,
     supersede_record_key,
     tenant_queued_key,
@@ -63,11 +62,11 @@ _CANCELLED: Final = (CancelOutcome.CANCELLED.value, CancelOutcome.SIGNALLED.valu
 # in the ref's push history; then enqueue them (submit_builds), record each one created as
 # the latest of its supersede key and cancel the build it replaces (cancel_build): a queued
 # one, a running one too where asked. The queue's workers are told once.
-# Per delivery: {0, recorded ids} for a repeated delivery, {2, 'b' or 'r'} for a commit
-# already built ('b') or moved past ('r'), {3, bound, count, limit} when admission refuses
-# (nothing changed in these three cases), else {1, created, old id, outcome, created, ...}
-# per build ('' and '' where nothing was replaced). History values are a mark and the
-# push's number; only the newest `keep` pushes are kept.
+# Per delivery: {0, recorded ids, 1 when those builds all exist} for a repeated delivery,
+# {2, 'b' or 'r'} for a commit already built ('b') or moved past ('r'), {3, bound, count,
+# limit} when admission refuses (nothing changed in these three cases), else {1, created,
+# old id, outcome, created, ...} per build ('' and '' where nothing was replaced). History
+# values are a mark and the push's number; only the newest `keep` pushes are kept.
 _DELIVER: Final = (
     ADMIT_FUNCTION
     + """
@@ -86,10 +85,20 @@ local history_ttl, keep, now = ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10])
 local grace, set_ttl = tonumber(ARGV[11]), ARGV[12]
 local cancel_at = 13
 
+-- 1 when every build a delivery recorded (ids as JSON) exists, else 0.
+local function all_exist(recorded)
+  local ok, ids = pcall(cjson.decode, recorded)
+  if not ok or type(ids) ~= 'table' then return 0 end
+  for _, id in ipairs(ids) do
+    if redis.call('EXISTS', build_prefix .. id) == 0 then return 0 end
+  end
+  return 1
+end
+
 local function claim(delivery, history, tenant_set, ids, build_ids, sha, before, depth_limit,
                      tenant_cap)
   local previous = redis.call('GET', delivery)
-  if previous then return {0, previous} end
+  if previous then return {0, previous, all_exist(previous)} end
   if sha ~= '' then
     local seen = redis.call('HGET', history, sha)
     if seen then return {2, string.sub(seen, 1, 1)} end
@@ -299,7 +308,7 @@ class Ledger:
                 assert isinstance(refusal, Refused), reply
                 return refusal
         recorded = _decode_ids(reply[1])  # 0: a repeated delivery
-        if len(recorded) == len(requests) and not await self._all_exist(recorded):
+        if len(recorded) == len(requests) and not int(reply[2]):
             return Resubmit(
                 [msgspec.structs.replace(r, id=i) for r, i in zip(requests, recorded, strict=True)]
             )
@@ -313,13 +322,6 @@ class Ledger:
         ids = _json.encode([r.id for r in requests])
         frame = self._frame(["", "", ""], ["", ids, "", "", 0, ""], requests, running_too)
         return _enqueued(requests, (await self._frames(frame))[1:])
-
-    async def _all_exist(self, build_ids: Sequence[str]) -> bool:
-        if not build_ids:
-            return True
-        with unavailable("read builds"):
-            count = await self.redis.exists(*(build_key(i) for i in build_ids))
-        return int(count) == len(build_ids)
 
     def _frame(
         self,
