@@ -119,10 +119,9 @@ async def _push(
             requests, duplicate = again, True
             enqueued = await gateway.ledger.enqueue(requests, running_too)
         case Claimed(enqueued=enqueued):
-            pass
-    superseded: Sequence[Superseded] = ()
+            pass  # enqueued, and superseding, in the claim's own round trip
+    superseded = enqueued.superseded
     if requests:
-        superseded = enqueued.superseded
         metrics.superseded.inc(amount=len(superseded))
         metrics.builds.inc("webhook", amount=len(requests))
     metrics.enqueue.observe(time.perf_counter() - started)
