@@ -73,6 +73,8 @@ logger = logging.getLogger("buildfleet.store")
 # result TTL when the build ends.
 PENDING_TTL_S: Final = 30 * 24 * 3600
 RECENT_BUILDS_KEPT: Final = 1000
+SUBMIT_CHUNK: Final = 500
+"""The most builds one Lua call enqueues."""
 """How many of a tenant's newest builds its index of recent builds keeps (what the web view
 can list)."""
 PRIORITIES: Final[tuple[Priority, ...]] = ("interactive", "batch")
@@ -178,18 +180,22 @@ class BuildStore:
         return now_ms
 
     async def submit_many(self, requests: Sequence[BuildRequest]) -> list[Submission]:
-        """Enqueue every request in one Lua call; an id that exists already is left as is.
+        """Enqueue every request in one round trip, a Lua call per `SUBMIT_CHUNK` of them
+        (so that a long list does not hold Redis in one script); an id that exists already
+        is left as is.
 
         A request asking for a timeout beyond the fleet's maximum is refused (ContractError)
         before anything is written."""
-        if not requests:
-            return []
-        shared, builds = self.submit_shared(), self.submitting(requests)
-        keys, args = shared.keys + builds.keys, shared.args + builds.args
-        created = await lua.run(self.redis, lua.SUBMIT, keys, args)
+        shared = self.submit_shared()
+        calls: list[ScriptCall] = []
+        for start in range(0, len(requests), SUBMIT_CHUNK):
+            builds = self.submitting(requests[start : start + SUBMIT_CHUNK])
+            calls.append((lua.SUBMIT, shared.keys + builds.keys, shared.args + builds.args))
+        replies = cast(list[list[int]], await lua.run_all(self.redis, calls))
+        created = [flag for reply in replies for flag in reply]
         return [
             Submission(request.id, bool(flag))
-            for request, flag in zip(requests, cast(list[int], created), strict=True)
+            for request, flag in zip(requests, created, strict=True)
         ]
 
     def submit_shared(self) -> Submitting:

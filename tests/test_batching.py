@@ -1,4 +1,5 @@
-"""The shared batching primitive and the EVALSHA helper (the latter against a real Redis)."""
+"""The shared batching primitive, the EVALSHA helper and batched submits (the latter two
+against a real Redis)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from producer.batching import Coalescer
+from producer.client import BuildfleetClient
+from producer.contract import BuildRequest, LocalSource
+from producer.keys import DEFAULT_QUEUE
 from producer.lua import run_scripts
+from producer.store import SUBMIT_CHUNK
 
 
 async def test_calls_of_one_turn_share_a_batch_and_get_their_own_results() -> None:
@@ -124,3 +129,21 @@ async def test_unreachable_redis_raises() -> None:
             await run_scripts(dead, [(dead.register_script(ECHO), ["k"], ["v"])])
     finally:
         await dead.aclose()
+
+
+async def test_a_long_submit_is_one_round_trip_of_bounded_script_calls(
+    fleet: BuildfleetClient, redis: aioredis.Redis
+) -> None:
+    def request() -> BuildRequest:
+        return BuildRequest(source=LocalSource(path="/src"), push=False)
+
+    await fleet.submit(request())  # the script is loaded
+    before = (await redis.info("commandstats"))["cmdstat_evalsha"]["calls"]
+    count = 2 * SUBMIT_CHUNK + 1
+
+    submitted = await fleet.submit_many([request() for _ in range(count)])
+
+    assert all(submission.created for submission in submitted)
+    assert await redis.zcard(DEFAULT_QUEUE) == count + 1
+    after = (await redis.info("commandstats"))["cmdstat_evalsha"]["calls"]
+    assert after - before == 3  # no script holds Redis for more than a chunk
