@@ -21,12 +21,11 @@ does not stop its batch; cancelling the batch itself cancels its callers' future
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence, Sized
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 _In = TypeVar("_In")
 _Out = TypeVar("_Out")
-_T = TypeVar("_T")
 
 BatchRunner = Callable[[list[_In]], Awaitable[Sequence[_Out | Exception]]]
 
@@ -95,13 +94,3 @@ class Coalescer(Generic[_In, _Out]):
                 future.set_exception(result)
             else:
                 future.set_result(result)
-
-
-def regroup(flat: Sequence[_T], groups: Sequence[Sized]) -> list[list[_T]]:
-    """`flat` (one result per item of every group, in order) cut back into the groups: for
-    a batch whose calls each carry several items."""
-    out, start = [], 0
-    for group in groups:
-        out.append(list(flat[start : start + len(group)]))
-        start += len(group)
-    return out

@@ -63,7 +63,7 @@ from producer.keys import (
     tenant_recent_key,
     waiting_key,
 )
-from producer.lua import Arg, ScriptCall
+from producer.lua import Arg, Frame, ScriptCall
 from producer.resilience import is_transient
 from producer.settings import QueueSettings
 
@@ -143,14 +143,6 @@ class Submission:
 
 
 @dataclass(frozen=True, slots=True)
-class Submitting:
-    """The KEYS and ARGV that enqueue some builds (`submit_builds` in lua/common.lua)."""
-
-    keys: list[str]
-    args: list[Arg]
-
-
-@dataclass(frozen=True, slots=True)
 class DeadLetterEntry:
     """A dead letter to keep with a terminal DeadLettered event (the request as queued, or
     the unreadable bytes that were)."""
@@ -198,7 +190,7 @@ class BuildStore:
             for request, flag in zip(requests, created, strict=True)
         ]
 
-    def submit_shared(self) -> Submitting:
+    def submit_shared(self) -> Frame:
         """What submit.lua takes before its builds: the fleet-wide keys (the queued channel
         last) and settings that `submit_builds` (lua/common.lua) shares among them."""
         keys = [EVENTS_STREAM, self.queue.name, ACTIVE_BUILDS, queued_channel(self.queue.name)]
@@ -208,9 +200,9 @@ class BuildStore:
             self.queue.events_maxlen,
             RECENT_BUILDS_KEPT,
         ]
-        return Submitting(keys, args)
+        return Frame(keys, args)
 
-    def submitting(self, requests: Sequence[BuildRequest]) -> Submitting:
+    def submitting(self, requests: Sequence[BuildRequest]) -> Frame:
         """The keys and arguments of each build for `submit_builds` (lua/common.lua), for
         submit.lua and for scripts that enqueue builds as one of their steps. Raises
         ContractError for a timeout beyond the fleet's maximum."""
@@ -243,7 +235,7 @@ class BuildStore:
                 self.score_ms(request, now_ms),
                 int(stamped.submitted_at * 1000),
             ]
-        return Submitting(keys, args)
+        return Frame(keys, args)
 
     async def cancel(self, build_id: str, reason: str) -> CancelOutcome:
         [outcome] = await self.cancel_many([(build_id, reason)])

@@ -52,7 +52,7 @@ from producer.keys import (
     supersede_record_key,
     tenant_queued_key,
 )
-from producer.lua import Arg, run_all, with_common
+from producer.lua import Arg, Frame, run_all, with_common
 from producer.store import BuildStore, CancelOutcome
 
 _CANCELLED: Final = (CancelOutcome.CANCELLED.value, CancelOutcome.SIGNALLED.value)
@@ -237,14 +237,6 @@ class PushRecord:
     before: str
 
 
-@dataclass(frozen=True, slots=True)
-class _Frame:
-    """One delivery's keys and arguments in a batch's call of the deliver script."""
-
-    keys: list[str]
-    args: list[Arg]
-
-
 class Ledger:
     def __init__(
         self,
@@ -265,7 +257,7 @@ class Ledger:
         self.history_ttl_s = history_ttl_s
         self.history_kept = history_kept
         self._deliver = with_common("deliver", _DELIVER)
-        self._frames: Coalescer[_Frame, list[Any]] = Coalescer(self._run_batch)
+        self._frames: Coalescer[Frame, list[Any]] = Coalescer(self._run_batch)
 
     # --- deliveries ----------------------------------------------------------------------
 
@@ -329,12 +321,12 @@ class Ledger:
         args: list[Arg],
         requests: Sequence[BuildRequest],
         running_too: Sequence[bool | None],
-    ) -> _Frame:
+    ) -> Frame:
         """A delivery's frame: its own keys and arguments (delivery, push history, tenant's
         set; fresh, ids, sha, before, depth, tenant cap), then its builds'."""
         builds = self.store.submitting(requests)
         default = self.supersede.cancel_running
-        return _Frame(
+        return Frame(
             [*keys, *builds.keys, *(self._record(r) for r in requests)],
             [
                 len(requests),
@@ -350,7 +342,7 @@ class Ledger:
             return ""
         return supersede_record_key(request.tenant, request.supersede_key)
 
-    async def _run_batch(self, frames: list[_Frame]) -> list[list[Any]]:
+    async def _run_batch(self, frames: list[Frame]) -> list[list[Any]]:
         """The frames of a batch in one call of the deliver script (its layout is stated at
         its top): what they share goes once."""
         shared = self.store.submit_shared()

@@ -37,6 +37,15 @@ ScriptCall = tuple[Runnable, Sequence[str], Sequence[Any]]
 
 
 @dataclass(frozen=True, slots=True)
+class Frame:
+    """Part of a script call's KEYS and ARGV: what one caller, or one item of a batch, puts
+    in a call that others put their parts in too."""
+
+    keys: list[str]
+    args: list[Arg]
+
+
+@dataclass(frozen=True, slots=True)
 class Script:
     name: str
     script: str
