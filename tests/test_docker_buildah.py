@@ -14,6 +14,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from aiohttp import web
 
 from buildfleet import services
 from producer.contract import BuildRequest, CachePolicy, GitSource, LocalSource, Log, Step
@@ -28,7 +29,12 @@ from worker.backends.docker import (
     registry_host,
     split_reference,
 )
-from worker.backends.docker_api import negotiate, registry_auth_header, registry_config_header
+from worker.backends.docker_api import (
+    DockerDaemon,
+    negotiate,
+    registry_auth_header,
+    registry_config_header,
+)
 from worker.backends.docker_context import DockerIgnore, context_tarball
 from worker.backends.docker_progress import BuildStream, PushStream, StreamMessage
 from worker.backends.steplines import BUILDAH_STEP, NumberedSteps
@@ -396,3 +402,37 @@ async def test_a_daemon_over_tcp_with_tls_builds_and_refuses_strangers(
         await stranger.aclose()
         daemon.stop()
     assert built.digest == served_digest(registry, "tls/app", "1")
+
+
+async def test_a_stream_message_far_longer_than_a_read_buffer_is_read_whole() -> None:
+    """A fake daemon (an aiohttp server, standing in for dockerd's long BuildKit trace
+    lines, which a real daemon sends only for some builds): a 1 MiB `aux` line."""
+    trace = {"id": "moby.buildkit.trace", "aux": "A" * (1 << 20)}
+
+    async def build(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(json.dumps(trace).encode() + b"\n")
+        await response.write(b'{"stream": "done"}\n')
+        return response
+
+    async def version(_: web.Request) -> web.Response:
+        return web.json_response({"ApiVersion": "1.47", "MinAPIVersion": "1.24", "Version": "27"})
+
+    app = web.Application()
+    app.router.add_get("/version", version)
+    app.router.add_post("/v1.47/build", build)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    daemon = DockerDaemon(f"tcp://127.0.0.1:{port}")
+    try:
+        async with daemon.stream("POST", "/build", params=[]) as messages:
+            received = [message async for message in messages]
+    finally:
+        await daemon.aclose()
+        await runner.cleanup()
+    assert len(received) == 2
+    assert received[1].stream == "done"

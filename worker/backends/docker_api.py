@@ -206,7 +206,9 @@ class DockerDaemon:
 
     async def _messages(self, response: aiohttp.ClientResponse) -> AsyncIterator[StreamMessage]:
         try:
-            while line := await response.content.readline():
+            # A BuildKit trace (`aux`) of a long build is one line well past aiohttp's
+            # default bound (twice `read_bufsize`); the bound stays, for a hostile daemon.
+            while line := await response.content.readline(max_line_length=_STREAM_LINE_LIMIT):
                 if line.strip():
                     yield _message_decoder.decode(line)
         except _CONNECTION_ERRORS as exc:
