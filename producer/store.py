@@ -59,7 +59,6 @@ from producer.keys import (
     job_key,
     lease_key,
     queued_channel,
-    retry_key,
     tenant_recent_key,
     waiting_key,
 )
@@ -392,7 +391,6 @@ class BuildStore:
             self.queue.name,
             job_key(event.build_id),
             in_progress_key(event.build_id),
-            retry_key(event.build_id),
         ]
         args: list[Arg] = [
             event.build_id,
@@ -447,7 +445,8 @@ class BuildStore:
         slot: str | None = None,
     ) -> PublishOutcome:
         """Publish Retrying and rewrite the queued job so that it runs as `next_attempt`,
-        away from the daemons in `avoid` when others are available; free the slot."""
+        away from the daemons in `avoid` when others are available, at the event's
+        `next_attempt_at`; free the slot and the worker's claim on the job."""
         now_ms = int(time.time() * 1000)
         envelope = jobcodec.build_envelope(
             encode(request), now_ms, next_attempt, avoid, retry_since
@@ -460,6 +459,8 @@ class BuildStore:
             lease_key(event.build_id),
             slot or "",
             waiting_key(request.priority),
+            self.queue.name,
+            in_progress_key(event.build_id),
         ]
         args: list[Arg] = [
             event.build_id,
@@ -470,6 +471,7 @@ class BuildStore:
             token.generation,
             token.holder if slot else "",
             self.score_ms(request, now_ms),
+            int(event.next_attempt_at * 1000),
         ]
         reply = await lua.run(self.redis, lua.RESCHEDULE, keys, args)
         return PublishOutcome(int(cast(int, reply)))

@@ -14,27 +14,29 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from producer import lua
+from producer import jobcodec, lua
 from producer.client import BuildfleetClient
 from producer.contract import (
     BuildRequest,
     BuildResult,
     LocalSource,
     Log,
+    Retrying,
     Started,
     Succeeded,
     decode_event,
 )
 from producer.keys import (
     ARQ_IN_PROGRESS_PREFIX,
+    ARQ_JOB_PREFIX,
     DEFAULT_QUEUE,
     EVENT_FIELD,
     events_key,
     in_progress_key,
     job_key,
     queued_channel,
-    retry_key,
 )
+from producer.store import Begun, PublishOutcome
 
 from fleet import worker_config, worker_in_task
 
@@ -45,26 +47,29 @@ _CLAIM_TTL_MS = 60_000
 
 async def claim(
     redis: aioredis.Redis, queue: str, *, room: int = 1000, scan: int = 1000
-) -> dict[str, int]:
-    """The jobs a poll with `room` places claimed, by id, with their scores."""
+) -> dict[str, bytes]:
+    """The jobs a poll with `room` places claimed, by id, with their jobs."""
     now_ms = int(time.time() * 1000)
-    args = [now_ms, _CLAIM_TTL_MS, room, scan, ARQ_IN_PROGRESS_PREFIX]
+    args = [now_ms, _CLAIM_TTL_MS, room, scan, ARQ_IN_PROGRESS_PREFIX, ARQ_JOB_PREFIX]
     claimed = await lua.run(redis, lua.CLAIM, [queue], args)
-    return {
-        job.decode(): int(float(score))
-        for job, score in zip(claimed[::2], claimed[1::2], strict=True)
-    }
+    return {job_id.decode(): job for job_id, job in zip(claimed[::2], claimed[1::2], strict=True)}
+
+
+async def enqueue(redis: aioredis.Redis, queue: str, scores: dict[str, int]) -> None:
+    """Jobs in the queue, each with a job that names it."""
+    await redis.zadd(queue, scores)
+    await redis.mset({job_key(job_id): f"job {job_id}".encode() for job_id in scores})
 
 
 async def test_a_claim_takes_only_due_queued_jobs_no_one_holds(redis: aioredis.Redis) -> None:
     queue = "buildfleet:test-claims"
     now_ms = int(time.time() * 1000)
-    await redis.zadd(queue, {"due": now_ms - 1, "held": now_ms - 1, "later": now_ms + 60_000})
+    await enqueue(redis, queue, {"due": now_ms - 1, "held": now_ms - 1, "later": now_ms + 60_000})
     await redis.set(in_progress_key("held"), b"another worker", px=_CLAIM_TTL_MS)
 
     taken = await claim(redis, queue)
 
-    assert taken == {"due": now_ms - 1}
+    assert taken == {"due": b"job due"}  # read in the same call
     assert await redis.get(in_progress_key("held")) == b"another worker"  # left alone
     assert await redis.pttl(in_progress_key("due")) > 0  # arq's claim, with its expiry
     assert await redis.exists(in_progress_key("later")) == 0
@@ -73,14 +78,27 @@ async def test_a_claim_takes_only_due_queued_jobs_no_one_holds(redis: aioredis.R
 async def test_a_claim_stops_when_the_worker_is_full(redis: aioredis.Redis) -> None:
     queue = "buildfleet:test-claims-room"
     now_ms = int(time.time() * 1000)
-    await redis.zadd(queue, {"running": now_ms - 3, "first": now_ms - 2, "second": now_ms - 1})
+    await enqueue(redis, queue, {"running": now_ms - 3, "first": now_ms - 2, "second": now_ms - 1})
     await redis.set(in_progress_key("running"), b"1", px=_CLAIM_TTL_MS)
 
     taken = await claim(redis, queue, room=1)
 
-    assert taken == {"first": now_ms - 2}  # past the held job, up to the room there is
+    assert taken == {"first": b"job first"}  # past the held job, up to the room there is
     assert await redis.exists(in_progress_key("second")) == 0
     assert await claim(redis, queue, scan=2) == {}  # no deeper than the scan
+
+
+async def test_a_claim_drops_a_queued_id_whose_job_expired(redis: aioredis.Redis) -> None:
+    queue = "buildfleet:test-claims-expired"
+    now_ms = int(time.time() * 1000)
+    await enqueue(redis, queue, {"live": now_ms - 2})
+    await redis.zadd(queue, {"expired": now_ms - 1})
+
+    taken = await claim(redis, queue)
+
+    assert taken == {"live": b"job live", "expired": b""}  # for the worker to say so
+    assert await redis.zrange(queue, 0, -1) == [b"live"]
+    assert await redis.exists(in_progress_key("expired")) == 0
 
 
 async def test_two_workers_claiming_the_same_poll_split_it_and_never_share_a_job(
@@ -88,12 +106,28 @@ async def test_two_workers_claiming_the_same_poll_split_it_and_never_share_a_job
 ) -> None:
     queue = "buildfleet:test-claims-race"
     ids = [f"job-{n}" for n in range(200)]
-    await redis.zadd(queue, dict.fromkeys(ids, int(time.time() * 1000) - 1))
+    await enqueue(redis, queue, dict.fromkeys(ids, int(time.time() * 1000) - 1))
 
     first, second = await asyncio.gather(claim(redis, queue), claim(redis, queue, room=150))
 
     assert first.keys().isdisjoint(second.keys())
     assert first.keys() | second.keys() == set(ids)
+
+
+async def test_a_worker_drops_a_job_that_names_no_function_it_has(
+    redis: aioredis.Redis, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    job = jobcodec.serialize({"t": None, "f": "mine_bitcoin", "a": [], "k": {}, "et": 0})
+    await redis.set(job_key("stray"), job)
+    await redis.zadd(DEFAULT_QUEUE, {"stray": int(time.time() * 1000) - 1})
+
+    async with worker_in_task(worker_config(redis_url, backend="simulate")):
+        while await redis.exists(job_key("stray")):
+            await asyncio.sleep(0.02)
+
+    assert await redis.zscore(DEFAULT_QUEUE, "stray") is None
+    assert await redis.exists(in_progress_key("stray")) == 0
+    assert "job stray calls 'mine_bitcoin', which this worker has not: dropped" in caplog.text
 
 
 async def test_an_idle_worker_starts_a_submitted_build_without_waiting_for_its_poll(
@@ -134,12 +168,11 @@ async def test_a_build_s_terminal_event_finishes_its_arq_job_in_the_same_call(
 ) -> None:
     request = BuildRequest(source=LocalSource(path=str(tmp_path)), push=False)
     await fleet.submit(request)
-    arq_job = [job_key(request.id), in_progress_key(request.id), retry_key(request.id)]
-    await redis.set(in_progress_key(request.id), b"1")  # as a worker's claim and try count
-    await redis.set(retry_key(request.id), b"1")
+    arq_job = [job_key(request.id), in_progress_key(request.id)]
+    await redis.set(in_progress_key(request.id), b"1")  # as a worker's claim
     await fleet.store.start(Started(build_id=request.id, worker="w"), "interactive", lease_s=30)
     await fleet.store.publish(Log(build_id=request.id, text="building"))
-    assert await redis.exists(*arq_job) == 3  # progress leaves the job to its worker
+    assert await redis.exists(*arq_job) == 2  # progress leaves the job to its worker
     assert await redis.zscore(DEFAULT_QUEUE, request.id) is not None
 
     await fleet.store.publish(
@@ -148,6 +181,32 @@ async def test_a_build_s_terminal_event_finishes_its_arq_job_in_the_same_call(
 
     assert await redis.exists(*arq_job) == 0
     assert await redis.zscore(DEFAULT_QUEUE, request.id) is None
+
+
+async def test_a_build_s_retrying_defers_its_job_and_drops_the_claim_in_the_same_call(
+    fleet: BuildfleetClient, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    request = BuildRequest(source=LocalSource(path=str(tmp_path)), push=False)
+    await fleet.submit(request)
+    await redis.set(in_progress_key(request.id), b"1")  # as a worker's claim
+    begun = await fleet.store.start(
+        Started(build_id=request.id, worker="w"), "interactive", lease_s=30
+    )
+    assert isinstance(begun, Begun)
+    next_attempt_at = time.time() + 30
+
+    outcome = await fleet.store.reschedule(
+        Retrying(build_id=request.id, reason="daemon gone", next_attempt_at=next_attempt_at),
+        request,
+        begun.token,
+        next_attempt=2,
+    )
+
+    assert outcome is PublishOutcome.PUBLISHED
+    assert await redis.zscore(DEFAULT_QUEUE, request.id) == int(next_attempt_at * 1000)
+    assert await redis.exists(in_progress_key(request.id)) == 0  # any worker may take it then
+    job = jobcodec.deserialize(await redis.get(job_key(request.id)))
+    assert job["a"][1] == 2  # as its next attempt
 
 
 async def test_a_watcher_wakes_once_to_a_build_s_last_progress_and_its_end(

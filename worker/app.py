@@ -1,14 +1,12 @@
-"""A worker process: arq takes jobs off the queue, the runner builds them.
+"""A worker process: its loop takes jobs off the queue (worker/loop.py), the runner
+builds them, and its chores keep the fleet's books.
 
 arq is configured for this fleet: msgpack envelopes instead of pickle, no arq results (the
-build store keeps ours), a short poll delay, our own attempt counting, and on SIGTERM a
-drain (`job_completion_wait`) after which unfinished builds go back to the queue. Two
-changes to arq's loop cut the time a build waits in the queue: a worker polls at once when
-a producer says builds were queued (pub/sub; the poll delay stays the guarantee), and a
-poll reads the queue and claims the jobs it has room for in one Lua call.
+build store keeps ours), a short poll delay, and on SIGTERM a drain (`job_completion_wait`)
+after which unfinished builds go back to the queue.
 
 Redis may go away at any moment (a restart, a failover, OOM, a cut cable): every loop of
-the worker (arq's poll, the heartbeat, the reaper and the watchdog, the cancel listener)
+the worker (the poll, the heartbeat, the reaper and the watchdog, the cancel listener)
 retries with capped exponential backoff and jitter, builds in flight keep running, and one
 line is logged when Redis is lost and one when it is back.
 """
@@ -25,20 +23,14 @@ from typing import Any, Final
 
 from arq import Worker
 from arq.connections import ArqRedis
-from arq.utils import timestamp_ms
 from arq.worker import func
 
-from producer import jobcodec, lua
-from producer.backoff import full_jitter
+from producer import jobcodec
 from producer.connection import connect
-from producer.keys import ARQ_IN_PROGRESS_PREFIX, CANCEL_CHANNEL, queued_channel
+from producer.keys import CANCEL_CHANNEL, queued_channel
 from producer.resilience import (
-    BACKOFF_BASE_S,
-    BACKOFF_CAP_S,
     RedisHealth,
-    is_transient,
     persistently,
-    raise_if_cancelling,
 )
 from producer.store import BuildStore
 from producer.workers import DaemonBeat, WorkerBeat
@@ -46,6 +38,7 @@ from worker.backends.base import Backend, SweepsOrphans
 from worker.backends.factory import make_backend, make_health, placement_targets
 from worker.capacity import Capacity, decode_notice
 from worker.errors import BuildError
+from worker.loop import FleetWorker
 from worker.metrics_server import serve_metrics
 from worker.recovery import Reaper, Watchdog
 from worker.runner import BuildRunner
@@ -55,119 +48,13 @@ from worker.telemetry import Telemetry
 
 logger = logging.getLogger("buildfleet.worker")
 
-# arq's own retry limit is set out of the way: attempts are ours. Its job timeout is the
-# longest a build may ask for plus room to publish its end through a long Redis outage;
-# a build's own timeout (WorkerSettings.timeout_for) always fires first.
-_ARQ_MAX_TRIES: Final = 1_000_000
+# arq's job timeout is the longest a build may ask for plus room to publish its end
+# through a long Redis outage; a build's own timeout (WorkerSettings.timeout_for) always
+# fires first. It also sets how long a claim lives (arq's in_progress_timeout_s).
 _ARQ_TIMEOUT_SLACK_S: Final = 3600.0
 _ORPHAN_SWEEP_S: Final = 60.0
 _QUEUE_SAMPLE_S: Final = 5.0
 _LISTEN_POLL_S: Final = 1.0
-
-
-class FleetWorker(Worker):
-    """arq's worker, made to ride out Redis outages and to leave fenced jobs alone."""
-
-    def __init__(self, *args: Any, runner: BuildRunner, health: RedisHealth, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.runner = runner
-        self.health = health
-        self.queued = asyncio.Event()
-        """Set when a producer says builds were queued: poll now."""
-        self._failures = 0
-
-    async def main(self) -> None:
-        """arq's poll loop, without its start-up round trips, surviving Redis outages."""
-        self.ctx["redis"] = self.pool
-        while True:
-            raise_if_cancelling()
-            await self._poll_iteration()
-            if self.burst and await self._queue_drained():
-                await asyncio.gather(*self.tasks.values())
-                return
-            await self._nap()
-
-    async def _nap(self) -> None:
-        """Until the next poll: the poll delay, or less when builds are queued."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.poll_delay_s):
-                await self.queued.wait()
-        self.queued.clear()
-
-    async def _queue_drained(self) -> bool:
-        return bool(self.health.reachable and await self.pool.zcard(self.queue_name) == 0)
-
-    async def _poll_iteration(self) -> None:
-        try:
-            await self._poll()
-        except Exception as exc:
-            raise_if_cancelling()
-            self._failures += 1
-            if is_transient(exc):
-                self.health.failed(exc, "polling the queue")
-            else:
-                logger.exception("polling the queue failed; going on")
-            await asyncio.sleep(full_jitter(self._failures, base=BACKOFF_BASE_S, cap=BACKOFF_CAP_S))
-        else:
-            self._failures = 0
-            self.health.succeeded()
-
-    async def _poll(self) -> None:
-        """arq's poll iteration, its read of the queue and its claims on the jobs there is
-        room for made in one Lua call (producer/lua/claim.lua)."""
-        room = self.max_jobs - self.job_counter
-        if self.allow_pick_jobs and room > 0:  # not when draining: arq's signal handler
-            claimed = await lua.run(
-                self.pool,
-                lua.CLAIM,
-                [self.queue_name],
-                [
-                    timestamp_ms(),
-                    int(self.in_progress_timeout_s * 1000),
-                    room,
-                    self.queue_read_limit,
-                    ARQ_IN_PROGRESS_PREFIX,
-                ],
-            )
-            for job_id, score in zip(claimed[::2], claimed[1::2], strict=True):
-                self._start(job_id.decode(), int(float(score)))
-        for job_id, task in list(self.tasks.items()):
-            if task.done():
-                del self.tasks[job_id]
-                task.result()  # as arq does: an error in run_job is not swallowed
-        await self.heart_beat()
-
-    def _start(self, job_id: str, score: int) -> None:
-        """Run a claimed job, counted against `max_jobs` until it ends (`job_counter`
-        alone: arq's semaphore belongs to its own start_jobs, which this loop replaces)."""
-        self.job_counter += 1
-        task = self.loop.create_task(self.run_job(job_id, score))
-        task.add_done_callback(self._ended)
-        self.tasks[job_id] = task
-
-    def _ended(self, _: asyncio.Task[None]) -> None:
-        self.job_counter -= 1
-
-    async def finish_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
-        """arq's bookkeeping of an ended job; none for an attempt that lost its lease (the
-        attempt that took over owns the job now, its claim included), nor for a job its
-        build's terminal event finished (producer/lua/publish.lua)."""
-        if self._left_alone(job_id):
-            return
-        await super().finish_job(job_id, *args, **kwargs)
-
-    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
-        if self._left_alone(job_id):
-            return
-        await super().finish_failed_job(job_id, result_data)
-
-    def _left_alone(self, job_id: str) -> bool:
-        fenced, settled = self.runner.fenced_jobs, self.runner.settled_jobs
-        if job_id in fenced or job_id in settled:
-            fenced.discard(job_id)
-            settled.discard(job_id)
-            return True
-        return False
 
 
 def make_placer(config: WorkerConfig, capacity: Capacity, health: DaemonHealth) -> Placer:
@@ -292,20 +179,13 @@ async def running_worker(
         health=health,
     )
     worker = FleetWorker(
-        functions=[
-            func(
-                runner.run,
-                name=jobcodec.BUILD_FUNCTION,
-                max_tries=_ARQ_MAX_TRIES,
-                timeout=config.queue.max_timeout_s + _ARQ_TIMEOUT_SLACK_S,
-            )
-        ],
+        functions=[func(runner.run, name=jobcodec.BUILD_FUNCTION)],
+        job_timeout=config.queue.max_timeout_s + _ARQ_TIMEOUT_SLACK_S,
         redis_pool=redis,
         queue_name=config.queue.name,
         max_jobs=config.worker.concurrency,
         poll_delay=config.worker.poll_delay_s,
         keep_result=0,
-        max_tries=_ARQ_MAX_TRIES,
         job_serializer=jobcodec.serialize,
         job_deserializer=jobcodec.deserialize,
         burst=burst,

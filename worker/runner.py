@@ -1,4 +1,4 @@
-"""One build attempt from start to end: the function arq calls for every job.
+"""One build attempt from start to end: what the worker's loop runs for every job.
 
 An attempt starts by taking a new lease generation (producer/store.py): its token goes
 with everything it publishes, and a newer attempt of the same build fences it off. Every
@@ -32,8 +32,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
-
-from arq import Retry
 
 from producer.contract import (
     BuildRequest,
@@ -114,15 +112,25 @@ class BuildRunner:
     telemetry: Telemetry = field(default_factory=Telemetry)
     health: RedisHealth = field(default_factory=RedisHealth)
     fenced_jobs: set[str] = field(default_factory=set)
-    """Jobs whose attempt lost its lease: arq must leave them to the attempt that took over."""
+    """Jobs whose attempt lost its lease: the loop leaves them to the attempt that took over."""
     settled_jobs: set[str] = field(default_factory=set)
-    """Jobs that their build's terminal event finished already: arq has nothing to do."""
+    """Jobs that the attempt's last event (terminal, or Retrying: the job deferred) dealt
+    with already: the worker's loop has nothing to do."""
     _attempts: dict[str, _Attempt] = field(default_factory=dict)
 
     @property
     def running(self) -> list[str]:
         """The builds this worker is running (or placing) now."""
         return list(self._attempts)
+
+    def handled(self, build_id: str) -> bool:
+        """Whether the last attempt of `build_id`'s job dealt with the job itself (its last
+        event finished it) or left it to another attempt: asked once, as its run ends."""
+        if build_id in self.settled_jobs or build_id in self.fenced_jobs:
+            self.settled_jobs.discard(build_id)
+            self.fenced_jobs.discard(build_id)
+            return True
+        return False
 
     def cancel(self, build_id: str, reason: str) -> bool:
         """Stop a build this worker runs; its runner then publishes Cancelled."""
@@ -151,9 +159,10 @@ class BuildRunner:
         avoid: Sequence[str] = (),
         retry_since: float = 0.0,
     ) -> None:
-        """arq's job function: `raw` is the encoded request, `attempt` numbers this attempt,
-        `avoid` names daemons that failed this build before, `retry_since` is when its
-        first temporary failure happened."""
+        """The build function a job names (arq's shape: `ctx["job_id"]` is the build's id):
+        `raw` is the encoded request, `attempt` numbers this attempt, `avoid` names daemons
+        that failed this build before, `retry_since` is when its first temporary failure
+        happened (the job's arguments: producer/jobcodec.py)."""
         build_id: str = ctx["job_id"]
         try:
             request = decode_request(raw)
@@ -228,7 +237,7 @@ class BuildRunner:
                 return
             if current.cancel_reason is None or _task_is_cancelling():
                 await self._let_go(current)
-                raise  # the worker is stopping: arq puts the job back for another worker
+                raise  # the worker is stopping: the job goes back to the queue for another
             await self._end(current, Cancelled, reason=current.cancel_reason)
         except BuildError as error:
             await self._failed(current, error)
@@ -338,8 +347,8 @@ class BuildRunner:
             f"rescheduling {request.id}",
         )
         if outcome is PublishOutcome.PUBLISHED:
-            raise Retry(defer=delay_s)
-        if outcome is PublishOutcome.FENCED:
+            self.settled_jobs.add(request.id)
+        elif outcome is PublishOutcome.FENCED:
             current.lost_reason = "another attempt took over its lease"
 
     async def _end(

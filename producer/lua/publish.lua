@@ -8,7 +8,7 @@
 local record, build_events, fleet_events, lease, active, slots, dead_letters =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local waiting_interactive, waiting_batch = KEYS[8], KEYS[9]
-local queue, job, claim, tries = KEYS[10], KEYS[11], KEYS[12], KEYS[13]
+local queue, job, claim = KEYS[10], KEYS[11], KEYS[12]
 local build_id, event, status, result, generation, maxlen, ended_ttl, pending_ttl, holder =
   ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local dead_letters_maxlen = ARGV[10]
@@ -30,7 +30,7 @@ if terminal[status] then
   redis.call('EXPIRE', record, ended_ttl)
   redis.call('EXPIRE', build_events, ended_ttl)
   redis.call('ZREM', queue, build_id)
-  redis.call('DEL', job, claim, tries)
+  redis.call('DEL', job, claim)
 elseif not current then
   redis.call('EXPIRE', record, pending_ttl)
   redis.call('EXPIRE', build_events, pending_ttl)
