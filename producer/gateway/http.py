@@ -51,8 +51,10 @@ def refused(metrics: GatewayMetrics, refusal: Refused, retry_after_s: int) -> we
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole body, refused (BodyTooLarge) as soon as it is known to exceed `limit`:
     before reading when it says its length, after `limit` bytes otherwise."""
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(limit)
+    if request.content_length is not None:
+        if request.content_length > limit:
+            raise BodyTooLarge(limit)
+        return await request.read()  # no more than it said: aiohttp's parser holds it to that
     body = bytearray()
     async for chunk in request.content.iter_chunked(64 * 1024):
         body += chunk

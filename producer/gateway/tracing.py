@@ -6,8 +6,8 @@ submits, cancels) gets one SERVER span, a child of the caller's W3C trace contex
 came. The handlers copy the request's `traceparent` header into each BuildRequest they
 enqueue; this middleware runs first and hands them a clone of the request whose
 `traceparent` is the gateway span's own, so the worker's spans nest under it. Without an SDK
-tracer provider the span is a no-op with an invalid context and the request goes through
-untouched.
+tracer provider no span is made (not even a no-op one: a push pays for every step) and the
+request goes through untouched.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 _UNTRACED_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 _propagator: Final = TraceContextTextMapPropagator()
+_NO_SDK: Final = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -36,9 +37,13 @@ def _route(request: web.Request) -> str | None:
 def tracing_middleware(tracer_provider: trace.TracerProvider | None = None) -> Middleware:
     tracer = trace.get_tracer("buildfleet.gateway", tracer_provider=tracer_provider)
 
+    def untraced(request: web.Request) -> bool:
+        provider = tracer_provider or trace.get_tracer_provider()  # an SDK may come later
+        return request.method in _UNTRACED_METHODS or isinstance(provider, _NO_SDK)
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method in _UNTRACED_METHODS:
+        if untraced(request):
             return await handler(request)
         route = _route(request)
         attributes = {"http.request.method": request.method, "url.path": request.path}
