@@ -28,7 +28,11 @@ def deserialize(data: bytes) -> dict[str, Any]:
     """arq's `job_deserializer`; never raises, so garbage reaches the worker as a build."""
     try:
         envelope = _decoder.decode(data)
-        if isinstance(envelope.get("f"), str) and isinstance(envelope.get("a"), list):
+        if (
+            isinstance(envelope.get("f"), str)
+            and isinstance(envelope.get("a"), list)
+            and isinstance(envelope.get("k"), dict)
+        ):
             return envelope
     except msgspec.DecodeError:
         pass

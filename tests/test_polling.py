@@ -163,6 +163,23 @@ async def test_a_batch_of_submissions_wakes_the_workers_once(
     assert len(notices) == 1
 
 
+async def test_a_job_of_the_wrong_shape_is_dead_lettered_as_unreadable(
+    fleet: BuildfleetClient, redis: aioredis.Redis, redis_url: str
+) -> None:
+    job = jobcodec.serialize({"t": None, "f": "build", "a": [b"{}"], "k": ["not", "a", "map"]})
+    await redis.set(job_key("misshapen"), job)
+    await redis.zadd(DEFAULT_QUEUE, {"misshapen": int(time.time() * 1000) - 1})
+
+    async with worker_in_task(worker_config(redis_url, backend="simulate")), asyncio.timeout(10):
+        while not await redis.exists(events_key("misshapen")):  # its only event is the last
+            await asyncio.sleep(0.02)
+        result = await fleet.wait("misshapen")
+
+    assert (result.status, result.error_class) == ("dead_lettered", "unreadable")
+    assert await redis.zscore(DEFAULT_QUEUE, "misshapen") is None
+    assert await redis.exists(job_key("misshapen"), in_progress_key("misshapen")) == 0
+
+
 async def test_a_build_s_terminal_event_finishes_its_arq_job_in_the_same_call(
     fleet: BuildfleetClient, redis: aioredis.Redis, tmp_path: Path
 ) -> None:
