@@ -6,6 +6,10 @@ of hanging it), TCP keepalive and a health check of idle connections, and each o
 reach the primary through Redis Sentinel. With Sentinel, a connection that finds its server
 demoted (READONLY) drops itself and asks the sentinels again: a failover looks like a short
 outage to the code above, which retries (see producer/resilience.py).
+
+Every connection packs its commands with hiredis' C packer, as redis-py's synchronous client
+does when hiredis is installed; its asyncio client packs in Python, which cost the fleet's
+script calls (dozens of arguments each) 30-85 us a push in the gateway, 4-12 us in C.
 """
 
 from __future__ import annotations
@@ -15,9 +19,17 @@ from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT
 
 from producer.settings import RedisSettings, redact_url
 
@@ -60,7 +72,38 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     return SentinelTarget(tuple(sentinels), path[0], db, password or None)
 
 
-class FailoverAwareConnection(SentinelManagedConnection):
+class HiredisPacking:
+    """Commands packed in C by hiredis: the same bytes as redis-py's Python packer, and the
+    same DataError for a value Redis cannot take."""
+
+    _packer = HiredisRespSerializer()
+
+    def pack_command(self, *args: EncodableT) -> list[bytes]:
+        packed: list[bytes] = self._packer.pack(*args)  # type: ignore[arg-type]  # hinted `*args: List`
+        return packed
+
+
+class HiredisConnection(HiredisPacking, Connection):
+    pass
+
+
+class HiredisSSLConnection(HiredisPacking, SSLConnection):
+    pass
+
+
+class HiredisUnixConnection(HiredisPacking, UnixDomainSocketConnection):
+    pass
+
+
+_HIREDIS_PACKING: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: HiredisConnection,
+    SSLConnection: HiredisSSLConnection,
+    UnixDomainSocketConnection: HiredisUnixConnection,
+}
+"""The connection class redis-py picks for a URL's scheme -> the same, packing with hiredis."""
+
+
+class FailoverAwareConnection(HiredisPacking, SentinelManagedConnection):
     """A connection to the primary Sentinel names, which asks Sentinel again as soon as its
     server says it is no longer a primary that can take writes: demoted (READONLY, as
     redis-py does), or cut off from its replicas (NOREPLICAS, what `min-replicas-to-write`
@@ -115,4 +158,7 @@ def connect(settings: RedisSettings, redis_class: type[_R]) -> _R:
         return cast(_R, primary)
     if settings.password is not None:
         options["password"] = settings.password
-    return cast(_R, redis_class.from_url(settings.url, **options))
+    client = redis_class.from_url(settings.url, **options)
+    pool = client.connection_pool
+    pool.connection_class = _HIREDIS_PACKING[pool.connection_class]
+    return cast(_R, client)

@@ -31,6 +31,28 @@ async def test_calls_of_one_turn_share_a_batch_and_get_their_own_results() -> No
     assert results[4] == 40
 
 
+async def test_calls_of_one_turn_beyond_max_batch_go_in_several_batches() -> None:
+    batches: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int | Exception]:
+        batches.append(items)
+        return [i * 10 for i in items]
+
+    double: Coalescer[int, int] = Coalescer(run, max_batch=3)
+    results = await asyncio.gather(*(double(i) for i in range(7)))
+    assert batches == [[0, 1, 2], [3, 4, 5], [6]]
+    assert results == [i * 10 for i in range(7)]
+    assert await double(7) == 70 and batches[-1] == [7]  # and the next turn batches again
+
+
+def test_max_batch_is_refused_for_serial_batches() -> None:
+    async def run(items: list[int]) -> list[int | Exception]:
+        return list(items)
+
+    with pytest.raises(ValueError, match="serial"):
+        Coalescer(run, serial=True, max_batch=2)
+
+
 async def test_a_failing_batch_fails_each_of_its_calls() -> None:
     async def run(items: list[int]) -> list[int | Exception]:
         raise ConnectionError("gone")

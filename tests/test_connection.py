@@ -1,6 +1,7 @@
 """Connections to Redis: a server that accepts and then stops answering (a half-open
 connection, a hung peer) fails the command within the socket timeout instead of hanging it;
-a connection lost in the middle of a transaction reads as Redis going away."""
+a connection lost in the middle of a transaction reads as Redis going away; commands are
+packed in C and arrive as they were given."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import asyncio
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import DataError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
+from redis.typing import EncodableT
 
-from producer.connection import connect
+from producer.connection import HiredisPacking, connect
 from producer.resilience import is_transient
 from producer.settings import RedisSettings
 
@@ -67,3 +69,32 @@ async def test_a_watched_key_that_changed_is_not_an_outage(redis: Redis, redis_u
         assert not is_transient(conflict.value)
     finally:
         await client.aclose()
+
+
+async def test_commands_packed_in_c_reach_redis_byte_for_byte(redis: Redis, redis_url: str) -> None:
+    """hiredis packs every command (see producer/connection.py): values of every kind a
+    script call sends arrive as redis-py's own packer would send them."""
+    client = connect(RedisSettings(url=redis_url), Redis)
+    values: list[EncodableT] = ["é ünïcode", b"\x00\xff\r\n", 12345678901234567890, 0.1, -2]
+    try:
+        await client.rpush("packed", *values)
+        assert await client.lrange("packed", 0, -1) == [
+            "é ünïcode".encode(),
+            b"\x00\xff\r\n",
+            b"12345678901234567890",
+            b"0.1",
+            b"-2",
+        ]
+        with pytest.raises(DataError):  # refused before it is sent, as redis-py refuses it
+            await client.set("packed-none", None)  # type: ignore[arg-type]
+        assert await client.ping()  # and the connection is still good
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6379/0", "rediss://127.0.0.1:6379/0", "unix:///run/redis.sock?db=1"]
+)
+def test_every_kind_of_connection_packs_in_c(url: str) -> None:
+    client = connect(RedisSettings(url=url), Redis)
+    assert issubclass(client.connection_pool.connection_class, HiredisPacking)

@@ -19,7 +19,8 @@ Invariants:
 - A new delivery is claimed, recorded in its ref's push history, admitted, enqueued and
   superseding in one atomic Lua call (the ledger's script, with `submit_builds` and
   `cancel_build` of producer/lua/common.lua). The deliveries of one
-  event-loop turn go in one call of that script, one round trip (producer.batching);
+  event-loop turn go in one call of that script, one round trip (producer.batching), up to
+  DELIVERIES_PER_CALL of them;
   what they share (settings, fleet-wide keys, the Cancelled event made for any id) is
   sent once.
 """
@@ -56,6 +57,12 @@ from producer.lua import Arg, Frame, run_all, with_common
 from producer.store import BuildStore, CancelOutcome
 
 _CANCELLED: Final = (CancelOutcome.CANCELLED.value, CancelOutcome.SIGNALLED.value)
+
+DELIVERIES_PER_CALL: Final = 16
+"""At most this many deliveries in one call of the script. Without a bound, the requests
+that arrive together travel together: the gateway parses all of them while Redis waits,
+then Redis runs one long call while the gateway waits, and the two never overlap (0.10x of
+a hello-world in bench/bench_gateway.py; 0.13x with 8 or 16, docs/benchmarks.md)."""
 
 # The deliveries of a batch in one call, each in turn: with `fresh` ('1', a new delivery),
 # first admit its builds (producer.gateway.admission) and record the delivery and its commit
@@ -257,7 +264,9 @@ class Ledger:
         self.history_ttl_s = history_ttl_s
         self.history_kept = history_kept
         self._deliver = with_common("deliver", _DELIVER)
-        self._frames: Coalescer[Frame, list[Any]] = Coalescer(self._run_batch)
+        self._frames: Coalescer[Frame, list[Any]] = Coalescer(
+            self._run_batch, max_batch=DELIVERIES_PER_CALL
+        )
 
     # --- deliveries ----------------------------------------------------------------------
 
