@@ -21,6 +21,7 @@ import hmac
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -161,6 +162,18 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU time of the whole machine so far, in clock ticks (/proc/stat)."""
+    fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_wrk(argv: list[str]) -> tuple[float, float, int, str]:
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -270,9 +283,13 @@ def main() -> int:
         hello_cpu = cpu_seconds([procs[2].pid]) - hello_cpu
         gw_cpu = cpu_seconds(gateway_pids)
         redis_cpu = cpu_seconds([procs[0].pid])
+        wrk_cpu, (busy, ticks) = children_cpu(), machine_busy()
         gw_rate, gw_p99, gw_errors, gw_out = run_wrk(gw_cmd)
         gw_cpu = cpu_seconds(gateway_pids) - gw_cpu
         redis_cpu = cpu_seconds([procs[0].pid]) - redis_cpu
+        wrk_cpu = children_cpu() - wrk_cpu
+        busy_now, ticks_now = machine_busy()
+        machine = (busy_now - busy) / (ticks_now - ticks)
         hello_requests = hello_rate * args.duration
         gw_requests = gw_rate * args.duration
 
@@ -305,6 +322,11 @@ def main() -> int:
             f"server CPU per request: hello-world {hello_us:.0f} us, gateway {gw_us:.0f} us "
             f"(+ redis {1e6 * redis_cpu / gw_requests:.0f} us); CPU-bound ratio "
             f"{hello_us / gw_us:.3f}x  (what an otherwise idle core gives)"
+        )
+        print(
+            f"while pushing: gateway {gw_cpu / args.duration:.2f} cores, Redis "
+            f"{redis_cpu / args.duration:.2f}, wrk {wrk_cpu / args.duration:.2f}; the machine's "
+            f"{os.cpu_count()} cores {100 * machine:.0f}% busy"
         )
         print(
             f"builds created: {builds}  still queued: {queued}  "

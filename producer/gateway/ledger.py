@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import msgspec
@@ -185,8 +184,7 @@ _json: Final = msgspec.json.Encoder()
 _json_list: Final = msgspec.json.Decoder(list[str])
 
 
-@dataclass(frozen=True, slots=True)
-class Superseded:
+class Superseded(msgspec.Struct, frozen=True):
     """`old_id` was cancelled (or its worker told to stop) because `new_id` replaced it."""
 
     old_id: str
@@ -194,8 +192,7 @@ class Superseded:
     outcome: str
 
 
-@dataclass(frozen=True, slots=True)
-class Enqueued:
+class Enqueued(msgspec.Struct, frozen=True):
     """Builds enqueued (`created` False: one with its id existed already, and it superseded
     nothing), with the older builds they cancelled."""
 
@@ -203,29 +200,25 @@ class Enqueued:
     superseded: list[Superseded]
 
 
-@dataclass(frozen=True, slots=True)
-class Claimed:
+class Claimed(msgspec.Struct, frozen=True):
     """A new delivery: its builds are enqueued, and recorded as the latest of their keys."""
 
     enqueued: Enqueued
 
 
-@dataclass(frozen=True, slots=True)
-class Duplicate:
+class Duplicate(msgspec.Struct, frozen=True):
     """The delivery was acted on before; these are the builds it made."""
 
     build_ids: list[str]
 
 
-@dataclass(frozen=True, slots=True)
-class Resubmit:
+class Resubmit(msgspec.Struct, frozen=True):
     """The delivery was recorded but its builds never enqueued: enqueue these (same ids)."""
 
     requests: list[BuildRequest]
 
 
-@dataclass(frozen=True, slots=True)
-class Stale:
+class Stale(msgspec.Struct, frozen=True):
     """The pushed commit was already built for the ref (`built`), or the ref has moved past
     it (`older`): building it would move the ref's images back."""
 
@@ -235,8 +228,7 @@ class Stale:
 ClaimOutcome = Claimed | Duplicate | Resubmit | Stale | Refused
 
 
-@dataclass(frozen=True, slots=True)
-class PushRecord:
+class PushRecord(msgspec.Struct, frozen=True):
     """Where a delivery's push goes in the ref's history ('' sha: it builds nothing)."""
 
     history_key: str

@@ -12,8 +12,9 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Final
+
+import msgspec
 
 from producer import policy, reference
 from producer.contract import BuildRequest, ContractError, TraceContext, request_from_builtins
@@ -33,8 +34,7 @@ def slug(name: str) -> str:
     return cleaned[:128] or "_"
 
 
-@dataclass(frozen=True, slots=True)
-class PlannedBuild:
+class PlannedBuild(msgspec.Struct, frozen=True):
     rule: int
     """Index of the rule in the configuration."""
     images: tuple[str, ...]
@@ -50,14 +50,12 @@ class PlannedBuild:
     cancel_running: bool | None
 
 
-@dataclass(frozen=True, slots=True)
-class Skipped:
+class Skipped(msgspec.Struct, frozen=True):
     rule: int
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
+class Plan(msgspec.Struct, frozen=True):
     builds: tuple[PlannedBuild, ...]
     skipped: tuple[Skipped, ...] = ()
     message: str = ""
@@ -66,7 +64,8 @@ class Plan:
 def template_values(push: Push) -> dict[str, str]:
     repo = push.repo.lower().strip("/")
     owner, _, name = repo.rpartition("/")
-    ref_name = push.branch if push.branch is not None else push.tag or push.ref
+    branch, tag = push.branch, push.tag
+    ref_name = branch if branch is not None else tag or push.ref
     values = {
         "repo": repo,
         "owner": owner,
@@ -75,20 +74,20 @@ def template_values(push: Push) -> dict[str, str]:
         "sha": push.sha,
         "short_sha": push.sha[:SHORT_SHA],
     }
-    if push.branch is not None:
-        values["branch"] = slug(push.branch)
-    if push.tag is not None:
-        values["tag"] = slug(push.tag)
+    if branch is not None:
+        values["branch"] = slug(branch)
+    if tag is not None:
+        values["tag"] = slug(tag)
     return values
 
 
 def rule_matches(rule: Rule, push: Push) -> bool:
     if not fnmatch.fnmatchcase(push.repo.lower(), rule.repo.lower()):
         return False
-    if push.branch is not None:
-        return any(fnmatch.fnmatchcase(push.branch, p) for p in rule.branches)
-    if push.tag is not None:
-        return any(fnmatch.fnmatchcase(push.tag, p) for p in rule.tags)
+    if (branch := push.branch) is not None:
+        return any(fnmatch.fnmatchcase(branch, p) for p in rule.branches)
+    if (tag := push.tag) is not None:
+        return any(fnmatch.fnmatchcase(tag, p) for p in rule.tags)
     return False
 
 
@@ -159,8 +158,7 @@ def trace_context(traceparent: str, tracestate: str) -> TraceContext | None:
     return TraceContext(traceparent=traceparent, tracestate=tracestate or None)
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
+class Origin(msgspec.Struct, frozen=True):
     """Where a push's builds come from and whose they are."""
 
     delivery: Delivery
