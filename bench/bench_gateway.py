@@ -126,10 +126,9 @@ local signatures = {{
 }}
 local counter = 0
 local threads = 0
-local tid = 0
 function setup(thread)
   threads = threads + 1
-  thread:set("tid", threads)
+  thread:set("tid", threads)  -- a global of that thread's own Lua state
 end
 function request()
   counter = counter + 1
@@ -138,7 +137,7 @@ function request()
     ["Content-Type"] = "application/json",
     ["X-GitHub-Event"] = "push",
     ["X-Hub-Signature-256"] = signatures[i],
-    ["X-GitHub-Delivery"] = "{run}-" .. tid .. "-" .. counter,
+    ["X-GitHub-Delivery"] = "{run}-" .. (tid or 0) .. "-" .. counter,
   }}, bodies[i])
 end
 """
@@ -276,17 +275,20 @@ def main() -> int:
         wait_http(f"http://127.0.0.1:{gateway_port}/readyz")
         wait_http(f"http://127.0.0.1:{hello_port}/")
 
-        script = workdir / "push.lua"
-        script.write_text(lua_script(payloads()))
-        # The warm-up has delivery ids of its own: a measured push repeating one would be a
-        # duplicate delivery, which builds nothing.
-        warm_script = workdir / "warm.lua"
-        warm_script.write_text(lua_script(payloads()))
+        # Each wrk run has delivery ids of its own (a script of its own): a push repeating
+        # an earlier run's id would be a duplicate delivery, which builds nothing.
+        scripts = [workdir / f"push-{n}.lua" for n in range(args.rounds + 1)]
+        for script in scripts:
+            script.write_text(lua_script(payloads()))
+        warm_script, round_scripts = scripts[0], scripts[1:]
         size = len(payloads()[0][0])
         slice_s = max(1, round(args.duration / args.rounds))
         common = ["-t", str(args.threads), "-c", str(args.connections), "-d", f"{slice_s}s"]
         hello_cmd = [wrk, *common, "--latency", f"http://127.0.0.1:{hello_port}/"]
-        gw_cmd = [wrk, *common, "--latency", "-s", str(script), f"http://127.0.0.1:{gateway_port}"]
+        gw_cmds = [
+            [wrk, *common, "--latency", "-s", str(script), f"http://127.0.0.1:{gateway_port}"]
+            for script in round_scripts
+        ]
 
         # warm up both as they are measured (connections, Redis pool, Lua scripts), then measure
         warm = [wrk, *common, "--latency"]
@@ -294,7 +296,7 @@ def main() -> int:
         run_wrk([*warm, f"http://127.0.0.1:{hello_port}/"])
         hello, gateway = Tally(), Tally()
         redis_cpu = wrk_cpu = busy = ticks = 0.0
-        for _ in range(args.rounds):  # interleaved, so that the host's drift hits both alike
+        for gw_cmd in gw_cmds:  # interleaved, so that the host's drift hits both alike
             before = cpu_seconds([procs[2].pid])
             rate, p99, _, _ = run_wrk(hello_cmd)
             hello.add(rate * slice_s, p99, cpu_seconds([procs[2].pid]) - before)
@@ -322,6 +324,7 @@ def main() -> int:
         superseded = re.search(
             r"^buildfleet_gateway_superseded_total (\S+)$", metrics, re.MULTILINE
         )
+        duplicates = re.search(r'outcome="duplicate"\} (\S+)$', metrics, re.MULTILINE)
 
         from producer.gateway.server import event_loop_factory
 
@@ -358,11 +361,12 @@ def main() -> int:
         )
         print(
             f"builds created: {builds}  still queued: {queued}  "
-            f"superseded: {superseded.group(1) if superseded else 0}"
+            f"superseded: {superseded.group(1) if superseded else 0}  duplicate deliveries "
+            f"(each builds nothing; must be 0): {duplicates.group(1) if duplicates else 0}"
         )
         print("reproduce (servers as started by this script):")
         print("  " + " ".join(hello_cmd))
-        print("  " + " ".join(gw_cmd))
+        print("  " + " ".join(gw_cmds[-1]))
         print(
             f"  (python {Path(__file__).name} --serve-gateway PORT REDIS_URL LOOP on|off serves the gateway)"
         )
