@@ -93,7 +93,13 @@ async def test_commands_packed_in_c_reach_redis_byte_for_byte(redis: Redis, redi
 
 
 @pytest.mark.parametrize(
-    "url", ["redis://127.0.0.1:6379/0", "rediss://127.0.0.1:6379/0", "unix:///run/redis.sock?db=1"]
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "rediss://127.0.0.1:6379/0",
+        "unix:///run/redis.sock?db=1",
+        "redis+sentinel://127.0.0.1:26379/primary",
+    ],
 )
 def test_every_kind_of_connection_packs_in_c(url: str) -> None:
     client = connect(RedisSettings(url=url), Redis)

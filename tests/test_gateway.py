@@ -452,6 +452,28 @@ async def test_concurrent_pushes_to_one_ref_leave_exactly_one_queued_build_per_i
             assert events[-1].reason.startswith("superseded by ")
 
 
+async def test_more_concurrent_pushes_than_one_ledger_call_takes_each_build_or_supersede_once(
+    http: TestClient[web.Request, web.Application], fleet: BuildfleetClient, redis: aioredis.Redis
+) -> None:
+    """40 pushes at once, two to each of 20 repositories: more than one script call holds
+    (DELIVERIES_PER_CALL), and every repository still ends with exactly one queued build
+    per image."""
+    pushes = [
+        github_push(f"acme/svc-{repo}", after=sha_for(f"{repo}-{n}"))  # under the rate limit
+        for n in range(2)
+        for repo in range(20)
+    ]
+    before = await evalsha_calls(redis)
+    replies = await asyncio.gather(*(post_github(http, push, OWNER_SECRET) for push in pushes))
+    assert {status for status, _ in replies} == {202}
+    assert await evalsha_calls(redis) - before >= 3
+    ids = [b["id"] for _, reply in replies for b in reply["builds"]]
+    assert len(ids) == len(set(ids)) == 40
+    statuses = [(await fleet.get(i)).status for i in ids]
+    assert sorted(statuses) == ["cancelled"] * 20 + ["queued"] * 20
+    assert await queued(redis) == 20
+
+
 async def test_a_supersede_record_of_an_expired_build_is_simply_replaced(
     http: TestClient[web.Request, web.Application], fleet: BuildfleetClient
 ) -> None:
