@@ -164,6 +164,13 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def schedstat(pid: int) -> tuple[float, float, int]:
+    """(seconds on a core, seconds runnable but waiting for one, times it was scheduled in)
+    of a process's main thread (/proc/PID/schedstat)."""
+    run_ns, wait_ns, slices = Path(f"/proc/{pid}/schedstat").read_text().split()
+    return int(run_ns) / 1e9, int(wait_ns) / 1e9, int(slices)
+
+
 def machine_busy() -> tuple[float, float]:
     """(busy, total) CPU time of the whole machine so far, in clock ticks (/proc/stat)."""
     fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -296,13 +303,21 @@ def main() -> int:
         run_wrk([*warm, f"http://127.0.0.1:{hello_port}/"])
         hello, gateway = Tally(), Tally()
         redis_cpu = wrk_cpu = busy = ticks = 0.0
+        sched = (0.0, 0.0, 0)
         for gw_cmd in gw_cmds:  # interleaved, so that the host's drift hits both alike
             before = cpu_seconds([procs[2].pid])
             rate, p99, _, _ = run_wrk(hello_cmd)
             hello.add(rate * slice_s, p99, cpu_seconds([procs[2].pid]) - before)
             before, redis_before = cpu_seconds([procs[1].pid]), cpu_seconds([procs[0].pid])
             wrk_before, (busy_before, ticks_before) = children_cpu(), machine_busy()
+            sched_before = schedstat(procs[1].pid)
             rate, p99, errors, gw_out = run_wrk(gw_cmd)
+            sched_after = schedstat(procs[1].pid)
+            sched = (
+                sched[0] + sched_after[0] - sched_before[0],
+                sched[1] + sched_after[1] - sched_before[1],
+                sched[2] + sched_after[2] - sched_before[2],
+            )
             gateway.add(rate * slice_s, p99, cpu_seconds([procs[1].pid]) - before, errors)
             redis_cpu += cpu_seconds([procs[0].pid]) - redis_before
             wrk_cpu += children_cpu() - wrk_before
@@ -358,6 +373,15 @@ def main() -> int:
             f"while pushing: gateway {gw_cpu / seconds:.2f} cores, Redis "
             f"{redis_cpu / seconds:.2f}, wrk {wrk_cpu / seconds:.2f}; the machine's "
             f"{os.cpu_count()} cores {100 * machine:.0f}% busy"
+        )
+        on_core, waiting, slices = sched
+        asleep = max(0.0, seconds - on_core - waiting)
+        print(
+            f"the gateway's time while pushing: on a core {100 * on_core / seconds:.0f}%, "
+            f"waiting for a core {100 * waiting / seconds:.0f}%, asleep with nothing to do "
+            f"{100 * asleep / seconds:.0f}% ({slices / seconds:.0f} wake-ups/s, "
+            f"{1e6 * asleep / max(1, slices):.0f} us asleep each: every request it holds is "
+            "waiting on Redis or on wrk)"
         )
         print(
             f"builds created: {builds}  still queued: {queued}  "
