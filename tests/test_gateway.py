@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import re
 import signal
 import socket
 import subprocess
@@ -531,6 +532,14 @@ async def test_the_api_needs_a_bearer_token(
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
     response = await http.get("/v1/builds/x", headers={"Authorization": "Bearer nope"})
     assert response.status == 401
+    # Every /v1 route, and any added later, is behind the token.
+    assert http.app is not None
+    routes = [(r.method, r.resource.canonical) for r in http.app.router.routes() if r.resource]
+    api_routes = [(method, path) for method, path in routes if path.startswith("/v1/")]
+    assert len(api_routes) >= 6, api_routes
+    for method, path in api_routes:
+        response = await http.request(method, re.sub(r"\{[^}]+\}", "x", path))
+        assert response.status == 401, (method, path)
     assert await build_count(redis) == 0
 
 

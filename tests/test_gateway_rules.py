@@ -166,9 +166,11 @@ def test_a_rules_secrets_reach_its_build_requests_as_ids() -> None:
     [build] = plan([rule(secrets=["npm", "pip.conf"])], push()).builds
     pushed = push()
     origin = Origin(
-        Delivery("github", "d-1", pushed), "https://github.com/acme/api.git", "acme", None
+        Delivery("github", "d-1", pushed), "https://github.com/acme/api.git", "acme", None, 1e9
     )
-    assert build_request(build, pushed, origin).secrets == ("npm", "pip.conf")
+    request = build_request(build, pushed, origin)
+    assert request.secrets == ("npm", "pip.conf")
+    assert request.submitted_at == 1e9  # when the push arrived
 
 
 def test_a_deleted_ref_builds_nothing_whatever_the_rules() -> None:

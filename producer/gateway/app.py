@@ -3,13 +3,18 @@
     app = make_app(settings, client)      # for tests and embedding; serving: gateway.server
 
 Middlewares, outermost first:
+- tracing (producer.gateway.tracing), only when an SDK tracer provider is installed as the
+  app is made: untraced, a request pays for no layer at all;
 - errors and metrics: a body over its route's limit is 413 before it is read; Redis
   unreachable is 503 (never a 500, never a false 202); an unknown build is 404; anything
   else is a logged 500. Every answer is counted by route, method and status.
-- authentication: every /v1 route needs a configured bearer token (its SHA-256 compared in
-  constant time), then passes that token's rate limit (429 with Retry-After). The token
-  is put on the request (`producer.gateway.http.TOKEN`) for the handlers. The web view's
-  page (/ui) holds no data and needs none: everything it shows comes from /v1.
+
+Every /v1 route is registered behind authentication (`_authenticated`): a configured bearer
+token (its SHA-256 compared in constant time), then that token's rate limit (429 with
+Retry-After). The token is put on the request (`producer.gateway.http.TOKEN`) for the
+handler. Webhooks authenticate by their forge's signature instead (producer.gateway.hooks),
+and the web view's page (/ui) holds no data and needs none: everything it shows comes from
+/v1.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from producer.gateway.limits import retry_after
 from producer.gateway.openapi import openapi_document
 from producer.gateway.settings import GatewaySettings
 from producer.gateway.state import Gateway
-from producer.gateway.tracing import tracing_middleware
+from producer.gateway.tracing import tracing_middlewares
 from producer.settings import TelemetrySettings
 
 log = logging.getLogger("buildfleet.gateway")
@@ -43,7 +48,6 @@ GATEWAY: Final = web.AppKey("gateway", Gateway)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-_API_PREFIX: Final = "/v1/"
 _HOOKS_PREFIX: Final = "/hooks/"
 _UNAUTHORIZED: Final = {"WWW-Authenticate": 'Bearer realm="buildfleet"'}
 _json: Final = msgspec.json.Encoder()
@@ -96,11 +100,10 @@ def _errors_and_metrics(gateway: Gateway) -> Middleware:
     return middleware
 
 
-def _authentication(gateway: Gateway) -> Middleware:
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not _route_name(request).startswith(_API_PREFIX):
-            return await handler(request)
+def _authenticated(gateway: Gateway, handler: Handler) -> Handler:
+    """`handler` behind the API's bearer token and that token's rate limit."""
+
+    async def authenticated(request: web.Request) -> web.StreamResponse:
         token = gateway.tokens.verify(request.headers.get("Authorization", ""))
         if token is None:
             return error(401, "missing or invalid bearer token (Authorization)", _UNAUTHORIZED)
@@ -111,7 +114,7 @@ def _authentication(gateway: Gateway) -> Middleware:
         request[TOKEN] = token
         return await handler(request)
 
-    return middleware
+    return authenticated
 
 
 def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
@@ -130,11 +133,7 @@ def make_app(
     gateway = Gateway(settings, client, telemetry)
     app = web.Application(
         client_max_size=max(settings.body_limit_bytes, settings.api_body_limit_bytes),
-        middlewares=[
-            tracing_middleware(),
-            _errors_and_metrics(gateway),
-            _authentication(gateway),
-        ],
+        middlewares=[*tracing_middlewares(), _errors_and_metrics(gateway)],
     )
     app[GATEWAY] = gateway
     document = _json.encode(openapi_document(settings, client.store.queue))
@@ -151,18 +150,21 @@ def make_app(
     def route(handler: Callable[[Gateway, web.Request], Awaitable[web.StreamResponse]]) -> Handler:
         return functools.partial(handler, gateway)
 
+    def v1(handler: Callable[[Gateway, web.Request], Awaitable[web.StreamResponse]]) -> Handler:
+        return _authenticated(gateway, route(handler))
+
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     for forge in ("github", "gitlab", "gitea"):
         app.router.add_post(
             f"/hooks/{forge}", functools.partial(hooks.webhook, gateway, forge=forge)
         )
-    app.router.add_post("/v1/builds", route(api.submit))
-    app.router.add_get("/v1/builds", route(api.builds), allow_head=False)
-    app.router.add_get("/v1/fleet", route(api.fleet), allow_head=False)
-    app.router.add_get("/v1/builds/{build_id}", route(api.get), allow_head=False)
-    app.router.add_delete("/v1/builds/{build_id}", route(api.cancel))
-    app.router.add_get("/v1/builds/{build_id}/events", route(api.events), allow_head=False)
+    app.router.add_post("/v1/builds", v1(api.submit))
+    app.router.add_get("/v1/builds", v1(api.builds), allow_head=False)
+    app.router.add_get("/v1/fleet", v1(api.fleet), allow_head=False)
+    app.router.add_get("/v1/builds/{build_id}", v1(api.get), allow_head=False)
+    app.router.add_delete("/v1/builds/{build_id}", v1(api.cancel))
+    app.router.add_get("/v1/builds/{build_id}/events", v1(api.events), allow_head=False)
     app.router.add_get("/healthz", route(api.healthz), allow_head=False)
     app.router.add_get("/readyz", route(api.readyz), allow_head=False)
     app.router.add_get("/metrics", route(api.metrics), allow_head=False)

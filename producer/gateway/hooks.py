@@ -91,6 +91,7 @@ async def _push(
         trace=rules.trace_context(
             request.headers.get("traceparent", ""), request.headers.get("tracestate", "")
         ),
+        received_at=time.time(),
     )
     requests, planned, skipped = rules.requests_for(plan, push, origin)
     running_too = [p.cancel_running for p in planned]

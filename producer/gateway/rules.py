@@ -166,6 +166,8 @@ class Origin(msgspec.Struct, frozen=True):
     """From the forge's configured clone URL, never from the payload."""
     tenant: str
     trace: TraceContext | None
+    received_at: float
+    """When the gateway received the push (time.time()): its builds' `submitted_at`."""
 
 
 def requests_for(
@@ -200,6 +202,7 @@ def build_request(build: PlannedBuild, push: Push, origin: Origin) -> BuildReque
         "push": build.push,
         "labels": labels,
         "tenant": origin.tenant,
+        "submitted_at": origin.received_at,
     }
     if build.target is not None:
         obj["target"] = build.target

@@ -7,7 +7,9 @@ came. The handlers copy the request's `traceparent` header into each BuildReques
 enqueue; this middleware runs first and hands them a clone of the request whose
 `traceparent` is the gateway span's own, so the worker's spans nest under it. Without an SDK
 tracer provider no span is made (not even a no-op one: a push pays for every step) and the
-request goes through untouched.
+request goes through untouched; the gateway's app leaves the middleware out altogether when
+none is installed as it is made (`tracing_middlewares`), as `buildfleet gateway` installs
+one, from the OTEL_* variables, before.
 """
 
 from __future__ import annotations
@@ -34,12 +36,21 @@ def _route(request: web.Request) -> str | None:
     return None if resource is None else resource.canonical
 
 
+def _has_sdk(provider: trace.TracerProvider) -> bool:
+    return not isinstance(provider, _NO_SDK)
+
+
+def tracing_middlewares() -> list[Middleware]:
+    """The middleware for the global tracer provider, or none when it has no SDK now."""
+    return [tracing_middleware()] if _has_sdk(trace.get_tracer_provider()) else []
+
+
 def tracing_middleware(tracer_provider: trace.TracerProvider | None = None) -> Middleware:
     tracer = trace.get_tracer("buildfleet.gateway", tracer_provider=tracer_provider)
 
     def untraced(request: web.Request) -> bool:
         provider = tracer_provider or trace.get_tracer_provider()  # an SDK may come later
-        return request.method in _UNTRACED_METHODS or isinstance(provider, _NO_SDK)
+        return request.method in _UNTRACED_METHODS or not _has_sdk(provider)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
