@@ -135,10 +135,8 @@ end
 local function supersede(record, new, running_too)
   local old = redis.call('SET', record, new, 'GET', 'EX', record_ttl)
   if not old or old == new then return '', '' end
-  local call = {}
-  for i = 1, 15 do
-    call[i] = fill(fill(ARGV[cancel_at + i - 1], 'old', old), 'new', new)
-  end
+  local call, names = {}, {old = old, new = new}
+  for i = 1, 15 do call[i] = fill(ARGV[cancel_at + i - 1], names) end
   call[16] = not running_too
   return old, cancel_build(unpack(call))
 end
