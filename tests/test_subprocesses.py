@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +39,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _wait_for_exec(pid: int, command: str) -> None:
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/comm").read_text().strip() != command:
+        assert time.monotonic() < deadline, f"{pid} never ran {command}"
+        time.sleep(0.005)
+
+
 @pytest.mark.parametrize("way", ["with-setpriv", "without-setpriv"])
 def test_a_spawned_child_dies_with_its_sigkilled_parent(way: str) -> None:
     if way == "with-setpriv":
@@ -47,7 +55,7 @@ def test_a_spawned_child_dies_with_its_sigkilled_parent(way: str) -> None:
     )
     assert parent.stdout is not None
     child = int(parent.stdout.readline())
-    assert _alive(child)
+    _wait_for_exec(child, "sleep")  # setpriv asks for the signal before it execs the command
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     deadline = time.monotonic() + 10

@@ -6,8 +6,9 @@ forked it exits; the child has to ask for it itself. Two ways:
 - `spawn`, for the builds: `setpriv --pdeathsig KILL` asks and then execs the command, so
   Python can start the child with vfork. From a worker holding a few hundred MB, a fork
   with `preexec_fn` took 4.2 ms per build and this 0.8 ms (`bench/bench_overhead.py`).
-  A parent killed in the microseconds between the vfork and setpriv's prctl leaves that
-  one child running to its end; its re-run on another worker builds the same request.
+  A parent killed before setpriv's prctl (while setpriv starts: about a millisecond after
+  the vfork, longer on a busy host) leaves that one child running to its end; its re-run
+  on another worker builds the same request.
 - `die_with_this_process`, a `preexec_fn` for the few children started outside the event
   loop (services, test fleets), and for `spawn` where setpriv is missing.
 """
