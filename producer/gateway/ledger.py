@@ -60,8 +60,9 @@ _CANCELLED: Final = (CancelOutcome.CANCELLED.value, CancelOutcome.SIGNALLED.valu
 DELIVERIES_PER_CALL: Final = 16
 """At most this many deliveries in one call of the script. Without a bound, the requests
 that arrive together travel together: the gateway parses all of them while Redis waits,
-then Redis runs one long call while the gateway waits, and the two never overlap (0.10x of
-a hello-world in bench/bench_gateway.py; 0.13x with 8 or 16, docs/benchmarks.md)."""
+then Redis runs one long call while the gateway waits, and the two seldom overlap. In
+bench/bench_gateway.py, alternated: 0.148-0.149x of a hello-world with 16, 0.135-0.139x
+with 8 (a call's own cost shows), 0.128-0.129x with 32 (docs/benchmarks.md)."""
 
 # The deliveries of a batch in one call, each in turn: with `fresh` ('1', a new delivery),
 # first admit its builds (producer.gateway.admission) and record the delivery and its commit
